@@ -1,0 +1,58 @@
+"""Session fixtures shared by the test suite: one Ray instance, one small synthetic world, its shards, one run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from drivejepa.runtime import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    from drivejepa.data.synth import write_world
+
+    out = tmp_path_factory.mktemp("world") / "nuscenes"
+    write_world(out, scenes=4, samples_per_scene=12, seed=0, image_size=(320, 180), workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(tmp_path_factory, synth_root, ray_session) -> Path:
+    from drivejepa.config import PreprocessConfig, load_config
+    from drivejepa.data.preprocess import preprocess_dataroot
+    from drivejepa.data.synth import SYNTH_VERSION
+
+    cfg = load_config(PreprocessConfig, REPO / "tests/data/preprocess_tiny.yaml")
+    out = tmp_path_factory.mktemp("shards")
+    preprocess_dataroot(synth_root, SYNTH_VERSION, out, cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, shard_dir) -> Path:
+    from drivejepa.config import TrainConfig, load_config
+    from drivejepa.training.trainer import train
+
+    cfg = load_config(TrainConfig, REPO / "pipelines/train_smoke.yaml", [f"data.shards={shard_dir}"])
+    run = tmp_path_factory.mktemp("run")
+    train(cfg, run, progress=False)
+    return run
