@@ -44,14 +44,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key, source)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                continue
         raise ConfigError(f"{source}: '{key}' = {value!r} is not a {_type_name(tp)}")
     if origin is Literal:
         if value not in args:
@@ -80,6 +79,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{key}' = {value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads exponent forms without a dot ("1e-4") as strings; accept them as numbers.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{key}' = {value!r} must be a number")
         return float(value)
