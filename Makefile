@@ -10,7 +10,7 @@ DEMO_OUT ?= out/demo
 .PHONY: demo test setup system-packages clean-demo
 
 demo: setup
-	$(VENV)/bin/python -m drivejepa.demo --out $(DEMO_OUT)
+	$(VENV)/bin/drivejepa demo --out $(DEMO_OUT)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q tests

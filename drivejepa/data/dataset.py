@@ -1,0 +1,115 @@
+"""Windows of consecutive key frames of one scene, read from shards through memory maps.
+
+A window is ``context + horizon`` key frames of one scene with consecutive original frame indices: it never spans a
+key frame that preprocessing skipped. Shards are mapped lazily in each process (DataLoader workers included), so an
+item costs one copy of just its frames out of the page cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from drivejepa.data.shards import PER_CAMERA, Shard, load_manifest, read_shard, read_shard_meta, shard_path
+from drivejepa.errors import UserError
+
+CAMERA_AXIS = {"images": 1, "image_mask": 1}  # arrays with a per-frame camera axis (after the frame axis)
+
+
+class WindowDataset(Dataset):
+    """Item = dict of tensors with a leading L = context + horizon axis, plus ``scene`` and ``start``.
+
+    ``cameras`` (optional) selects and orders a subset of the shards' cameras."""
+
+    def __init__(self, shard_dir: str | Path, scenes: Optional[list[str]] = None, context: int = 2,
+                 horizon: int = 6, stride: int = 1, cameras: Optional[list[str]] = None):
+        if context < 1 or horizon < 0 or stride < 1:
+            raise UserError(f"window: context ({context}) and stride ({stride}) must be >= 1, horizon ({horizon}) >= 0")
+        self.shard_dir = Path(shard_dir)
+        self.length = context + horizon
+        self.context, self.horizon, self.stride = context, horizon, stride
+        manifest = load_manifest(self.shard_dir)
+        available = sorted(manifest["scenes"])
+        if scenes is None:
+            scenes = available
+        unknown = sorted(set(scenes) - set(available))
+        if unknown:
+            raise UserError(f"{self.shard_dir}: scenes not in the shards: {', '.join(unknown[:10])}")
+        self.scenes = list(scenes)
+        self.cameras = cameras
+        self._camera_index: dict[str, Optional[list[int]]] = {}
+        self.index: list[tuple[str, int]] = []
+        for scene in self.scenes:
+            meta = read_shard_meta(shard_path(self.shard_dir, scene))
+            self._camera_index[scene] = self._select_cameras(scene, meta["cameras"])
+            frames = np.asarray(meta["frame_indices"])
+            for start in range(0, len(frames) - self.length + 1, stride):
+                if frames[start + self.length - 1] - frames[start] == self.length - 1:
+                    self.index.append((scene, start))
+        self._shards: dict[str, Shard] = {}
+
+    def _select_cameras(self, scene: str, shard_cameras: list[str]) -> Optional[list[int]]:
+        if self.cameras is None or list(self.cameras) == list(shard_cameras):
+            return None
+        missing = [c for c in self.cameras if c not in shard_cameras]
+        if missing:
+            raise UserError(f"{shard_path(self.shard_dir, scene)}: cameras {missing} not in the shard "
+                            f"(it holds {shard_cameras}); preprocess with them")
+        return [shard_cameras.index(c) for c in self.cameras]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_shards"] = {}  # memory maps are reopened in each worker process
+        return state
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def shard(self, scene: str) -> Shard:
+        if scene not in self._shards:
+            self._shards[scene] = read_shard(shard_path(self.shard_dir, scene))
+        return self._shards[scene]
+
+    def __getitem__(self, i: int) -> dict:
+        scene, start = self.index[i]
+        shard = self.shard(scene)
+        cams = self._camera_index[scene]
+        item: dict = {}
+        for key, arr in shard.arrays.items():
+            if key in PER_CAMERA:
+                window = arr if cams is None else arr[cams]
+            else:
+                window = arr[start:start + self.length]
+                if cams is not None and key in CAMERA_AXIS:
+                    window = window[:, cams]
+            item[key] = torch.from_numpy(np.array(window))
+        item["scene"] = scene
+        item["start"] = start
+        return item
+
+
+def collate_windows(items: list[dict]) -> dict:
+    """Stack items to [batch, L, ...]; boxes are padded to the largest count in the batch with mask False."""
+    if not items:
+        raise ValueError("collate_windows needs at least one item")
+    batch: dict = {"scene": [it["scene"] for it in items],
+                   "start": torch.tensor([it["start"] for it in items], dtype=torch.long)}
+    n_boxes = max(it["boxes"].shape[1] for it in items)
+    for key in items[0]:
+        if key in ("scene", "start"):
+            continue
+        tensors = [it[key] for it in items]
+        if key in ("boxes", "box_labels", "box_mask"):
+            tensors = [_pad_axis1(t, n_boxes) for t in tensors]
+        batch[key] = torch.stack(tensors)
+    return batch
+
+
+def _pad_axis1(t: torch.Tensor, size: int) -> torch.Tensor:
+    if t.shape[1] == size:
+        return t
+    pad = torch.zeros((t.shape[0], size - t.shape[1], *t.shape[2:]), dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)

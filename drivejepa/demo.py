@@ -1,0 +1,153 @@
+"""The main job end to end on the embedded default: synth -> preprocess -> train -> evaluate -> visualize.
+
+Every stage runs through the same ``drivejepa <verb>`` entry point a user types, in one process (so Ray starts
+once). A rerun resumes: a complete world is kept, preprocessing skips complete shards, training continues from its
+last checkpoint. The last screen is the headline table, where each output is, and the wall time of each stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from drivejepa.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class DemoPlan:
+    out: Path
+    scenes: int = 10
+    samples_per_scene: int = 40
+    image_size: str = "800x450"
+    seed: int = 0
+    preprocess_config: Path = REPO / "pipelines/preprocess.yaml"
+    train_config: Path = REPO / "pipelines/train_demo.yaml"
+    suite: Path = REPO / "eval/scenarios/default.yaml"
+    train_overrides: tuple[str, ...] = ()
+    horizon: int = 6
+    progress: bool = True
+
+    @property
+    def world(self) -> Path:
+        return self.out / "world"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "run"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.out / "eval"
+
+    @property
+    def vis_dir(self) -> Path:
+        return self.out / "vis"
+
+
+def _cli(argv: list[str]) -> None:
+    from drivejepa.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise UserError(f"stage 'drivejepa {' '.join(argv[:1])}' failed with exit code {code}")
+
+
+def _quiet(plan: DemoPlan) -> list[str]:
+    return [] if plan.progress else ["--quiet"]
+
+
+def stage_synth(plan: DemoPlan) -> str:
+    from drivejepa.data.synth.writer import read_summary
+
+    if read_summary(plan.world):
+        return "kept the complete world from an earlier run"
+    _cli(["synth", *_quiet(plan), "--out", str(plan.world), "--scenes", str(plan.scenes),
+          "--samples-per-scene", str(plan.samples_per_scene), "--seed", str(plan.seed),
+          "--image-size", plan.image_size, "--overwrite"])
+    return f"{plan.scenes} scenes x {plan.samples_per_scene} key frames"
+
+
+def stage_preprocess(plan: DemoPlan) -> str:
+    from drivejepa.data.synth import SYNTH_VERSION
+
+    _cli(["preprocess", *_quiet(plan), "--dataroot", str(plan.world), "--version", SYNTH_VERSION,
+          "--out", str(plan.shards), "--config", str(plan.preprocess_config)])
+    return str(plan.shards)
+
+
+def stage_train(plan: DemoPlan) -> str:
+    _cli(["train", *_quiet(plan), "--config", str(plan.train_config), "--shards", str(plan.shards),
+          "--out", str(plan.run_dir), "--resume", "auto", *plan.train_overrides])
+    return str(plan.run_dir / "checkpoints" / "best.pt")
+
+
+def stage_evaluate(plan: DemoPlan) -> str:
+    _cli(["evaluate", *_quiet(plan), "--checkpoint", str(plan.run_dir / "checkpoints" / "best.pt"),
+          "--shards", str(plan.shards), "--split", "val", "--suite", str(plan.suite), "--out", str(plan.eval_dir)])
+    return str(plan.eval_dir / "report.md")
+
+
+def stage_visualize(plan: DemoPlan) -> str:
+    from drivejepa.data.shards import scenes_in_split
+
+    val = scenes_in_split(plan.shards, "val")
+    if not val:
+        raise UserError(f"{plan.shards}: no val scene to render")
+    _cli(["visualize", *_quiet(plan), "--checkpoint", str(plan.run_dir / "checkpoints" / "best.pt"),
+          "--shards", str(plan.shards), "--scene", val[0], "--horizon", str(plan.horizon),
+          "--out", str(plan.vis_dir)])
+    return str(plan.vis_dir)
+
+
+STAGES: list[tuple[str, Callable[[DemoPlan], str]]] = [
+    ("synth", stage_synth),
+    ("preprocess", stage_preprocess),
+    ("train", stage_train),
+    ("evaluate", stage_evaluate),
+    ("visualize", stage_visualize),
+]
+
+
+def run_demo(plan: DemoPlan, stages: Optional[list[str]] = None) -> dict:
+    """Run the stages in order; return wall times, outputs and the evaluation's headline numbers."""
+    from drivejepa.evaluation.report import headline_rows
+    from drivejepa.runtime import init_ray
+
+    init_ray()
+    plan.out.mkdir(parents=True, exist_ok=True)
+    times, notes = {}, {}
+    for name, fn in STAGES:
+        if stages is not None and name not in stages:
+            continue
+        print(f"\n=== demo stage: {name} ===", flush=True)
+        start = time.perf_counter()
+        notes[name] = fn(plan)
+        times[name] = time.perf_counter() - start
+    metrics = json.loads((plan.eval_dir / "metrics.json").read_text())
+    return dict(times=times, notes=notes, metrics=metrics, headline=headline_rows(metrics))
+
+
+def format_demo_summary(plan: DemoPlan, result: dict) -> str:
+    from drivejepa.evaluation.report import format_headline
+
+    lines = ["", "=" * 100, "drivejepa demo: done", "=" * 100, format_headline(result["metrics"]), ""]
+    vis = sorted(plan.vis_dir.glob("*.png")) if plan.vis_dir.is_dir() else []
+    lines += [
+        f"report       {plan.eval_dir / 'report.md'}",
+        f"metrics      {plan.eval_dir / 'metrics.json'}",
+        f"plots        {plan.eval_dir}/*.png ({len(list(plan.eval_dir.glob('*.png')))} files)",
+        f"renders      {plan.vis_dir}/ ({len(vis)} PNG" + (f", e.g. {vis[0].name})" if vis else ")"),
+        f"checkpoint   {plan.run_dir / 'checkpoints' / 'best.pt'}",
+        "",
+        "wall time    " + "  ".join(f"{k} {v:.0f}s" for k, v in result["times"].items())
+        + f"  | total {sum(result['times'].values()):.0f}s",
+    ]
+    return "\n".join(lines)
