@@ -244,6 +244,7 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     drop_path: float = 0.1
     modality_dropout: float = 0.1
+    action_dropout: float = 0.1                       # training: share of actions replaced by the 'unknown' token
     action_dim: int = 5                               # dx, dy, dyaw, speed, yaw_rate
     max_context: int = 16
 
@@ -287,7 +288,40 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100                             # steps between resumable checkpoints
     max_bad_steps: int = 5                            # consecutive non-finite losses before stopping
+    sync_batchnorm: bool = True                       # DDP on CUDA: BatchNorm statistics over all GPUs
+    keep_checkpoints: int = 2                         # step_XXXXXXX.pt files kept (one per epoch)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Scenario evaluation (``drivejepa evaluate``); a suite file in ``eval/scenarios/`` fills it.
+
+    ``scenarios`` maps a name to a filter over the scenes of the evaluated split (see
+    ``drivejepa/evaluation/scenarios.py``): ``{}`` = every scene; ``any`` / ``all`` / ``none`` = phrases matched as
+    whole words in the scene description; ``scenes`` = an explicit list of scene names."""
+    horizon: int = 0                                  # key frames rolled out; 0 = the checkpoint's data.horizon
+    frame_seconds: float = 0.5                        # time between key frames (nuScenes: 2 Hz)
+    batch_size: int = 16                              # frames encoded at once
+    device: str = "auto"                              # auto (CUDA when available) | cpu | cuda | cuda:N
+    shuffle_seed: int = 0                             # permutation of actions across windows (shuffled baseline)
+    retrieval_k: list[int] = dataclasses.field(default_factory=lambda: [1, 5])
+    headline_seconds: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5, 3.0])
+    iou_seconds: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0])
+    train_split: str = "train"                        # probes are fitted on this split's target latents
+    max_train_scenes: int = 0                         # 0 = every train scene
+    probe_seed: int = 0
+    probe_epochs: int = 300                           # full-batch optimiser steps per probe
+    probe_hidden: int = 256
+    probe_lr: float = 3e-3
+    probe_weight_decay: float = 1e-4
+    forecast_probe: Literal["linear", "mlp"] = "mlp"  # probe that turns predicted latents into occupancy
+    grid_size: int = 16                               # BEV occupancy cells per side
+    grid_range: float = 32.0                          # the grid covers [-range, range] metres around the ego
+    count_radius: float = 30.0                        # agents counted within this distance (metres)
+    agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
+        "car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle", "bicycle"])
+    scenarios: dict[str, Any] = dataclasses.field(default_factory=lambda: {"all": {}})

@@ -1,0 +1,41 @@
+"""``drivejepa evaluate``: does the world model predict the future, and where does it fail?"""
+from __future__ import annotations
+
+HELP = ("evaluate a checkpoint on the scenes of a split: latent prediction error and retrieval per horizon against "
+        "copy-last, constant-velocity and shuffled-action baselines, frozen probes and occupancy forecasts, per "
+        "scenario; writes OUT/metrics.json, report.md and plots")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file of a training run (RUN/checkpoints/*.pt)")
+    parser.add_argument("--shards", required=True, help="shard directory (drivejepa preprocess)")
+    parser.add_argument("--split", default="val", help="split of the shard manifest to evaluate (default: val)")
+    parser.add_argument("--suite", default=None,
+                        help="suite YAML: settings and scenarios (default: eval/scenarios/default.yaml)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="Ray actors, one per group of scenes (default: one per CPU); 0 = run in this process")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("overrides", nargs="*", help="suite overrides key=value (for example horizon=4)")
+
+
+def run(args) -> int:
+    from drivejepa.evaluation.report import format_headline
+    from drivejepa.evaluation.runner import evaluate
+
+    if args.num_workers is not None and args.num_workers < 0:
+        from drivejepa.errors import UserError
+
+        raise UserError(f"--num-workers must be 0 (this process) or more, got {args.num_workers}")
+    metrics = evaluate(args.checkpoint, args.shards, args.out, split=args.split, suite=args.suite,
+                       overrides=args.overrides, address=args.address, num_workers=args.num_workers,
+                       progress=not args.no_progress)
+    print(format_headline(metrics))
+    best = {name: b["action_sensitivity"]["mse_ratio"][-1] for name, b in metrics["scenarios"].items()
+            if b["windows"]}
+    print(f"\n{len(metrics['provenance']['eval_scenes'])} scenes, {metrics['settings']['windows']} windows, "
+          f"{len(metrics['scenarios'])} scenarios; action ratio at the last horizon per scenario: "
+          + ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} n/a" for n, v in best.items()))
+    print(f"wrote {args.out}/metrics.json, report.md and plots")
+    return 0

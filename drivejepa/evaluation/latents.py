@@ -1,0 +1,115 @@
+"""Latents of the evaluated scenes and the rollouts compared on them.
+
+For every key frame of a scene: the online and the target encoder's latents. For every window start ``s`` (context
+frames ``s-Tc+1..s``, future frames ``s+1..s+H``) four predictions of the future target latents:
+
+- ``model``: the predictor rolled out from the online context latents with the true actions ``a_s..a_{s+H-1}``;
+- ``shuffled``: the same rollout, same context frames, same targets, but with the future actions of another window
+  (a fixed seeded permutation across every evaluated window, without fixed points); the context frames keep their
+  own past actions in both rollouts, so the gap between the two measures the use of the future actions alone;
+- ``copy_last``: the target latent of frame ``s`` repeated;
+- ``const_velocity``: ``z_s + k (z_s - z_{s-1})`` in target-latent space.
+
+All four are compared with the same targets, so their differences are due to the predictor alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SENSOR_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
+
+
+def window_starts(num_frames: int, context: int, horizon: int, action_valid: np.ndarray,
+                  frame_indices: np.ndarray | None = None) -> np.ndarray:
+    """Starts ``s`` whose context and ``horizon`` future frames exist, are consecutive key frames of the original
+    scene (no skipped frame inside), and whose actions ``a_s..a_{s+H-1}`` are valid. ``s >= 1`` always, so the
+    constant-velocity baseline has a previous frame."""
+    first = max(context - 1, 1)
+    starts = []
+    for s in range(first, num_frames - horizon):
+        lo, hi = s - first, s + horizon
+        if frame_indices is not None and np.any(np.diff(frame_indices[lo:hi + 1]) != 1):
+            continue
+        if not np.all(action_valid[s:s + horizon]):
+            continue
+        starts.append(s)
+    return np.asarray(starts, dtype=np.int64)
+
+
+def future_index(starts: np.ndarray, horizon: int) -> np.ndarray:
+    """Frame index of each future step: [W, H] with ``starts[w] + k`` at column ``k - 1``."""
+    return starts[:, None] + np.arange(1, horizon + 1)[None, :]
+
+
+def copy_last(target: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
+    """[T, D] latents -> [W, H, D]: the latent of the last context frame for every future step."""
+    return np.repeat(target[starts][:, None, :], horizon, axis=1)
+
+
+def constant_velocity(target: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
+    """[T, D] latents -> [W, H, D]: linear extrapolation of the last two context latents."""
+    last = target[starts].astype(np.float64)
+    velocity = last - target[starts - 1].astype(np.float64)
+    k = np.arange(1, horizon + 1, dtype=np.float64)[None, :, None]
+    return (last[:, None, :] + k * velocity[:, None, :]).astype(np.float32)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of ``range(n)`` with no fixed point (Sattolo's algorithm: one cycle through every item).
+    Identity when ``n < 2``."""
+    perm = np.arange(n)
+    rng = np.random.default_rng(seed)
+    for i in range(n - 1, 0, -1):
+        j = int(rng.integers(0, i))
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = None):
+    """Torch observation batch for the key frames ``index`` of one shard (the modalities the shard holds)."""
+    import torch
+
+    obs = {}
+    for key in SENSOR_KEYS:
+        if key not in arrays:
+            continue
+        value = arrays[key][np.asarray(index)]  # fancy indexing copies out of the read-only memory map
+        if camera_index is not None and key in ("images", "image_mask"):
+            value = value[:, camera_index]
+        obs[key] = torch.from_numpy(np.ascontiguousarray(value))
+    return obs
+
+
+def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camera_index=None):
+    """(online [T, D], target [T, D]) float32 numpy latents of every key frame."""
+    import torch
+
+    online, target = [], []
+    with torch.no_grad():
+        for lo in range(0, num_frames, batch_size):
+            idx = np.arange(lo, min(num_frames, lo + batch_size))
+            obs = {k: v.to(device) for k, v in frames_as_obs(arrays, idx, camera_index).items()}
+            online.append(model.encode(obs, target=False).float().cpu().numpy())
+            target.append(model.encode(obs, target=True).float().cpu().numpy())
+    return np.concatenate(online), np.concatenate(target)
+
+
+def rollout_windows(model, context_latents: np.ndarray, starts: np.ndarray, context: int, actions: np.ndarray,
+                    past_actions: np.ndarray, batch_size: int, device) -> np.ndarray:
+    """Roll the predictor out for every window: context latents [T, D] (frames ``s-Tc+1..s``), future actions
+    [W, H, A] (``a_s..a_{s+H-1}``) and the earlier context frames' actions [W, Tc-1, A] -> [W, H, D]."""
+    import torch
+
+    offsets = np.arange(-context + 1, 1)
+    out = []
+    with torch.no_grad():
+        for lo in range(0, len(starts), batch_size):
+            s = starts[lo:lo + batch_size]
+            # np.array copies: arrays handed over by Ray are read-only views
+            ctx = torch.from_numpy(np.array(context_latents[s[:, None] + offsets[None, :]], dtype=np.float32))
+            act = torch.from_numpy(np.array(actions[lo:lo + batch_size], dtype=np.float32))
+            past = torch.from_numpy(np.array(past_actions[lo:lo + batch_size], dtype=np.float32))
+            out.append(model.rollout(ctx.to(device), act.to(device), past.to(device)).float().cpu().numpy())
+    if not out:
+        return np.zeros((0, actions.shape[1], context_latents.shape[1]), dtype=np.float32)
+    return np.concatenate(out)

@@ -1,0 +1,280 @@
+"""Outputs of an evaluation: metrics.json, report.md, plots (each PNG beside a JSON of its numbers), probes.pt.
+
+Layout of ``metrics.json``: ``provenance`` (checkpoint, its config, shards, split, suite), ``settings`` (horizons in
+key frames and seconds, methods, gallery size and retrieval chance), ``headline``, ``overall`` / ``scenarios[name]`` /
+``scenes[name]`` blocks (``latent_mse``, ``cosine_distance``, ``retrieval_top{k}``: method -> one value per future
+step; ``action_sensitivity``: shuffled minus true actions and their ratio per step; ``occupancy_iou``: method -> one
+value per IoU horizon), ``probes`` (linear and MLP probe scores with their latent-free baselines), ``collapse``
+(diagnostics of the evaluated latents) and ``windows`` (scene and start of every evaluated window).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+from drivejepa.io import atomic_path, atomic_write_json, atomic_write_text
+
+LABELS = {"model": "model", "shuffled_actions": "model, shuffled actions", "copy_last": "copy last",
+          "const_velocity": "constant velocity", "probe_on_true_future": "probe on true future latent",
+          "const_velocity_boxes": "constant-velocity boxes", "copy_last_boxes": "copy-last boxes"}
+
+
+def _clean(obj):
+    """NaN and inf become null: metrics.json stays strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _f(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _step(metrics: dict, seconds: float) -> Optional[int]:
+    """0-based step index of a horizon in seconds, or None when the evaluation did not reach it."""
+    for i, s in enumerate(metrics["settings"]["seconds"]):
+        if abs(s - seconds) < 1e-6:
+            return i
+    return None
+
+
+def headline_rows(metrics: dict, seconds=(0.5, 1.5, 3.0)) -> list[dict]:
+    """Model against its baselines over all evaluated windows at the headline horizons (those within the
+    evaluated horizon): latent MSE of each method, action sensitivity, retrieval top-1 of model and copy-last."""
+    rows = []
+    overall = metrics["overall"]
+    mse, top1 = overall["latent_mse"], overall.get("retrieval_top1", {})
+    for sec in seconds:
+        i = _step(metrics, sec)
+        if i is None:
+            continue
+        rows.append({
+            "seconds": sec,
+            **{f"mse_{m}": mse[m][i] for m in ("model", "copy_last", "const_velocity", "shuffled_actions")},
+            "action_sensitivity_gap": overall["action_sensitivity"]["mse_gap"][i],
+            "action_sensitivity_ratio": overall["action_sensitivity"]["mse_ratio"][i],
+            "top1_model": top1.get("model", [None] * (i + 1))[i],
+            "top1_copy_last": top1.get("copy_last", [None] * (i + 1))[i],
+        })
+    return rows
+
+
+def format_headline(metrics: dict) -> str:
+    """The headline table as fixed-width text for a terminal (``make demo`` prints it)."""
+    seconds = metrics.get("settings", {}).get("headline_seconds", (0.5, 1.5, 3.0))
+    rows = headline_rows(metrics, seconds)
+    head = (f"{'horizon':>8} | {'model':>8} {'copy-last':>9} {'const-vel':>9} {'shuffled':>9} | "
+            f"{'act.gap':>8} {'act.ratio':>9} | {'top1 model':>10} {'top1 copy':>9}")
+    lines = ["Latent prediction error (MSE, lower is better) and retrieval top-1 over "
+             f"{metrics['settings']['windows']} windows (chance "
+             f"{_f(metrics['settings']['retrieval_chance'].get('top1'), 3)})", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['seconds']:>7.1f}s | {_f(r['mse_model']):>8} {_f(r['mse_copy_last']):>9} "
+                     f"{_f(r['mse_const_velocity']):>9} {_f(r['mse_shuffled_actions']):>9} | "
+                     f"{_f(r['action_sensitivity_gap']):>8} {_f(r['action_sensitivity_ratio'], 3):>9} | "
+                     f"{_f(r['top1_model'], 3):>10} {_f(r['top1_copy_last'], 3):>9}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------------------------
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _horizon_table(metrics: dict, block: dict) -> list[str]:
+    methods = metrics["settings"]["methods"]
+    ks = metrics["settings"]["retrieval_k"]
+    header = ["horizon"] + [f"MSE {LABELS[m]}" for m in methods]
+    header += [f"top-{k} {LABELS[m]}" for k in ks for m in methods]
+    rows = []
+    for i, sec in enumerate(metrics["settings"]["seconds"]):
+        row = [f"{sec:.1f} s"] + [_f(block["latent_mse"][m][i]) for m in methods]
+        row += [_f(block[f"retrieval_top{k}"][m][i], 3) for k in ks for m in methods]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _occupancy_table(metrics: dict, block: dict) -> list[str]:
+    occ = metrics["settings"]["occupancy"]
+    if "occupancy_iou" not in block:
+        return ["Occupancy forecasts were not computed (no probe was fitted or no IoU horizon is within the "
+                "evaluated horizon).", ""]
+    header = ["horizon"] + [LABELS[m] for m in occ["methods"]]
+    rows = [[f"{sec:.1f} s"] + [_f(block["occupancy_iou"][m][j], 3) for m in occ["methods"]]
+            for j, sec in enumerate(occ["seconds"])]
+    return _table(header, rows)
+
+
+def _breakdown_table(metrics: dict, blocks: dict, first_col: str, show_scenes: bool) -> list[str]:
+    seconds = metrics["settings"]["seconds"]
+    last = len(seconds) - 1
+    occ_s = metrics["settings"]["occupancy"]["seconds"]
+    header = [first_col] + (["scenes"] if show_scenes else ["description"]) + ["windows"]
+    header += [f"MSE@{seconds[0]:.1f}s model / copy / cv / shuffled", f"MSE@{seconds[last]:.1f}s model / copy / cv / "
+               "shuffled", f"top-1@{seconds[last]:.1f}s model / copy", f"action ratio@{seconds[last]:.1f}s"]
+    if occ_s:
+        header.append(f"occ. IoU@{occ_s[-1]:.1f}s model / cv boxes / copy boxes")
+    rows = []
+    for name, b in blocks.items():
+        if not b["windows"]:
+            rows.append([name, str(len(b["scenes"])) if show_scenes else b.get("description", ""), "0"]
+                        + ["n/a"] * (len(header) - 3))
+            continue
+        mse = b["latent_mse"]
+        row = [name, str(len(b["scenes"])) if show_scenes else b.get("description", ""), str(b["windows"])]
+        for i in (0, last):
+            row.append(" / ".join(_f(mse[m][i]) for m in ("model", "copy_last", "const_velocity", "shuffled_actions")))
+        top1 = b.get("retrieval_top1", {})
+        row.append(" / ".join(_f(top1[m][last], 3) for m in ("model", "copy_last")) if top1 else "n/a")
+        row.append(_f(b["action_sensitivity"]["mse_ratio"][last], 3))
+        if occ_s:
+            occ = b.get("occupancy_iou")
+            row.append(" / ".join(_f(occ[m][-1], 3) for m in ("model", "const_velocity_boxes", "copy_last_boxes"))
+                       if occ else "n/a")
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _probe_table(probes: Optional[dict]) -> list[str]:
+    if not probes:
+        return ["No probe was fitted: the train split has no scene in the shard directory.", ""]
+    header = ["probe", "speed MAE (m/s)", "speed R²", "yaw rate MAE (rad/s)", "yaw rate R²", "agent count MAE",
+              "agent count R²", "occupancy IoU"]
+    rows = []
+    for kind in ("linear", "mlp"):
+        p = probes[kind]
+        rows.append([kind, _f(p["speed"]["mae"], 3), _f(p["speed"]["r2"], 3), _f(p["yaw_rate"]["mae"], 4),
+                     _f(p["yaw_rate"]["r2"], 3), _f(p["agent_count"]["mae"], 2), _f(p["agent_count"]["r2"], 3),
+                     _f(p["occupancy"]["iou"], 3)])
+    base = probes["linear"]
+    rows.append(["baseline (train mean / prior grid)", _f(base["speed"]["mae_train_mean"], 3), "0 by definition",
+                 _f(base["yaw_rate"]["mae_train_mean"], 4), "0 by definition",
+                 _f(base["agent_count"]["mae_train_mean"], 2), "0 by definition",
+                 _f(base["occupancy"]["iou_prior_grid"], 3)])
+    return _table(header, rows)
+
+
+def render_markdown(metrics: dict, plots: list[str]) -> str:
+    prov, st = metrics["provenance"], metrics["settings"]
+    lines = ["# Scenario evaluation", "", "## Provenance", ""]
+    lines += [f"- checkpoint: `{prov['checkpoint']}` (sha256 {prov['checkpoint_sha256'][:16]}, step "
+              f"{prov.get('step')}, config hash {prov['config_hash']})",
+              f"- shards: `{prov['shards']}` (preprocess config hash {prov.get('shards_config_hash')}), split "
+              f"`{prov['split']}`: {len(prov['eval_scenes'])} scenes; probes fitted on split `{prov['train_split']}`: "
+              f"{len(prov['train_scenes'])} scenes",
+              f"- suite: `{prov['suite']}`; evaluated {st['windows']} windows of {prov['context']} context + "
+              f"{st['horizon']} future key frames; retrieval gallery {st['gallery_size']} frames (chance top-1 "
+              f"{_f(st['retrieval_chance'].get('top1'), 3)}); latents compared in `{prov['metric_space']}` space",
+              f"- written {prov['created']} by drivejepa {prov['drivejepa_version']}"]
+    lines += [f"- skipped scene {s['scene']} ({s['role']}): {s['reason']}" for s in prov.get("skipped_scenes", [])]
+    lines += [""]
+    lines += ["## Headline", "", "```", format_headline(metrics), "```", "",
+              "Action sensitivity = error with shuffled actions minus error with the true actions (gap) and their "
+              "ratio; a ratio near 1 means the predictions ignore the actions.", ""]
+    lines += ["## Latent prediction per horizon (all windows)", "", *_horizon_table(metrics, metrics["overall"])]
+    sens = metrics["overall"]["action_sensitivity"]
+    lines += ["## Action sensitivity per horizon", ""]
+    lines += _table(["horizon", "MSE gap (shuffled - true)", "MSE ratio (shuffled / true)"],
+                    [[f"{s:.1f} s", _f(sens["mse_gap"][i]), _f(sens["mse_ratio"][i], 3)]
+                     for i, s in enumerate(st["seconds"])])
+    lines += ["## Occupancy forecasts (all windows)", "",
+              f"IoU of the bird's-eye agent occupancy ({st['occupancy']['grid_size']}x{st['occupancy']['grid_size']} "
+              f"cells over +-{st['occupancy']['grid_range']:g} m); the model's grid is the {st['occupancy']['forecast_probe']} "
+              "probe applied to the predicted latent.", "", *_occupancy_table(metrics, metrics["overall"])]
+    lines += ["## Scenarios", "", *_breakdown_table(metrics, metrics["scenarios"], "scenario", True)]
+    lines += ["## Probes (eval split target latents)", "", *_probe_table(metrics.get("probes"))]
+    lines += ["## Collapse diagnostics", ""]
+    col = metrics["collapse"]
+    keys = sorted({k for v in col.values() for k in v})
+    lines += _table(["latents"] + keys, [[name] + [_f(v.get(k)) for k in keys] for name, v in col.items()])
+    lines += ["## Scenes", "", *_breakdown_table(metrics, metrics["scenes"], "scene", False)]
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------------------------
+def plot_vs_horizon(out_dir: Path, name: str, title: str, ylabel: str, seconds: list[float],
+                    series: dict[str, dict[str, list]]) -> str:
+    """One axis per scenario, every method on it; writes NAME.png and NAME.json (the plotted numbers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(series)
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (scenario, methods) in zip(axes.ravel(), series.items()):
+        for method, values in methods.items():
+            ys = [float("nan") if v is None else v for v in values]
+            ax.plot(seconds, ys, marker="o", label=LABELS.get(method, method),
+                    linestyle="-" if method == "model" else "--")
+        ax.set_title(scenario)
+        ax.set_xlabel("horizon (s)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    png = out_dir / f"{name}.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_json(out_dir / f"{name}.json", _clean({"title": title, "ylabel": ylabel, "seconds": seconds,
+                                                        "series": series}))
+    return png.name
+
+
+def write_plots(out_dir: Path, metrics: dict) -> list[str]:
+    st = metrics["settings"]
+    blocks = {name: b for name, b in metrics["scenarios"].items() if b["windows"]}
+    plots = [plot_vs_horizon(out_dir, "latent_mse_vs_horizon", "Latent prediction error", "MSE", st["seconds"],
+                             {n: b["latent_mse"] for n, b in blocks.items()})]
+    if 1 in st["retrieval_k"]:
+        plots.append(plot_vs_horizon(out_dir, "retrieval_top1_vs_horizon", "Retrieval top-1 accuracy", "top-1",
+                                     st["seconds"], {n: b["retrieval_top1"] for n, b in blocks.items()}))
+    occ_blocks = {n: b["occupancy_iou"] for n, b in blocks.items() if "occupancy_iou" in b}
+    if occ_blocks and st["occupancy"]["seconds"]:
+        plots.append(plot_vs_horizon(out_dir, "occupancy_iou_vs_horizon", "Occupancy forecast IoU", "IoU",
+                                     st["occupancy"]["seconds"], occ_blocks))
+    return plots
+
+
+def write_outputs(out_dir: str | Path, metrics: dict, fitted_probes: Optional[dict]) -> dict:
+    """Write every output atomically; returns their paths."""
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = _clean(metrics)
+    plots = write_plots(out_dir, metrics)
+    paths = {"metrics": atomic_write_json(out_dir / "metrics.json", metrics),
+             "report": atomic_write_text(out_dir / "report.md", render_markdown(metrics, plots)),
+             "plots": [out_dir / p for p in plots]}
+    if fitted_probes:
+        state = {kind: {task: p.state() for task, p in probes.items()}
+                 for kind, probes in fitted_probes.items() if kind in ("linear", "mlp")}
+        state["prior_grid"] = torch.from_numpy(fitted_probes["prior_grid"])
+        state["provenance"] = {"checkpoint": metrics["provenance"]["checkpoint"],
+                               "checkpoint_sha256": metrics["provenance"]["checkpoint_sha256"]}
+        with atomic_path(out_dir / "probes.pt") as tmp:
+            torch.save(state, tmp)
+        paths["probes"] = out_dir / "probes.pt"
+    return paths

@@ -1,0 +1,196 @@
+"""Turning the workers' latents, rollouts and labels into every number of the report.
+
+Every metric is computed per window and future step first, then averaged over the windows of a block: all windows,
+each scenario of the suite, each scene. Retrieval always searches the gallery of every evaluated key frame, whatever
+the block, so per-scenario top-k accuracies share one chance level.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from drivejepa.config import EvalConfig
+from drivejepa.evaluation import metrics as M
+from drivejepa.evaluation import probes as P
+from drivejepa.evaluation.latents import constant_velocity, copy_last, future_index
+
+METHODS = ("model", "shuffled_actions", "copy_last", "const_velocity")
+OCC_METHODS = ("model", "probe_on_true_future", "const_velocity_boxes", "copy_last_boxes")
+
+
+def _nanmean(x: np.ndarray, axis=0):
+    x = np.asarray(x, dtype=np.float64)
+    if x.shape[axis] == 0:
+        return np.full(np.delete(x.shape, axis), np.nan)
+    return x.mean(axis=axis)
+
+
+class Windows:
+    """Every evaluated window, stacked: per method predictions and per-step errors and retrieval ranks."""
+
+    def __init__(self, eval_results: list[dict], horizon: int, retrieval_k: list[int]):
+        self.horizon = horizon
+        self.retrieval_k = retrieval_k
+        offsets = np.cumsum([0] + [len(r["target"]) for r in eval_results])
+        self.gallery = np.concatenate([r["target"] for r in eval_results])
+        self.online = np.concatenate([r["online"] for r in eval_results])
+        preds = {m: [] for m in METHODS}
+        truth, gindex, scene, starts = [], [], [], []
+        for r, off in zip(eval_results, offsets):
+            s = np.asarray(r["starts"], dtype=np.int64)
+            fut = future_index(s, horizon)
+            truth.append(r["target"][fut])
+            gindex.append(fut + off)
+            scene += [r["scene"]] * len(s)
+            starts.append(s)
+            preds["model"].append(r["model"])
+            preds["shuffled_actions"].append(r["shuffled_actions"])
+            preds["copy_last"].append(copy_last(r["target"], s, horizon))
+            preds["const_velocity"].append(constant_velocity(r["target"], s, horizon))
+        self.truth = np.concatenate(truth)
+        self.gallery_index = np.concatenate(gindex)
+        self.scene = np.array(scene)
+        self.starts = np.concatenate(starts)
+        self.preds = {m: np.concatenate(v) for m, v in preds.items()}
+        self.mse = {m: M.squared_error(p, self.truth) for m, p in self.preds.items()}
+        self.cosine = {m: M.cosine_distance(p, self.truth) for m, p in self.preds.items()}
+        self.ranks = {}
+        for m, p in self.preds.items():
+            w, h, d = p.shape
+            ranks = M.retrieval_ranks(p.reshape(w * h, d), self.gallery, self.gallery_index.reshape(-1))
+            self.ranks[m] = ranks.reshape(w, h)
+
+    def __len__(self) -> int:
+        return len(self.scene)
+
+    def block(self, mask: np.ndarray) -> dict:
+        """Per-step metrics of the windows in ``mask``, every method side by side."""
+        out = {"windows": int(mask.sum()),
+               "latent_mse": {m: _nanmean(v[mask]).tolist() for m, v in self.mse.items()},
+               "cosine_distance": {m: _nanmean(v[mask]).tolist() for m, v in self.cosine.items()}}
+        for k in self.retrieval_k:
+            out[f"retrieval_top{k}"] = {m: _nanmean(v[mask] < k).tolist() for m, v in self.ranks.items()}
+        model = np.asarray(out["latent_mse"]["model"])
+        shuffled = np.asarray(out["latent_mse"]["shuffled_actions"])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["action_sensitivity"] = {"mse_gap": (shuffled - model).tolist(),
+                                         "mse_ratio": (shuffled / model).tolist()}
+        return out
+
+
+def fit_probes(train_results: list[dict], cfg: EvalConfig) -> dict:
+    """kind -> task -> FittedProbe, fitted on the train scenes' target latents (frames with valid motion labels only
+    for speed and yaw rate)."""
+    x = np.concatenate([r["target"] for r in train_results])
+    labels = {k: np.concatenate([r["labels"][k] for r in train_results]) for k in train_results[0]["labels"]}
+    fitted: dict = {}
+    for kind in ("linear", "mlp"):
+        fitted[kind] = {}
+        for task in P.REGRESSION_TASKS + ("occupancy",):
+            keep = labels["motion_valid"] if task in ("speed", "yaw_rate") else np.ones(len(x), bool)
+            fitted[kind][task] = P.fit_probe(task, kind, x[keep], labels[task][keep], epochs=cfg.probe_epochs,
+                                             lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
+                                             hidden=cfg.probe_hidden, seed=cfg.probe_seed)
+    fitted["prior_grid"] = P.prior_grid(labels["occupancy"])
+    return fitted
+
+
+def probe_scores(fitted: dict, eval_results: list[dict]) -> dict:
+    """Probe accuracy on the evaluated split's target latents, each beside its latent-free baseline."""
+    x = np.concatenate([r["target"] for r in eval_results])
+    labels = {k: np.concatenate([r["labels"][k] for r in eval_results]) for k in eval_results[0]["labels"]}
+    out: dict = {}
+    for kind in ("linear", "mlp"):
+        out[kind] = {}
+        for task in P.REGRESSION_TASKS:
+            keep = labels["motion_valid"] if task in ("speed", "yaw_rate") else np.ones(len(x), bool)
+            probe = fitted[kind][task]
+            out[kind][task] = P.regression_scores(probe.predict(x[keep]), labels[task][keep], probe.y_mean)
+        occ = fitted[kind]["occupancy"]
+        out[kind]["occupancy"] = {"iou": P.iou(occ.predict_occupancy(x), labels["occupancy"]),
+                                  "iou_prior_grid": P.iou(np.broadcast_to(fitted["prior_grid"],
+                                                                          labels["occupancy"].shape),
+                                                          labels["occupancy"]),
+                                  "threshold": occ.threshold, "n": int(len(x))}
+    return out
+
+
+class OccupancyForecasts:
+    """Occupancy grids at the IoU horizons for every window: the probe on predicted latents and the baselines."""
+
+    def __init__(self, windows: Windows, eval_results: list[dict], probe: "P.FittedProbe", steps: list[int]):
+        self.steps = steps
+        grids = {m: [] for m in OCC_METHODS}
+        truth = []
+        for r in eval_results:
+            s = np.asarray(r["starts"], dtype=np.int64)
+            occ = r["labels"]["occupancy"]
+            fut = future_index(s, windows.horizon)[:, [k - 1 for k in steps]]
+            truth.append(occ[fut])
+            grids["copy_last_boxes"].append(np.repeat(occ[s][:, None], len(steps), axis=1))
+            grids["const_velocity_boxes"].append(r["cv_box_grids"][:, [k - 1 for k in steps]])
+            grids["probe_on_true_future"].append(self._probe(probe, r["target"][fut]))
+            grids["model"].append(self._probe(probe, r["model"][:, [k - 1 for k in steps]]))
+        self.truth = np.concatenate(truth)
+        self.grids = {m: np.concatenate(v) for m, v in grids.items()}
+
+    @staticmethod
+    def _probe(probe, latents: np.ndarray) -> np.ndarray:
+        w, n, d = latents.shape
+        return probe.predict_occupancy(latents.reshape(w * n, d)).reshape(w, n, -1)
+
+    def block(self, mask: np.ndarray) -> dict:
+        return {m: [P.iou(g[mask, j], self.truth[mask, j]) for j in range(len(self.steps))]
+                for m, g in self.grids.items()}
+
+
+def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, horizon: int,
+          scenario_scenes: dict[str, list[str]]) -> tuple[dict, Optional[dict]]:
+    """(metrics without provenance, fitted probes or None). See report.py for the layout of the metrics."""
+    import torch
+
+    from drivejepa.diagnostics import collapse_diagnostics
+
+    windows = Windows(eval_results, horizon, cfg.retrieval_k)
+    seconds = [round(k * cfg.frame_seconds, 6) for k in range(1, horizon + 1)]
+    iou_steps = [k for k in (int(round(t / cfg.frame_seconds)) for t in cfg.iou_seconds) if 1 <= k <= horizon]
+    fitted = fit_probes(train_results, cfg) if train_results else None
+    forecasts = OccupancyForecasts(windows, eval_results, fitted[cfg.forecast_probe]["occupancy"], iou_steps) \
+        if fitted and iou_steps else None
+
+    def block(mask: np.ndarray) -> dict:
+        b = windows.block(mask)
+        if forecasts is not None:
+            b["occupancy_iou"] = forecasts.block(mask)
+        return b
+
+    everything = np.ones(len(windows), bool)
+    scenarios = {}
+    for name, scenes in scenario_scenes.items():
+        mask = np.isin(windows.scene, scenes)
+        scenarios[name] = {"scenes": list(scenes), **block(mask)}
+    per_scene = {r["scene"]: {"description": r["description"], **block(windows.scene == r["scene"])}
+                 for r in eval_results}
+    k1 = torch.from_numpy(windows.preds["model"][:, 0])
+    metrics = {
+        "settings": {"horizon": horizon, "seconds": seconds, "frame_seconds": cfg.frame_seconds,
+                     "methods": list(METHODS), "retrieval_k": list(cfg.retrieval_k),
+                     "gallery_size": int(len(windows.gallery)), "windows": int(len(windows)),
+                     "retrieval_chance": {f"top{k}": M.chance_topk(len(windows.gallery), k) for k in cfg.retrieval_k},
+                     "occupancy": {"steps": iou_steps, "seconds": [round(k * cfg.frame_seconds, 6) for k in iou_steps],
+                                   "methods": list(OCC_METHODS), "forecast_probe": cfg.forecast_probe,
+                                   "grid_size": cfg.grid_size, "grid_range": cfg.grid_range}},
+        "overall": block(everything),
+        "scenarios": scenarios,
+        "scenes": per_scene,
+        "probes": probe_scores(fitted, eval_results) if fitted else None,
+        "collapse": {
+            "target_latents": collapse_diagnostics(torch.from_numpy(windows.gallery)),
+            "online_latents": collapse_diagnostics(torch.from_numpy(windows.online)),
+            "predictions_0.5s": collapse_diagnostics(k1, k1, torch.from_numpy(windows.truth[:, 0]),
+                                                     torch.from_numpy(windows.preds["copy_last"][:, 0])),
+        },
+        "windows": {"scene": windows.scene.tolist(), "start": windows.starts.tolist()},
+    }
+    return metrics, fitted

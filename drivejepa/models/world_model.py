@@ -1,0 +1,163 @@
+"""The multimodal JEPA world model: online encoder, EMA target encoder and action-conditioned predictor.
+
+``loss`` encodes a window of L key frames with both encoders, predicts frame i+1 from the online states up to i and
+action i (teacher forcing), rolls forward K steps from the first ``context`` frames, and compares the predictions
+with the stop-gradient target latents under the configured objective.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from drivejepa.diagnostics import collapse_diagnostics
+from drivejepa.losses import normalise_targets, prediction_loss, vicreg_terms
+from drivejepa.models.fusion import MultimodalEncoder
+from drivejepa.models.predictor import Predictor
+
+OBS_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
+
+# Architecture fields set by model.size; "custom" takes them from the config as written.
+SIZE_PRESETS: dict[str, dict] = {
+    "tiny": dict(latent_dim=32, image_tokens=2, lidar_widths=[16, 32], lidar_tokens=4, radar_widths=[16, 32],
+                 radar_tokens=2, fusion_depth=1, fusion_heads=2, predictor_depth=2, predictor_heads=2, mlp_ratio=2.0),
+    "demo": dict(latent_dim=256, image_tokens=8, lidar_widths=[32, 64, 128], lidar_tokens=16, radar_widths=[32, 64],
+                 radar_tokens=4, fusion_depth=2, fusion_heads=4, predictor_depth=2, predictor_heads=4, mlp_ratio=2.0),
+    "base": dict(latent_dim=384, image_tokens=16, lidar_widths=[64, 128, 256], lidar_tokens=32,
+                 radar_widths=[32, 64, 128], radar_tokens=8, fusion_depth=4, fusion_heads=6, predictor_depth=4,
+                 predictor_heads=6, mlp_ratio=4.0),
+}
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Apply the size preset. A preset field the user set to something else is an error, not silently ignored."""
+    if cfg.size == "custom":
+        return cfg
+    preset = SIZE_PRESETS[cfg.size]
+    defaults = ModelConfig()
+    for key, value in preset.items():
+        mine = getattr(cfg, key)
+        if mine != getattr(defaults, key) and mine != value:
+            raise ConfigError(f"model.{key} = {mine!r} conflicts with model.size = '{cfg.size}' (which sets "
+                              f"{value!r}); use model.size=custom to choose the architecture field by field")
+    return dataclasses.replace(cfg, **preset)
+
+
+def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine schedule of the EMA momentum from ``start`` (step 0) to ``end`` (step ``total_steps`` and after)."""
+    if total_steps <= 0:
+        return end
+    progress = min(max(step / total_steps, 0.0), 1.0)
+    return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, cameras: list[str]):
+        super().__init__()
+        cfg = resolve_model_config(cfg)
+        self.cfg = cfg
+        self.cameras = list(cameras)
+        self.latent_dim = cfg.latent_dim
+        self.encoder = MultimodalEncoder(cfg, self.cameras)
+        self.target_encoder = copy.deepcopy(self.encoder)
+        self.target_encoder.requires_grad_(False)
+        self.target_encoder.eval()
+        self.predictor = Predictor(cfg)
+
+    def train(self, mode: bool = True) -> "WorldModel":
+        """The target encoder always runs in eval mode (no modality dropout, no DropPath, BatchNorm running stats)."""
+        super().train(mode)
+        self.target_encoder.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------------------- encoding
+    def encode(self, obs: Mapping[str, torch.Tensor], target: bool = False) -> torch.Tensor:
+        """obs (images uint8 [B, C, H, W, 3], lidar [B, N, 4], radar [B, M, 6] and masks; any subset) -> [B, D]."""
+        if target:
+            with torch.no_grad():
+                return self.target_encoder(obs)
+        return self.encoder(obs)
+
+    def encode_sequence(self, batch: Mapping[str, torch.Tensor], target: bool = False) -> torch.Tensor:
+        """Batch arrays with an L axis ([B, L, ...]) -> states [B, L, D]."""
+        obs = {k: batch[k] for k in OBS_KEYS if k in batch}
+        if not obs:
+            raise ValueError("batch holds none of 'images', 'lidar', 'radar'")
+        b, length = next(iter(obs.values())).shape[:2]
+        flat = {k: v.reshape(b * length, *v.shape[2:]) for k, v in obs.items()}
+        return self.encode(flat, target=target).view(b, length, -1)
+
+    # ---------------------------------------------------------------------------------------------- prediction
+    def predict(self, states: torch.Tensor, actions: torch.Tensor,
+                action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Teacher-forced, causal: states [B, T, D], actions [B, T, 5] -> [B, T, D], output t predicts s_{t+1}."""
+        return self.predictor(states, actions, action_known)
+
+    def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
+                past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Autoregressive: context [B, Tc, D] and actions a_t..a_{t+K-1} [B, K, 5] (a_t = action of the last context
+        frame) -> predicted states s_{t+1}..s_{t+K} [B, K, D]. ``past_actions`` [B, Tc-1, 5] are the actions of the
+        earlier context frames; without them the predictor uses its learned 'unknown action' token there."""
+        return self.predictor.rollout(context_states, actions, past_actions)
+
+    # ---------------------------------------------------------------------------------------------- training
+    def loss(self, batch: Mapping[str, torch.Tensor], loss_cfg: LossConfig, context: int):
+        """(total loss, metrics) on a window batch [B, L, ...]; metrics include the collapse diagnostics."""
+        actions = batch["actions"]
+        b, length = actions.shape[:2]
+        if not 1 <= context < length:
+            raise ValueError(f"context = {context} must be in [1, {length - 1}] for windows of {length} frames")
+        states = self.encode_sequence(batch)                                         # online, [B, L, D]
+        targets = self.encode_sequence(batch, target=True).float()                    # stop-gradient
+        if loss_cfg.objective == "jepa" and loss_cfg.normalize_targets:
+            targets = normalise_targets(targets)
+            cfg = dataclasses.replace(loss_cfg, normalize_targets=False)            # already normalised
+        else:
+            cfg = loss_cfg
+
+        known = batch.get("action_valid")
+        known = torch.ones(b, length, dtype=torch.bool, device=actions.device) if known is None else known.bool()
+        if self.training and self.cfg.action_dropout > 0:
+            known = known & (torch.rand(b, length, device=actions.device) >= self.cfg.action_dropout)
+        one_step_pred = self.predict(states[:, :-1], actions[:, :-1], known[:, :-1])
+        one_step = prediction_loss(one_step_pred.float(), targets[:, 1:], cfg)
+        total = one_step
+        metrics = {"loss_one_step": float(one_step.detach())}
+
+        k = min(loss_cfg.rollout_steps, length - context)
+        if k > 0 and loss_cfg.rollout_weight > 0:
+            rolled = self.rollout(states[:, :context], actions[:, context - 1 : context - 1 + k],
+                                  actions[:, : context - 1])
+            rollout = prediction_loss(rolled.float(), targets[:, context : context + k], cfg)
+            total = total + loss_cfg.rollout_weight * rollout
+            metrics["loss_rollout"] = float(rollout.detach())
+            metrics["rollout_cosine"] = float(
+                F.cosine_similarity(rolled.detach().float(), targets[:, context : context + k], dim=-1).mean())
+
+        var, cov = vicreg_terms(states)
+        if loss_cfg.vicreg_weight > 0:
+            regulariser = loss_cfg.vicreg_var_weight * var + loss_cfg.vicreg_cov_weight * cov
+            total = total + loss_cfg.vicreg_weight * regulariser
+        metrics.update(vicreg_var=float(var.detach()), vicreg_cov=float(cov.detach()))
+        metrics.update(collapse_diagnostics(states, one_step_pred, targets[:, 1:], targets[:, :-1]))
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    @torch.no_grad()
+    def update_target(self, momentum: float) -> None:
+        """target = m * target + (1 - m) * online, parameter by parameter; buffers (BatchNorm statistics) copied."""
+        for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters()):
+            t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
+        for t, o in zip(self.target_encoder.buffers(), self.encoder.buffers()):
+            t.copy_(o)
+
+
+def build_world_model(cfg: TrainConfig) -> WorldModel:
+    """The world model of a training config: size preset applied, cameras from ``cfg.data.cameras``."""
+    return WorldModel(cfg.model, cfg.data.cameras)

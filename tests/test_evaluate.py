@@ -1,0 +1,249 @@
+"""Scenario evaluation: metrics, baselines, probes, suite parsing, and the whole command on the synthetic world."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from drivejepa.config import ConfigError, EvalConfig, load_config
+from drivejepa.evaluation import metrics as M
+from drivejepa.evaluation import probes as P
+from drivejepa.evaluation.latents import constant_velocity, copy_last, derangement, window_starts
+from drivejepa.evaluation.scenarios import assign_scenes, parse_scenarios
+
+
+# ------------------------------------------------------------------------------------------------- retrieval
+def test_retrieval_of_a_perfect_predictor_is_one_and_of_a_random_one_near_chance():
+    rng = np.random.default_rng(0)
+    gallery = rng.normal(size=(200, 16))
+    true_index = rng.integers(0, 200, size=3000)
+    perfect = M.retrieval_ranks(gallery[true_index], gallery, true_index)
+    assert M.topk_accuracy(perfect, 1) == 1.0 and M.topk_accuracy(perfect, 5) == 1.0
+    random_ranks = M.retrieval_ranks(rng.normal(size=(3000, 16)), gallery, true_index)
+    for k in (1, 5):
+        chance = M.chance_topk(200, k)
+        sigma = math.sqrt(chance * (1 - chance) / 3000)
+        assert abs(M.topk_accuracy(random_ranks, k) - chance) < 4 * sigma
+
+
+def test_retrieval_ties_count_against_the_prediction():
+    gallery = np.zeros((10, 4))  # every frame has the same latent: nothing can be retrieved
+    ranks = M.retrieval_ranks(np.zeros((10, 4)), gallery, np.arange(10))
+    assert M.topk_accuracy(ranks, 1) == 0.0
+
+
+# ------------------------------------------------------------------------------------------------- baselines
+def test_constant_velocity_is_exact_on_a_linear_trajectory_and_copy_last_is_not():
+    t = np.arange(12, dtype=np.float32)[:, None]
+    latents = np.concatenate([2.0 * t, -t + 3.0], axis=1)
+    starts = np.array([1, 4, 5])
+    target = latents[starts[:, None] + np.arange(1, 5)[None]]
+    assert np.allclose(constant_velocity(latents, starts, 4), target)
+    err = M.squared_error(copy_last(latents, starts, 4), target)
+    assert np.allclose(err, (np.arange(1, 5) ** 2 * 2.5)[None].repeat(3, 0))  # (2k)^2 + k^2 over 2 dims
+
+
+def test_windows_skip_gaps_and_unknown_actions():
+    valid = np.ones(12, bool)
+    valid[-1] = False
+    frames = np.array([0, 1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 12])  # original frame 6 was skipped
+    starts = window_starts(12, context=2, horizon=3, action_valid=valid, frame_indices=frames)
+    assert starts.tolist() == [1, 2, 7, 8]
+    for s in starts:  # context s-1..s, future s+1..s+3: consecutive, actions s..s+2 valid
+        assert np.all(np.diff(frames[s - 1:s + 4]) == 1) and valid[s:s + 3].all()
+
+
+def test_shuffle_permutation_is_seeded_and_moves_every_window():
+    for n in (2, 3, 17, 100):
+        perm = derangement(n, seed=5)
+        assert sorted(perm.tolist()) == list(range(n)) and not np.any(perm == np.arange(n))
+        assert np.array_equal(perm, derangement(n, seed=5))
+
+
+# ------------------------------------------------------------------------------------------------- probes
+def test_occupancy_grid_marks_box_footprints_in_the_ego_frame():
+    # 8x8 cells of 2 m over +-8 m; a 4.5 m long, 2 m wide car at x = 5 m heading along x covers x in [2.75, 7.25]
+    occ = P.occupancy_grid(np.array([[5.0, 1.0]]), np.array([0.0]), np.array([[2.0, 4.5]]), 8, 8.0).reshape(8, 8)
+    assert occ[5:8, 4].all() and occ.sum() == 3  # cells x in [2,4],[4,6],[6,8] at y in [0, 2]
+    rotated = P.occupancy_grid(np.array([[5.0, 1.0]]), np.array([np.pi / 2]), np.array([[2.0, 4.5]]), 8, 8.0)
+    assert rotated.reshape(8, 8)[6, 3:6].all()  # now long along y
+
+
+def test_constant_velocity_boxes_follow_a_moving_box_seen_from_a_moving_ego():
+    pose0 = np.eye(4)
+    pose1 = np.eye(4)
+    yaw = 0.3
+    pose1[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
+    pose1[:2, 3] = [4.0, 1.0]
+    box = np.array([[10.0, 2.0, 0, 2, 4.5, 1.5, 0.1, 3.0, -1.0]])  # global = ego0 frame, velocity (3, -1) m/s
+    xy, heading = P.constant_velocity_boxes(box, pose0, pose1, dt=1.0)
+    moved = np.array([13.0, 1.0, 0.0, 1.0])
+    expected = np.linalg.inv(pose1) @ moved
+    assert np.allclose(xy[0], expected[:2]) and np.isclose(heading[0], 0.1 - yaw)
+
+
+def test_probes_recover_a_linear_signal_and_beat_the_train_mean():
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=8)
+    x_train, x_test = rng.normal(size=(300, 8)), rng.normal(size=(100, 8))
+    for kind in ("linear", "mlp"):
+        probe = P.fit_probe("speed", kind, x_train, x_train @ w + 5, epochs=150, lr=2e-2, weight_decay=0.0,
+                            hidden=32, seed=0)
+        scores = P.regression_scores(probe.predict(x_test), x_test @ w + 5, probe.y_mean)
+        assert scores["r2"] > 0.9 and scores["mae"] < 0.3 * scores["mae_train_mean"]
+    occupied = np.stack([x_train[:, 0] > 0, x_train[:, 1] > 0], axis=1)
+    occ = P.fit_probe("occupancy", "linear", x_train, occupied, epochs=150, lr=2e-2, weight_decay=0.0,
+                      hidden=32, seed=0)
+    truth = np.stack([x_test[:, 0] > 0, x_test[:, 1] > 0], axis=1)
+    assert P.iou(occ.predict_occupancy(x_test), truth) > 0.8
+
+
+# ------------------------------------------------------------------------------------------------- suite
+def test_default_suite_loads_and_matches_synthetic_tags_and_nuscenes_descriptions(repo_root):
+    cfg = load_config(EvalConfig, repo_root / "eval/scenarios/default.yaml", ["horizon=4"])
+    scenarios = parse_scenarios(cfg.scenarios)
+    names = [s.name for s in scenarios]
+    for expected in ("all", "night", "rain", "intersection", "turn left", "turn right", "pedestrians", "parking lot",
+                     "high speed", "congestion"):
+        assert expected in names
+    descriptions = {
+        "scene-0001": "night, rain, turn left, city",                                      # synthetic tags
+        "scene-0002": "parking lot, pedestrians",
+        "scene-0061": "Parked truck, construction, intersection, turn left, following a van",  # nuScenes
+        "scene-1077": "Night, big street, bus stop, high speed",
+        "scene-0655": "Parking lot, parked cars, jaywalker, be careful",
+    }
+    got = assign_scenes(scenarios, descriptions)
+    assert got["all"] == list(descriptions)
+    assert got["night"] == ["scene-0001", "scene-1077"]
+    assert got["turn left"] == ["scene-0001", "scene-0061"]
+    assert got["turn right"] == []
+    assert got["pedestrians"] == ["scene-0002", "scene-0655"]
+    assert got["parking lot"] == ["scene-0002", "scene-0655"]
+    assert got["high speed"] == ["scene-1077"]
+
+
+def test_bad_scenarios_are_reported_by_name():
+    with pytest.raises(ConfigError, match="scenario 'x'.*unknown key"):
+        parse_scenarios({"x": {"tags": ["night"]}}, "suite.yaml")
+    with pytest.raises(ConfigError, match="not in the evaluated split"):
+        assign_scenes(parse_scenarios({"mine": {"scenes": ["scene-9999"]}}), {"scene-0001": "night"})
+
+
+# ------------------------------------------------------------------------------------------------- whole command
+@pytest.fixture(scope="module")
+def evaluated(smoke_run, shard_dir, tmp_path_factory):
+    """The smoke run evaluated twice on the synthetic world: in this process (library call) and with two Ray actors
+    (the command line). The smoke run was trained for 4 steps ahead; the evaluation rolls out 6 (3 s)."""
+    from drivejepa.cli import main
+    from drivejepa.evaluation.runner import evaluate
+
+    ckpt = smoke_run / "checkpoints" / "last.pt"
+    out_local = tmp_path_factory.mktemp("eval_local")
+    out_ray = tmp_path_factory.mktemp("eval_ray")
+    overrides = ["probe_epochs=60", "probe_hidden=64", "horizon=6"]
+    local = evaluate(ckpt, shard_dir, out_local, split="val", overrides=overrides, num_workers=0, progress=False)
+    code = main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--split", "val", "--out",
+                 str(out_ray), "--num-workers", "2", "--no-progress", *overrides])
+    assert code == 0
+    return {"local": local, "out_local": out_local, "out_ray": out_ray}
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k != "provenance":
+                yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def test_ray_parallel_run_gives_the_numbers_of_a_single_process_run(evaluated):
+    a = json.loads((evaluated["out_local"] / "metrics.json").read_text())
+    b = json.loads((evaluated["out_ray"] / "metrics.json").read_text())
+    pa, pb = dict(_numbers(a)), dict(_numbers(b))
+    assert pa.keys() == pb.keys()
+    for key, value in pa.items():
+        if isinstance(value, float):
+            assert pb[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+        else:
+            assert pb[key] == value, key
+
+
+def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
+    out = evaluated["out_local"]
+    report = (out / "report.md").read_text()
+    for section in ("## Provenance", "## Headline", "## Latent prediction per horizon", "## Action sensitivity",
+                    "## Occupancy forecasts", "## Scenarios", "## Probes", "## Collapse diagnostics", "## Scenes",
+                    "## Plots"):
+        assert section in report
+    metrics = json.loads((out / "metrics.json").read_text())
+    prov = metrics["provenance"]
+    assert prov["checkpoint_sha256"] and prov["config"]["data"]["horizon"] and prov["shards_config_hash"]
+    assert metrics["settings"]["seconds"] == [0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    assert [r["seconds"] for r in metrics["headline"]] == [0.5, 1.5, 3.0]
+    for name in ("latent_mse_vs_horizon", "retrieval_top1_vs_horizon", "occupancy_iou_vs_horizon"):
+        assert (out / f"{name}.png").stat().st_size > 1000
+        plotted = json.loads((out / f"{name}.json").read_text())
+        assert "all" in plotted["series"]
+    overall = metrics["overall"]
+    for method in ("model", "shuffled_actions", "copy_last", "const_velocity"):
+        assert len(overall["latent_mse"][method]) == 6 and all(v >= 0 for v in overall["latent_mse"][method])
+    assert set(overall["occupancy_iou"]) == {"model", "probe_on_true_future", "const_velocity_boxes",
+                                             "copy_last_boxes"}
+    assert metrics["probes"]["mlp"]["speed"]["n"] > 0
+    assert metrics["collapse"]["target_latents"]["effective_rank"] > 0
+    # every scene of the world is in the per-scene table and its windows add up to the total
+    assert sum(b["windows"] for b in metrics["scenes"].values()) == metrics["settings"]["windows"]
+    assert metrics["scenarios"]["all"]["windows"] == metrics["settings"]["windows"]
+
+
+def test_shuffled_actions_baseline_uses_the_same_frames(evaluated, shard_dir):
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.evaluation.runner import plan_jobs
+
+    metrics = evaluated["local"]
+    windows = list(zip(metrics["windows"]["scene"], metrics["windows"]["start"]))
+    sources = [tuple(w) for w in metrics["provenance"]["shuffled_actions"]["shuffled_source"]]
+    assert sorted(sources) == sorted(windows) and all(s != w for s, w in zip(sources, windows))
+    # The plan gives each window another window's future actions, and rolls it out from its own frames.
+    scenes = sorted(set(metrics["windows"]["scene"]))
+    jobs, plan = plan_jobs(shard_dir, scenes, [], context=metrics["provenance"]["context"], horizon=6,
+                           shuffle_seed=0)
+    assert plan["shuffled_source"] == [list(s) for s in sources]
+    i = 0
+    for job in jobs:
+        assert job.shuffled_actions.shape == (len(job.starts), 6, 5)
+        for w, start in enumerate(job.starts):
+            assert (job.scene, int(start)) == windows[i]
+            src_scene, src_start = sources[i]
+            src_actions = read_shard(shard_path(shard_dir, src_scene)).arrays["actions"][src_start:src_start + 6]
+            assert np.array_equal(job.shuffled_actions[w], src_actions)
+            i += 1
+
+
+def test_headline_table_prints_model_baselines_and_action_sensitivity(evaluated):
+    from drivejepa.evaluation.report import format_headline
+
+    text = format_headline(evaluated["local"])
+    lines = text.splitlines()
+    assert "copy-last" in lines[1] and "const-vel" in lines[1] and "shuffled" in lines[1] and "act.ratio" in lines[1]
+    assert [ln.split("|")[0].strip() for ln in lines[3:]] == ["0.5s", "1.5s", "3.0s"]
+    row = evaluated["local"]["headline"][0]
+    assert row["action_sensitivity_gap"] == pytest.approx(row["mse_shuffled_actions"] - row["mse_model"])
+
+
+def test_evaluate_command_reports_a_missing_split_in_one_line(smoke_run, shard_dir, tmp_path, capsys):
+    from drivejepa.cli import main
+
+    code = main(["evaluate", "--checkpoint", str(smoke_run / "checkpoints" / "last.pt"), "--shards", str(shard_dir),
+                 "--split", "nope", "--out", str(tmp_path / "o"), "--num-workers", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown split 'nope'" in err and "manifest.json" in err
+    assert not (tmp_path / "o" / "metrics.json").exists()

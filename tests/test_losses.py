@@ -1,0 +1,112 @@
+"""Objectives learn on a small fixed batch; the collapse diagnostics read collapse and perfect prediction correctly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drivejepa.config import LossConfig, ModelConfig
+from drivejepa.diagnostics import collapse_diagnostics, effective_rank
+from drivejepa.losses import infonce_loss, prediction_loss, vicreg_terms
+from drivejepa.models.world_model import WorldModel
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from a second thread; on a loaded shared machine it mostly waits at barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+OBJECTIVES = {
+    "jepa_smooth_l1": LossConfig(objective="jepa", regression="smooth_l1"),
+    "jepa_mse": LossConfig(objective="jepa", regression="mse"),
+    "infonce": LossConfig(objective="infonce", temperature=0.1),
+    "jepa_vicreg": LossConfig(objective="jepa", regression="smooth_l1", vicreg_weight=1.0),
+}
+
+
+def fixed_batch(b=4, length=3, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "images": torch.randint(0, 256, (b, length, 1, 32, 32, 3), generator=g, dtype=torch.uint8),
+        "image_mask": torch.ones(b, length, 1, dtype=torch.bool),
+        "lidar": torch.randn(b, length, 32, 4, generator=g) * 20,
+        "lidar_mask": torch.ones(b, length, 32, dtype=torch.bool),
+        "radar": torch.randn(b, length, 4, 6, generator=g) * 20,
+        "radar_mask": torch.rand(b, length, 4, generator=g) > 0.5,
+        "actions": torch.randn(b, length, 5, generator=g),
+    }
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_objective_decreases_on_a_fixed_batch(name):
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="tiny", modality_dropout=0.0, action_dropout=0.0, drop_path=0.0)
+    model = WorldModel(cfg, ["CAM_FRONT"]).train()
+    loss_cfg = OBJECTIVES[name]
+    loss_cfg.rollout_steps = 2
+    batch = fixed_batch()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss, metrics = model.loss(batch, loss_cfg, context=2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_target(0.99)
+        losses.append(metrics["loss"])
+        assert torch.isfinite(loss)
+    first, last = losses[0], sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (name, losses)
+
+
+def test_infonce_prefers_matching_pairs():
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(16, 8, generator=g)
+    matched = infonce_loss(target + 0.01 * torch.randn(16, 8, generator=g), target)
+    shuffled = infonce_loss(target[torch.randperm(16, generator=g)], target)
+    assert matched < 0.1 < shuffled
+
+
+def test_vicreg_penalises_collapse_only():
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(256, 16, generator=g) * 2
+    collapsed = torch.randn(256, 1, generator=g) * torch.ones(1, 16)
+    var_s, cov_s = vicreg_terms(spread)
+    var_c, cov_c = vicreg_terms(collapsed * 0.01)
+    assert var_s < 1e-3 and var_c > 0.9
+    assert vicreg_terms(collapsed)[1] > 10 * cov_s
+
+
+def test_jepa_regression_is_on_normalised_targets():
+    target = torch.randn(4, 3, 8) * 50 + 7
+    normed = torch.nn.functional.layer_norm(target, (8,))
+    assert prediction_loss(normed, target, LossConfig(regression="mse")) == pytest.approx(0.0, abs=1e-6)
+    assert prediction_loss(target, target, LossConfig(regression="mse", normalize_targets=False)) == 0
+
+
+def test_effective_rank_of_collapsed_and_random_latents():
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(512, 32, generator=g)
+    line = torch.randn(512, 1, generator=g) * torch.randn(1, 32, generator=g)
+    constant = torch.ones(512, 32) * 3.0
+    assert effective_rank(random) > 25
+    assert effective_rank(line) == pytest.approx(1.0, abs=0.01)
+    assert effective_rank(constant) == pytest.approx(1.0, abs=0.01)
+    d = collapse_diagnostics(constant)
+    assert d["std_mean"] == d["std_min"] == 0.0
+    assert collapse_diagnostics(random)["std_min"] > 0.8
+
+
+def test_error_ratio_of_perfect_and_copy_last_predictors():
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(4, 6, 16, generator=g).cumsum(dim=1)
+    previous, targets = states[:, :-1], states[:, 1:]
+    perfect = collapse_diagnostics(targets, targets, targets, previous)
+    assert perfect["error_ratio_vs_copy_last"] == 0.0
+    assert perfect["cosine"] == pytest.approx(1.0)
+    copy = collapse_diagnostics(targets, previous, targets, previous)
+    assert copy["error_ratio_vs_copy_last"] == pytest.approx(1.0)
+    noisy = collapse_diagnostics(targets, targets + 3 * torch.randn_like(targets), targets, previous)
+    assert noisy["error_ratio_vs_copy_last"] > 1.0

@@ -1,0 +1,277 @@
+"""The world model's contract: shapes for any sensor subset, padding invariance, gradient routing, EMA, rollout."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from drivejepa.models.world_model import SIZE_PRESETS, WorldModel, build_world_model, ema_momentum
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors gain nothing from a second thread; on a loaded shared machine it mostly waits at barriers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CAMERAS = ["CAM_FRONT", "CAM_BACK"]
+B, L, H, W, N, M = 2, 4, 32, 48, 40, 6
+
+
+def tiny_model(**overrides) -> WorldModel:
+    cfg = ModelConfig(size="tiny", **overrides)
+    return WorldModel(cfg, CAMERAS)
+
+
+def make_obs(batch=B, lead=(), n=N, m=M, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, *lead)
+    return {
+        "images": torch.randint(0, 256, (*shape, len(CAMERAS), H, W, 3), generator=g, dtype=torch.uint8),
+        "image_mask": torch.ones(*shape, len(CAMERAS), dtype=torch.bool),
+        "lidar": torch.randn(*shape, n, 4, generator=g) * torch.tensor([20.0, 20.0, 1.0, 100.0]),
+        "lidar_mask": torch.ones(*shape, n, dtype=torch.bool),
+        "radar": torch.randn(*shape, m, 6, generator=g) * torch.tensor([40.0, 40.0, 1.0, 10.0, 5.0, 5.0]),
+        "radar_mask": torch.ones(*shape, m, dtype=torch.bool),
+    }
+
+
+def make_batch(seed=0) -> dict:
+    batch = make_obs(lead=(L,), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    batch["actions"] = torch.randn(B, L, 5, generator=g) * torch.tensor([3.0, 0.3, 0.05, 5.0, 0.1])
+    batch["action_valid"] = torch.ones(B, L, dtype=torch.bool)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def model() -> WorldModel:
+    torch.manual_seed(0)
+    return tiny_model().eval()
+
+
+MODALITY_KEYS = {"images": ("images", "image_mask"), "lidar": ("lidar", "lidar_mask"),
+                 "radar": ("radar", "radar_mask")}
+SUBSETS = [dict(zip(("images", "lidar", "radar"), bits)) for bits in itertools.product([True, False], repeat=3)
+           if any(bits)]
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: "+".join(k for k, v in s.items() if v))
+def test_encode_shapes_for_every_modality_subset(model, subset):
+    full = make_obs()
+    obs = {key: full[key] for name, on in subset.items() if on for key in MODALITY_KEYS[name]}
+    with torch.no_grad():
+        z = model.encode(obs)
+        zt = model.encode(obs, target=True)
+    assert z.shape == zt.shape == (B, model.latent_dim)
+    assert torch.isfinite(z).all()
+
+
+def test_missing_camera_is_masked_out(model):
+    obs = make_obs()
+    obs["image_mask"][:, 1] = False
+    with torch.no_grad():
+        ref = model.encode(obs)
+        obs["images"][:, 1] = torch.randint(0, 256, obs["images"][:, 1].shape, dtype=torch.uint8)
+        again = model.encode(obs)
+        obs["image_mask"][:] = False
+        none = model.encode(obs)
+    torch.testing.assert_close(ref, again)
+    assert torch.isfinite(none).all()
+
+
+def test_obs_without_any_modality_is_rejected(model):
+    with pytest.raises(ValueError, match="none of"):
+        model.encode({"actions": torch.zeros(1, 5)})
+
+
+def test_encode_sequence_matches_frame_by_frame(model):
+    batch = make_batch()
+    with torch.no_grad():
+        seq = model.encode_sequence(batch)
+        frame = model.encode({k: v[:, 2] for k, v in batch.items() if k not in ("actions", "action_valid")})
+    assert seq.shape == (B, L, model.latent_dim)
+    torch.testing.assert_close(seq[:, 2], frame, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("branch", ["lidar", "radar"])
+def test_padding_never_changes_the_state(model, branch):
+    obs = make_obs(n=N, m=M)
+    with torch.no_grad():
+        ref = model.encode(obs)
+        pad = 25
+        garbage = torch.randn(B, pad, obs[branch].shape[-1]) * 1e3
+        garbage[0, 0, 0] = float("nan")
+        padded = dict(obs)
+        padded[branch] = torch.cat([garbage[:, :10], obs[branch], garbage[:, 10:]], dim=1)
+        mask = obs[f"{branch}_mask"]
+        padded[f"{branch}_mask"] = torch.cat([torch.zeros(B, 10, dtype=torch.bool), mask,
+                                              torch.zeros(B, pad - 10, dtype=torch.bool)], dim=1)
+        out = model.encode(padded)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_point_order_does_not_matter(model):
+    obs = make_obs()
+    perm = torch.randperm(N)
+    shuffled = dict(obs, lidar=obs["lidar"][:, perm])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(shuffled), model.encode(obs), rtol=1e-5, atol=1e-5)
+
+
+def test_empty_radar_is_valid_and_ignores_its_values(model):
+    obs = make_obs()
+    obs["radar_mask"][:] = False
+    with torch.no_grad():
+        a = model.encode(obs)
+        obs["radar"] = torch.randn_like(obs["radar"]) * 100
+        b = model.encode(obs)
+        zero = model.encode(dict(obs, radar=torch.zeros(B, 0, 6), radar_mask=torch.zeros(B, 0, dtype=torch.bool)))
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, zero, rtol=1e-5, atol=1e-5)
+    full = make_obs()
+    with torch.no_grad():
+        assert not torch.allclose(model.encode(full), a)
+
+
+def test_gradients_reach_online_encoder_and_predictor_not_target():
+    torch.manual_seed(0)
+    model = tiny_model(modality_dropout=0.0).train()
+    loss, metrics = model.loss(make_batch(), LossConfig(rollout_steps=2), context=2)
+    loss.backward()
+    for name in ("image", "lidar", "radar", "blocks", "head"):
+        grads = [p.grad for p in getattr(model.encoder, name).parameters()]
+        assert all(g is not None for g in grads), name
+        assert sum(float(g.abs().sum()) for g in grads) > 0, name
+    assert all(p.grad is not None for p in model.predictor.blocks.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in model.target_encoder.parameters())
+    assert {"loss", "loss_one_step", "loss_rollout", "std_mean", "std_min", "effective_rank", "cosine",
+            "error_ratio_vs_copy_last"} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_target_encoder_stays_in_eval_mode():
+    model = tiny_model().train()
+    assert model.encoder.training and not model.target_encoder.training
+
+
+def test_ema_update_matches_formula():
+    torch.manual_seed(0)
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    online = [p.detach().clone() for p in model.encoder.parameters()]
+    target = [p.detach().clone() for p in model.target_encoder.parameters()]
+    model.update_target(0.9)
+    for o, t, new in zip(online, target, model.target_encoder.parameters()):
+        torch.testing.assert_close(new, 0.9 * t + 0.1 * o)
+    model.update_target(0.0)
+    for o, new in zip(online, model.target_encoder.parameters()):
+        torch.testing.assert_close(new, o)
+
+
+def test_ema_momentum_schedule_is_cosine_from_start_to_end():
+    assert ema_momentum(0, 100, 0.99, 0.999) == pytest.approx(0.99)
+    assert ema_momentum(50, 100, 0.99, 0.999) == pytest.approx(0.9945)
+    assert ema_momentum(100, 100, 0.99, 0.999) == pytest.approx(0.999)
+    assert ema_momentum(500, 100, 0.99, 0.999) == pytest.approx(0.999)
+    values = [ema_momentum(s, 100, 0.99, 0.999) for s in range(101)]
+    assert values == sorted(values)
+    assert ema_momentum(25, 100, 0.9, 1.0) == pytest.approx(1.0 - 0.1 * (math.cos(math.pi / 4) + 1) / 2)
+
+
+def test_k_step_rollout_equals_chained_single_steps(model):
+    g = torch.Generator().manual_seed(3)
+    ctx = torch.randn(B, 2, model.latent_dim, generator=g)
+    past = torch.randn(B, 1, 5, generator=g)
+    actions = torch.randn(B, 4, 5, generator=g)
+    with torch.no_grad():
+        rolled = model.rollout(ctx, actions, past_actions=past)
+        states, acts, chained = ctx, past, []
+        for k in range(4):
+            nxt = model.rollout(states, actions[:, k : k + 1], past_actions=acts)
+            chained.append(nxt[:, 0])
+            states = torch.cat([states, nxt], dim=1)
+            acts = torch.cat([acts, actions[:, k : k + 1]], dim=1)
+        # and the same through teacher-forced predict on the rolled-out sequence
+        seq = torch.cat([ctx, rolled[:, :-1]], dim=1)
+        forced = model.predict(seq, torch.cat([past, actions], dim=1))[:, 1:]
+    assert rolled.shape == (B, 4, model.latent_dim)
+    torch.testing.assert_close(rolled, torch.stack(chained, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rolled, forced, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_beyond_max_context_slides_the_window():
+    torch.manual_seed(0)
+    model = tiny_model(max_context=4).eval()
+    with torch.no_grad():
+        out = model.rollout(torch.randn(1, 3, model.latent_dim), torch.randn(1, 7, 5))
+    assert out.shape == (1, 7, model.latent_dim) and torch.isfinite(out).all()
+
+
+def test_predictor_is_causal_and_uses_the_action(model):
+    g = torch.Generator().manual_seed(4)
+    states = torch.randn(B, 5, model.latent_dim, generator=g)
+    actions = torch.randn(B, 5, 5, generator=g)
+    with torch.no_grad():
+        ref = model.predict(states, actions)
+        later = actions.clone()
+        later[:, 3] += 2.0
+        changed = model.predict(states, later)
+        turned = model.rollout(states[:, :2], torch.tensor([[5.0, 0.0, 0.3, 10.0, 0.6]]).expand(B, 1, 5))
+        straight = model.rollout(states[:, :2], torch.tensor([[5.0, 0.0, 0.0, 10.0, 0.0]]).expand(B, 1, 5))
+    torch.testing.assert_close(changed[:, :3], ref[:, :3])
+    assert (changed[:, 3] - ref[:, 3]).abs().max() > 1e-3
+    assert (turned - straight).abs().max() > 1e-3
+
+
+def test_size_presets_and_conflicts():
+    cfg = TrainConfig()
+    cfg.model.size = "tiny"
+    cfg.data.cameras = ["CAM_FRONT", "CAM_FRONT_LEFT"]
+    model = build_world_model(cfg)
+    assert model.latent_dim == SIZE_PRESETS["tiny"]["latent_dim"]
+    assert model.cameras == ["CAM_FRONT", "CAM_FRONT_LEFT"]
+    cfg.model.latent_dim = 48
+    with pytest.raises(ConfigError, match="latent_dim"):
+        build_world_model(cfg)
+    custom = WorldModel(ModelConfig(size="custom", latent_dim=24, fusion_heads=2, predictor_heads=2,
+                                    lidar_widths=[8], radar_widths=[8], fusion_depth=1, predictor_depth=1),
+                        ["CAM_FRONT"])
+    assert custom.encode({"lidar": torch.randn(1, 5, 4)}).shape == (1, 24)
+
+
+def test_local_image_weights_are_loaded(tmp_path):
+    source = tiny_model()
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.encoder.image.backbone.state_dict(), path)
+    loaded = tiny_model(image_weights=str(path))
+    for a, b in zip(source.encoder.image.backbone.state_dict().values(),
+                    loaded.target_encoder.image.backbone.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    from drivejepa.errors import UserError
+
+    with pytest.raises(UserError, match="not found"):
+        tiny_model(image_weights=str(tmp_path / "missing.pth"))
+
+
+def test_modality_dropout_hides_sensors_only_in_training():
+    torch.manual_seed(0)
+    model = tiny_model(modality_dropout=0.9, drop_path=0.0)
+    obs = make_obs(batch=16)
+    with torch.no_grad():
+        model.eval()
+        a, b = model.encode(obs), model.encode(obs)
+        torch.testing.assert_close(a, b)
+        model.train()
+        model.encoder.image.backbone.eval()          # BatchNorm statistics aside, only the dropout differs
+        c = model.encode(obs)
+    assert torch.isfinite(c).all()
+    assert not torch.allclose(a, c)
