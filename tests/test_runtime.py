@@ -48,3 +48,12 @@ def test_atomic_write_leaves_old_file_when_writer_fails(tmp_path):
 def test_logging_levels(verbosity, level):
     setup_logging(verbosity)
     assert logging.getLogger("drivejepa").level == level
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    target = atomic_write_json(tmp_path / "report.json", {"a": 1})
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -1,0 +1,77 @@
+"""``drivejepa visualize``: see what the world model predicts, headless (PNG, GIF, PLY) or in an Open3D window."""
+from __future__ import annotations
+
+HELP = ("roll a checkpoint out from one key frame of a scene and render the predicted scene per horizon step "
+        "(decoded prediction vs true lidar, boxes, ego paths), the nearest real frame, counterfactual actions and "
+        "the camera view; writes OUT/*.png, scene.gif, *.ply and visualize.json")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint file of a training run (RUN/checkpoints/*.pt)")
+    parser.add_argument("--shards", required=True, help="shard directory (drivejepa preprocess)")
+    parser.add_argument("--scene", required=True, help="scene name, for example scene-0003")
+    parser.add_argument("--frame", type=int, default=None,
+                        help="start key frame t (default: the first with a full context)")
+    parser.add_argument("--horizon", type=int, default=None, help="steps to predict (default: the run's horizon)")
+    parser.add_argument("--actions", default="recorded",
+                        help="actions of the main view: recorded (default), keep, brake, accelerate, left, right, or "
+                             "a .json/.npy file of [dx, dy, dyaw(, speed, yaw_rate)] rows; every other choice is "
+                             "shown as a counterfactual")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--interactive", action="store_true",
+                        help="also open the scene in an Open3D window when there is a display")
+    parser.add_argument("--size", default="800x600", help="pixel size of one rendered view, WIDTHxHEIGHT")
+    parser.add_argument("--decoder-steps", type=int, default=300,
+                        help="training steps of the visualisation decoder when the run has none yet")
+    parser.add_argument("--retrain-decoder", action="store_true", help="train the visualisation decoder again")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _size(text: str) -> tuple[int, int]:
+    from drivejepa.errors import UserError
+
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--size {text}: expected WIDTHxHEIGHT, for example 800x600") from None
+    if not (64 <= w <= 8192 and 64 <= h <= 8192):
+        raise UserError(f"--size {text}: width and height must be between 64 and 8192 pixels")
+    return w, h
+
+
+def format_summary(summary: dict) -> str:
+    """The one-screen summary printed after a run."""
+    lines = [f"{summary['scene']} from key frame {summary['frame']}, {summary['horizon']} steps of "
+             f"{summary['seconds_per_step']:.2f} s, actions '{summary['actions']}' "
+             f"({summary['seconds']:.1f} s)",
+             "   k  nearest real frame (true frame, its rank)   decoded occupancy IoU vs truth: prediction / "
+             "start frame / true latent"]
+    for s in summary["steps"]:
+        near = f"{s['nearest_frame']} ({s['true_frame']}, {s['true_frame_rank']})"
+        ious = " / ".join(f"{s[key]['occupancy_iou']:.3f}" for key in
+                          ("decoded_prediction", "decoded_start_frame", "decoded_true_latent"))
+        lines.append(f"  {s['k']:>2}  {near:<42} {ious}")
+    lines.append(f"counterfactual end points spread over {summary['counterfactual_spread_m']:.1f} m")
+    lines.append(f"decoder: {summary['decoder']['path']}")
+    if not summary["rendered"]:
+        lines.append(f"NOT RENDERED: {summary['render_message']}")
+    files = summary["files"]
+    for kind in ("png", "gif", "ply", "json"):
+        if files[kind]:
+            shown = files[kind] if len(files[kind]) <= 3 else files[kind][:2] + [f"... ({len(files[kind])} files)"]
+            lines.append(f"{kind}: " + ", ".join(shown))
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from drivejepa.errors import UserError
+    from drivejepa.visualization.pipeline import visualize
+
+    if args.decoder_steps < 1:
+        raise UserError(f"--decoder-steps must be >= 1, got {args.decoder_steps}")
+    summary = visualize(args.checkpoint, args.shards, args.scene, args.out, frame=args.frame, horizon=args.horizon,
+                        actions=args.actions, interactive=args.interactive, size=_size(args.size),
+                        decoder_steps=args.decoder_steps, retrain_decoder=args.retrain_decoder,
+                        progress=not (args.no_progress or args.quiet))
+    print(format_summary(summary))
+    return 0

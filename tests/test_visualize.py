@@ -1,0 +1,260 @@
+"""Visualisation: headless Open3D renders of real synthetic scenes, the decoder, counterfactuals and the failure path.
+
+Pixel checks rely on the renderer's unlit shading with post-processing off: a layer's colour reaches the image
+unchanged, so a pixel of a layer's exact colour is that layer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from drivejepa.cli import main
+from drivejepa.visualization.headless import diagnose, probe_rendering
+from drivejepa.visualization.scene import BACKGROUND, EGO_COLOR, PRED_COLOR, TRUE_COLOR, category_color, ego_corners
+
+SCENE = "scene-0003"          # the held-out scene of the test world (n % 5 == 3)
+
+
+def _rgb(color) -> np.ndarray:
+    return np.array([round(c * 255) for c in color], dtype=np.int64)
+
+
+def _mask(image: np.ndarray, color, tol: int = 3) -> np.ndarray:
+    return np.all(np.abs(image[..., :3].astype(np.int64) - _rgb(color)) <= tol, axis=-1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(smoke_run) -> Path:
+    return smoke_run / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def visualized(checkpoint, shard_dir, tmp_path_factory):
+    """One `drivejepa visualize` run on the held-out scene (it trains the run's decoder), with no display."""
+    if not probe_rendering().ok:
+        pytest.skip(probe_rendering().message)
+    out = tmp_path_factory.mktemp("vis")
+    mp = pytest.MonkeyPatch()
+    mp.delenv("DISPLAY", raising=False)
+    mp.delenv("WAYLAND_DISPLAY", raising=False)
+    import io
+    from contextlib import redirect_stdout
+
+    from drivejepa.visualization.decoder import file_sha256
+
+    before = file_sha256(checkpoint)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(["visualize", "--checkpoint", str(checkpoint), "--shards", str(shard_dir), "--scene", SCENE,
+                     "--out", str(out), "--size", "320x240", "--decoder-steps", "80", "--interactive",
+                     "--no-progress"])
+    mp.undo()
+    assert code == 0
+    assert file_sha256(checkpoint) == before                               # the world model is never changed
+    return out, json.loads((out / "visualize.json").read_text()), buf.getvalue()
+
+
+def test_visualize_writes_every_view_with_its_numbers(visualized, checkpoint):
+    out, summary, stdout = visualized
+    h = summary["horizon"]
+    assert summary["rendered"] and summary["scene"] == SCENE
+    for k in range(1, h + 1):
+        for name in (f"scene_k{k}.png", f"camera_k{k}.png", f"true_k{k}.ply", f"pred_recorded_k{k}.ply"):
+            assert (out / name).is_file(), name
+    gif = Image.open(out / "scene.gif")
+    assert gif.n_frames == h
+    # the decoder was trained on detached latents and saved atomically beside the run, scores beside it
+    decoder = checkpoint.parent.parent / "decoders" / "last.pt"
+    assert decoder.is_file() and json.loads(decoder.with_suffix(".json").read_text())["scores"]
+    assert not list(decoder.parent.glob(".*.tmp"))
+    # without a display, --interactive says so instead of failing
+    assert "no display" in stdout and "scene.gif" in stdout
+    assert len(summary["steps"]) == h and all(0 <= s["nearest_frame"] for s in summary["steps"])
+
+
+def test_scene_panels_show_prediction_beside_the_nearest_real_frame(visualized):
+    out, summary, _ = visualized
+    img = np.asarray(Image.open(out / "scene_k1.png").convert("RGB"))
+    left, right = img[:, : img.shape[1] // 2], img[:, img.shape[1] // 2:]
+    assert (~_mask(img, BACKGROUND, tol=12)).mean() > 0.02                   # not blank
+    assert _mask(left, PRED_COLOR).sum() > 30 and _mask(left, TRUE_COLOR).sum() > 30
+    assert _mask(right, TRUE_COLOR).sum() > 30
+    # the nearest-frame view is a real frame: no decoded points there (the legend has no prediction swatch)
+    assert _mask(right, PRED_COLOR).sum() == 0
+    cf = np.asarray(Image.open(out / "counterfactuals.png").convert("RGB"))
+    assert _mask(cf, PRED_COLOR).sum() > 100
+
+
+def test_render_real_frame_puts_ego_boxes_and_points_in_view(visualized, shard_dir):
+    """A real key frame of the synthetic world, with a decoded cloud read back from its .ply, rendered headless:
+    the ego, the boxes near it and both clouds appear where the camera projects them, in their colours."""
+    import open3d as o3d
+
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.visualization.geometry import box_corners, relative_poses
+    from drivejepa.visualization.pipeline import frame_layers
+    from drivejepa.visualization.render import OffscreenView
+
+    out, summary, _ = visualized
+    shard = read_shard(shard_path(shard_dir, SCENE))
+    t = summary["frame"]
+    layers = frame_layers(shard.arrays, t + 1, relative_poses(shard.arrays["ego_pose"], t), "real frame")
+    pred = np.asarray(o3d.io.read_point_cloud(str(out / "pred_recorded_k1.ply")).points)
+    assert len(pred) > 0
+    layers.pred_points = pred
+    with OffscreenView(480, 360) as view:
+        img = view.render(layers)
+        ego_top = ego_corners(layers.ego)[4:].mean(axis=0, keepdims=True)
+        uv, inside = view.project(ego_top)
+        (u, v), = uv
+        assert inside[0]
+        patch = img[int(v) - 2:int(v) + 3, int(u) - 2:int(u) + 3]
+        assert _mask(patch, EGO_COLOR).mean() > 0.5
+
+        near = np.linalg.norm(layers.boxes[:, :2] - np.asarray(layers.ego[:2]), axis=1) < 20
+        assert near.sum() >= 2
+        found = 0
+        for box, label in zip(layers.boxes[near], layers.labels[near]):
+            uv, ok = view.project(box_corners(box[None])[0])
+            assert ok.all(), "a box near the ego left the image"
+            lo, hi = np.floor(uv.min(axis=0)).astype(int) - 3, np.ceil(uv.max(axis=0)).astype(int) + 3
+            found += _mask(img[max(lo[1], 0):hi[1], max(lo[0], 0):hi[0]], category_color(label)).any()
+        assert found >= 0.8 * near.sum()
+
+        for cloud, color in ((layers.true_points, TRUE_COLOR), (pred, PRED_COLOR)):
+            uv, ok = view.project(cloud)
+            assert ok.sum() > 20
+            lo, hi = uv[ok].min(axis=0), uv[ok].max(axis=0)
+            vv, uu = np.nonzero(_mask(img, color))
+            assert len(uu) > 20
+            # the colour's pixels are where the cloud projects
+            assert np.mean((uu >= lo[0] - 3) & (uu <= hi[0] + 3) & (vv >= lo[1] - 3) & (vv <= hi[1] + 3)) > 0.99
+
+
+def test_decoded_prediction_moves_with_the_action(visualized, checkpoint, shard_dir):
+    import torch
+
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.evaluation.latents import encode_frames, rollout_windows
+    from drivejepa.training.checkpoint import load_world_model
+    from drivejepa.visualization.actions import preset_actions
+    from drivejepa.visualization.decoder import decode, decoder_path, load_decoder
+    from drivejepa.visualization.decoder_training import camera_index
+
+    _, summary, _ = visualized
+    model, cfg = load_world_model(checkpoint)
+    decoder, _ = load_decoder(decoder_path(checkpoint))
+    shard = read_shard(shard_path(shard_dir, SCENE))
+    a = shard.arrays
+    t, h, c = summary["frame"], summary["horizon"], summary["context"]
+    online, _ = encode_frames(model, a, shard.frames, 16, torch.device("cpu"), camera_index(shard, model))
+    seqs = np.stack([preset_actions(n, 8.0, 0.0, h, 0.5) for n in ("left", "right", "left", "brake")])
+    past = np.repeat(np.asarray(a["actions"])[None, t - c + 1:t], len(seqs), axis=0)
+    preds = rollout_windows(model, online, np.full(len(seqs), t), c, seqs, past, len(seqs), torch.device("cpu"))
+    grids = decode(decoder, preds[:, -1])                                   # [4, 3, G, G] at the last step
+    assert np.allclose(grids[0], grids[2], atol=1e-5)                       # same actions, same decoding
+    assert np.abs(grids[0] - grids[1]).mean() > 1e-4                        # left vs right
+    assert np.abs(grids[0] - grids[3]).mean() > 1e-4                        # left vs brake
+    # the counterfactual .ply clouds differ as well
+    import open3d as o3d
+
+    k = summary["horizon"]
+    pl = np.asarray(o3d.io.read_point_cloud(str(visualized[0] / f"pred_left_k{k}.ply")).points)
+    pr = np.asarray(o3d.io.read_point_cloud(str(visualized[0] / f"pred_right_k{k}.ply")).points)
+    assert pl.shape != pr.shape or not np.allclose(pl, pr)
+
+
+def test_missing_vulkan_driver_gives_the_package_name_and_still_writes_ply(visualized, checkpoint, shard_dir,
+                                                                           tmp_path, monkeypatch, capsys):
+    """Pointing the Vulkan loader at a driver file that does not exist reproduces a machine without
+    mesa-vulkan-drivers: Open3D aborts in the probe's child process, and the command says what to install."""
+    monkeypatch.setenv("VK_ICD_FILENAMES", str(tmp_path / "no_such_icd.json"))
+    support = probe_rendering()
+    assert not support.ok and support.missing_package == "mesa-vulkan-drivers"
+    code = main(["visualize", "--checkpoint", str(checkpoint), "--shards", str(shard_dir), "--scene", SCENE,
+                 "--out", str(tmp_path / "out"), "--horizon", "2", "--no-progress"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    assert "NOT RENDERED" in stdout and "apt-get install mesa-vulkan-drivers" in stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_k2.ply"))
+    assert not list((tmp_path / "out").glob("scene_k*.png"))
+    assert (tmp_path / "out" / "camera_k1.png").is_file()                 # drawn without Open3D
+
+
+def test_diagnose_names_the_missing_library_package():
+    msg = diagnose("import", 1, "OSError: libusb-1.0.so.0: cannot open shared object file: No such file")
+    assert not msg.ok and msg.missing_package == "libusb-1.0-0" and "apt-get install libusb-1.0-0" in msg.message
+
+
+def test_camera_view_projects_a_box_ahead_onto_the_image_centre(shard_dir):
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.visualization.camera_view import draw_boxes_on_image, project_edges
+
+    a = read_shard(shard_path(shard_dir, SCENE)).arrays
+    K, cam_to_ego = np.asarray(a["cam_intrinsics"][0]), np.asarray(a["cam_to_ego"][0])
+    ahead = np.array([[15.0 + cam_to_ego[0, 3], cam_to_ego[1, 3], 1.0, 2.0, 4.5, 1.6, 0.0, 0.0, 0.0]])
+    behind = ahead * np.array([-1, 1, 1, 1, 1, 1, 1, 1, 1])
+    seg_ahead, seg_behind = project_edges(np.concatenate([ahead, behind]), K, cam_to_ego)
+    assert len(seg_ahead) == 12 and len(seg_behind) == 0
+    centre = seg_ahead.reshape(-1, 2).mean(axis=0)
+    assert abs(centre[0] - K[0, 2]) < 2.0                                  # straight ahead -> principal column
+    image = np.zeros((int(2 * K[1, 2]), int(2 * K[0, 2]), 3), np.uint8)
+    drawn = draw_boxes_on_image(image, K, cam_to_ego, ahead, np.array([0]), min_width=640)
+    assert drawn.shape[1] >= 640 and _mask(drawn, category_color(0), tol=2).sum() > 50
+
+
+def test_bad_requests_name_what_is_wrong(checkpoint, shard_dir, tmp_path, capsys):
+    base = ["visualize", "--checkpoint", str(checkpoint), "--shards", str(shard_dir), "--out", str(tmp_path)]
+    assert main(base + ["--scene", "scene-9999"]) == 2
+    assert "scene-9999" in capsys.readouterr().err
+    assert main(base + ["--scene", SCENE, "--frame", "999"]) == 2
+    assert "--frame 999" in capsys.readouterr().err
+    bad = tmp_path / "acts.json"
+    bad.write_text(json.dumps([[1.0, 0.0]]))
+    assert main(base + ["--scene", SCENE, "--actions", str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
+def test_ply_and_gif_writers_round_trip(tmp_path):
+    import open3d as o3d
+
+    from drivejepa.visualization.render import save_gif, write_ply
+
+    pts = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    pc = o3d.io.read_point_cloud(str(write_ply(tmp_path / "a.ply", pts, PRED_COLOR)))
+    assert np.allclose(np.asarray(pc.points), pts, atol=1e-6)
+    assert np.allclose(np.asarray(pc.colors)[0], _rgb(PRED_COLOR) / 255, atol=1e-6)
+    frames = [np.full((20, 30, 3), i * 40, np.uint8) for i in range(3)]
+    gif = Image.open(save_gif(tmp_path / "a.gif", frames))
+    assert gif.n_frames == 3 and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_action_paths_follow_the_manoeuvre():
+    from drivejepa.visualization.actions import preset_actions
+    from drivejepa.visualization.geometry import integrate_actions
+
+    end = {n: integrate_actions(preset_actions(n, 8.0, 0.0, 6, 0.5))[-1] for n in
+           ("keep", "brake", "accelerate", "left", "right")}
+    assert end["keep"][0] == pytest.approx(24.0) and abs(end["keep"][1]) < 1e-6
+    assert end["brake"][0] < end["keep"][0] < end["accelerate"][0]
+    assert end["left"][1] > 1.0 and end["right"][1] < -1.0 and end["left"][2] > 0 > end["right"][2]
+
+
+def test_saved_decoder_is_reused_only_for_the_checkpoint_it_was_trained_for(tmp_path):
+    from drivejepa.visualization.decoder import (DecoderSpec, LatentDecoder, decoder_path, file_sha256,
+                                                 find_decoder, save_decoder)
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights v1")
+    path = decoder_path(ckpt)
+    assert path == tmp_path / "run" / "decoders" / "last.pt"
+    save_decoder(path, LatentDecoder(DecoderSpec(latent_dim=8, grid=16)), {"checkpoint_sha256": file_sha256(ckpt)})
+    found = find_decoder(ckpt)
+    assert found is not None and found[0].spec.grid == 16
+    ckpt.write_bytes(b"weights v2")                                        # the run trained on
+    assert find_decoder(ckpt) is None
