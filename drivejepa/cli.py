@@ -17,6 +17,13 @@ from drivejepa.errors import UserError
 from drivejepa.runtime import setup_logging
 
 VERBS = {
+    "synth": "drivejepa.commands.synth",
+    "preprocess": "drivejepa.commands.preprocess",
+    "bench": "drivejepa.commands.bench",
+    "train": "drivejepa.commands.train",
+    "evaluate": "drivejepa.commands.evaluate",
+    "visualize": "drivejepa.commands.visualize",
+    "demo": "drivejepa.commands.demo",
 }
 
 

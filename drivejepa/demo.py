@@ -28,7 +28,6 @@ class DemoPlan:
     train_config: Path = REPO / "pipelines/train_demo.yaml"
     suite: Path = REPO / "eval/scenarios/default.yaml"
     train_overrides: tuple[str, ...] = ()
-    horizon: int = 6
     progress: bool = True
 
     @property
@@ -102,7 +101,7 @@ def stage_visualize(plan: DemoPlan) -> str:
     if not val:
         raise UserError(f"{plan.shards}: no val scene to render")
     _cli(["visualize", *_quiet(plan), "--checkpoint", str(plan.run_dir / "checkpoints" / "best.pt"),
-          "--shards", str(plan.shards), "--scene", val[0], "--horizon", str(plan.horizon),
+          "--shards", str(plan.shards), "--scene", val[0],
           "--out", str(plan.vis_dir)])
     return str(plan.vis_dir)
 

@@ -10,6 +10,18 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """The suite's models are tiny: a second intra-op thread gains nothing and, beside Ray workers and spawned
+    training processes on a 2-core machine, mostly waits at barriers."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

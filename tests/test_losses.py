@@ -9,14 +9,6 @@ from drivejepa.diagnostics import collapse_diagnostics, effective_rank
 from drivejepa.losses import infonce_loss, prediction_loss, vicreg_terms
 from drivejepa.models.world_model import WorldModel
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from a second thread; on a loaded shared machine it mostly waits at barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 OBJECTIVES = {
     "jepa_smooth_l1": LossConfig(objective="jepa", regression="smooth_l1"),

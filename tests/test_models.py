@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from drivejepa.losses import normalise_targets
 from drivejepa.models.world_model import SIZE_PRESETS, WorldModel, build_world_model, ema_momentum
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors gain nothing from a second thread; on a loaded shared machine it mostly waits at barriers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 CAMERAS = ["CAM_FRONT", "CAM_BACK"]
@@ -228,8 +221,10 @@ def test_predictor_is_causal_and_uses_the_action(model):
         turned = model.rollout(states[:, :2], torch.tensor([[5.0, 0.0, 0.3, 10.0, 0.6]]).expand(B, 1, 5))
         straight = model.rollout(states[:, :2], torch.tensor([[5.0, 0.0, 0.0, 10.0, 0.0]]).expand(B, 1, 5))
     torch.testing.assert_close(changed[:, :3], ref[:, :3])
-    assert (changed[:, 3] - ref[:, 3]).abs().max() > 1e-3
-    assert (turned - straight).abs().max() > 1e-3
+    # The prediction is the normalised state plus a gated change; the action must move that change substantially.
+    change = (ref - normalise_targets(states)).abs().max()
+    assert (changed[:, 3] - ref[:, 3]).abs().max() > 0.05 * change
+    assert (turned - straight).abs().max() > 0.05 * change
 
 
 def test_size_presets_and_conflicts():

@@ -3,7 +3,8 @@
 For every key frame of a scene: the online and the target encoder's latents. For every window start ``s`` (context
 frames ``s-Tc+1..s``, future frames ``s+1..s+H``) four predictions of the future target latents:
 
-- ``model``: the predictor rolled out from the online context latents with the true actions ``a_s..a_{s+H-1}``;
+- ``model``: the predictor rolled out from the target encoder's context latents (``WorldModel.context_states``)
+  with the true actions ``a_s..a_{s+H-1}``;
 - ``shuffled``: the same rollout, same context frames, same targets, but with the future actions of another window
   (a fixed seeded permutation across every evaluated window, without fixed points); the context frames keep their
   own past actions in both rollouts, so the gap between the two measures the use of the future actions alone;

@@ -128,9 +128,9 @@ class SceneWorker:
             np.zeros((0, horizon, actions.shape[1]), np.float32)
         past = np.stack([actions[t - context + 1:t] for t in starts]) if len(starts) else \
             np.zeros((0, context - 1, actions.shape[1]), np.float32)
-        model_pred = rollout_windows(self.model, online, starts, context, true_future, past, s["batch_size"],
+        model_pred = rollout_windows(self.model, target, starts, context, true_future, past, s["batch_size"],
                                      self.device)
-        shuffled_pred = rollout_windows(self.model, online, starts, context, job.shuffled_actions, past,
+        shuffled_pred = rollout_windows(self.model, target, starts, context, job.shuffled_actions, past,
                                         s["batch_size"], self.device)
         out.update(
             starts=starts,

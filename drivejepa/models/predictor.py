@@ -3,9 +3,10 @@
 Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw, yaw_rate), in that order;
 the output read at the motion token of step t is the prediction of s_{t+1}. A token-level causal mask makes output t
 depend only on steps <= t, so teacher-forced prediction of a whole sequence and step-by-step rollout agree.
-The prediction is residual: the layer-normalised current state plus a learned change. Consecutive latents are
-close, so the untrained predictor starts at the copy-last-latent baseline (in the normalised space the JEPA targets
-live in) and training only has to learn what the action and the scene change.
+The prediction is residual: the layer-normalised current state plus a learned change scaled by a per-channel gate
+(LayerScale) that starts at 0.01. Consecutive latents are close, so the untrained predictor starts at the
+copy-last-latent baseline (in the normalised space the JEPA targets live in) and training only has to learn what
+the action and the scene change.
 Actions are normalised inside with fixed scales (raw metres, radians, m/s go in). An action that is not known (for
 instance the frames before the last context frame when the caller has no actions for them) is replaced by a learned
 'unknown' token, trained by dropping actions at random during training.
@@ -52,6 +53,7 @@ class Predictor(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
         nn.init.trunc_normal_(self.out[1].weight, std=0.02)
         nn.init.zeros_(self.out[1].bias)
+        self.change_gate = nn.Parameter(torch.full((dim,), 0.01))
         n = cfg.max_context * TOKENS_PER_STEP
         self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)
 
@@ -78,7 +80,7 @@ class Predictor(nn.Module):
         for block in self.blocks:
             x = block(x, causal)
         change = self.out(x.view(b, t, TOKENS_PER_STEP, d)[:, :, -1])
-        return normalise_targets(states) + change
+        return normalise_targets(states) + self.change_gate * change
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
                 past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -1,8 +1,13 @@
 """The multimodal JEPA world model: online encoder, EMA target encoder and action-conditioned predictor.
 
 ``loss`` encodes a window of L key frames with both encoders, predicts frame i+1 from the online states up to i and
-action i (teacher forcing), rolls forward K steps from the first ``context`` frames, and compares the predictions
-with the stop-gradient target latents under the configured objective.
+action i (teacher forcing; this trains the encoder), rolls forward K steps from the target encoder's latents of the
+first ``context`` frames (this trains the predictor exactly as it is evaluated), and compares the predictions with
+the stop-gradient target latents under the configured objective.
+
+Rollouts outside training (validation, evaluation, visualisation) start from the EMA target encoder's latents
+(``context_states``): it is the encoder JEPA models deploy, and it is the space the targets and the copy-last
+baseline live in, so a prediction and its baselines differ by the predictor alone.
 """
 from __future__ import annotations
 
@@ -93,6 +98,10 @@ class WorldModel(nn.Module):
         flat = {k: v.reshape(b * length, *v.shape[2:]) for k, v in obs.items()}
         return self.encode(flat, target=target).view(b, length, -1)
 
+    def context_states(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The latents rollouts start from outside training: the EMA target encoder's, [B, L, D]."""
+        return self.encode_sequence(batch, target=True)
+
     # ---------------------------------------------------------------------------------------------- prediction
     def predict(self, states: torch.Tensor, actions: torch.Tensor,
                 action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -114,7 +123,8 @@ class WorldModel(nn.Module):
         if not 1 <= context < length:
             raise ValueError(f"context = {context} must be in [1, {length - 1}] for windows of {length} frames")
         states = self.encode_sequence(batch)                                         # online, [B, L, D]
-        targets = self.encode_sequence(batch, target=True).float()                    # stop-gradient
+        target_states = self.encode_sequence(batch, target=True)                     # stop-gradient
+        targets = target_states.float()
         if loss_cfg.objective == "jepa" and loss_cfg.normalize_targets:
             targets = normalise_targets(targets)
             cfg = dataclasses.replace(loss_cfg, normalize_targets=False)            # already normalised
@@ -132,7 +142,7 @@ class WorldModel(nn.Module):
 
         k = min(loss_cfg.rollout_steps, length - context)
         if k > 0 and loss_cfg.rollout_weight > 0:
-            rolled = self.rollout(states[:, :context], actions[:, context - 1 : context - 1 + k],
+            rolled = self.rollout(target_states[:, :context], actions[:, context - 1 : context - 1 + k],
                                   actions[:, : context - 1])
             rollout = prediction_loss(rolled.float(), targets[:, context : context + k], cfg)
             total = total + loss_cfg.rollout_weight * rollout

@@ -38,7 +38,7 @@ def scene_pairs(model, shard, spec: DecoderSpec, batch_size: int = 16) -> tuple[
 
     a = shard.arrays
     n = shard.frames
-    online, target = encode_frames(model, a, n, batch_size, torch.device("cpu"), camera_index(shard, model))
+    _, target = encode_frames(model, a, n, batch_size, torch.device("cpu"), camera_index(shard, model))
     grids = np.stack([bev_targets(a["lidar"][i], a["lidar_mask"][i], a["boxes"][i], a["box_mask"][i], spec)
                       for i in range(n)])
     latents, targets, is_pred = [target], [grids], [np.zeros(n, dtype=bool)]
@@ -48,7 +48,7 @@ def scene_pairs(model, shard, spec: DecoderSpec, batch_size: int = 16) -> tuple[
     chunk = max(2, int(model.cfg.max_context))
     for lo in range(0, n - 1, chunk - 1):
         hi = min(n, lo + chunk)
-        states = torch.from_numpy(online[lo:hi])[None]
+        states = torch.from_numpy(target[lo:hi])[None]
         pred = model.predict(states, actions[lo:hi][None], torch.from_numpy(valid[lo:hi])[None])[0].float().numpy()
         src = np.arange(lo, hi - 1)                                   # output at src predicts src + 1
         keep = valid[src] & (frames[src + 1] - frames[src] == 1)

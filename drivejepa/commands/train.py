@@ -1,0 +1,33 @@
+"""`drivejepa train`: train the world model from shards (one CPU, or DDP under torchrun; see drivejepa/train.py)."""
+from __future__ import annotations
+
+HELP = "train the world model on shards; --resume auto continues the latest checkpoint in --out"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="training YAML, e.g. pipelines/train_demo.yaml")
+    parser.add_argument("--shards", default=None, help="shard directory (sets data.shards)")
+    parser.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, tb/, checkpoints/")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' = the latest checkpoint in --out (a new run when there is none), or a path")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. optim.lr=1e-4 data.batch_size=16")
+
+
+def run(args) -> int:
+    import sys
+
+    from drivejepa.config import TrainConfig, load_config
+    from drivejepa.training.trainer import TrainingStopped, format_summary, train
+
+    overrides = list(args.overrides)
+    if args.shards:
+        overrides.append(f"data.shards={args.shards}")
+    cfg = load_config(TrainConfig, args.config, overrides)
+    try:
+        summary = train(cfg, args.out, resume=args.resume, progress=not getattr(args, "quiet", False))
+    except TrainingStopped as exc:
+        print(f"drivejepa train: stopped: {exc}", file=sys.stderr)
+        return 1
+    if summary.get("rank", 0) == 0:
+        print(format_summary(summary, cfg.data.horizon))
+    return 0

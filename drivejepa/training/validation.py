@@ -1,0 +1,91 @@
+"""Validation on held-out scenes: latent prediction error at each horizon next to the copy-last baseline.
+
+For each window (context frames 0..c-1, future frames c..c+H-1) the predictor is rolled out from the latents
+rollouts start from (``WorldModel.context_states``: the EMA target encoder's) with the true actions
+a_{c-1}..a_{c+H-2}; its predictions are compared with the target encoder's latents of the future frames, in the space the loss trains them in (layer-normed when
+``loss.normalize_targets``). The copy-last baseline predicts the target latent of the last context frame at every
+horizon. An error ratio below 1 at horizon h means the predictor knows more about frame c+h-1 than "nothing moves".
+Collapse diagnostics (drivejepa.diagnostics) are computed on the target latents and the first-step predictions.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from drivejepa.config import TrainConfig
+from drivejepa.diagnostics import collapse_diagnostics
+from drivejepa.losses import normalise_targets
+from drivejepa.training.distributed import DistInfo, all_reduce_sum
+
+MAX_DIAGNOSTIC_ROWS = 4096
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, autocast) -> dict:
+    """Metrics over every window of ``batches`` (this rank's share; sums are reduced over ranks).
+
+    Returns ``err_h{k}``, ``copy_last_h{k}``, ``ratio_h{k}`` for k = 1..H, their means ``err``, ``copy_last``,
+    ``ratio``, ``windows``, and the collapse diagnostics (of this rank's windows) prefixed ``diag_``."""
+    context, horizon = cfg.data.context, cfg.data.horizon
+    was_training = model.training
+    model.eval()
+    device = info.device
+    sums = torch.zeros(2, horizon, dtype=torch.float64, device=device)
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    latents, first_pred, first_target, last_context = [], [], [], []
+    normalise = cfg.loss.objective == "jepa" and cfg.loss.normalize_targets
+    for batch in batches:
+        batch = to_device(batch, device)
+        actions = batch["actions"].float()
+        valid = batch["action_valid"][:, context - 1 : context - 1 + horizon].bool().all(dim=1)
+        if not bool(valid.any()):
+            continue
+        with autocast():
+            target = model.context_states(batch)
+            pred = model.rollout(target[:, :context], actions[:, context - 1 : context - 1 + horizon],
+                                 actions[:, : context - 1])
+        target = target.float()
+        if normalise:
+            target = normalise_targets(target)
+        pred, target = pred.float()[valid], target[valid]
+        future = target[:, context : context + horizon]
+        last = target[:, context - 1 : context]
+        sums[0] += (pred - future).pow(2).mean(dim=-1).sum(dim=0).double()
+        sums[1] += (last - future).pow(2).mean(dim=-1).sum(dim=0).double()
+        count += pred.shape[0]
+        if sum(x.shape[0] for x in latents) < MAX_DIAGNOSTIC_ROWS:
+            latents.append(target.reshape(-1, target.shape[-1]).cpu())
+            first_pred.append(pred[:, 0].cpu())
+            first_target.append(future[:, 0].cpu())
+            last_context.append(last[:, 0].cpu())
+    all_reduce_sum(sums, info)
+    all_reduce_sum(count, info)
+    model.train(was_training)
+    n = float(count.item())
+    if n == 0:
+        return {"windows": 0.0}
+    err, copy = (sums / n).tolist()
+    out: dict[str, float] = {"windows": n}
+    for k in range(horizon):
+        out[f"err_h{k + 1}"] = err[k]
+        out[f"copy_last_h{k + 1}"] = copy[k]
+        out[f"ratio_h{k + 1}"] = err[k] / copy[k] if copy[k] > 0 else float("nan")
+    out["err"] = sum(err) / horizon
+    out["copy_last"] = sum(copy) / horizon
+    out["ratio"] = out["err"] / out["copy_last"] if out["copy_last"] > 0 else float("nan")
+    if latents:
+        diag = collapse_diagnostics(torch.cat(latents), torch.cat(first_pred), torch.cat(first_target),
+                                    torch.cat(last_context))
+        out.update({f"diag_{k}": float(v) for k, v in diag.items()})
+    return out
+
+
+def beats_copy_last(metrics: dict, horizon: int) -> bool:
+    """True when the prediction error is below copy-last at every horizon."""
+    return metrics.get("windows", 0) > 0 and all(
+        metrics[f"err_h{k}"] < metrics[f"copy_last_h{k}"] for k in range(1, horizon + 1))

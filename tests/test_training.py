@@ -1,0 +1,191 @@
+"""Training: DDP equals one process, kill-and-resume replays the same losses, non-finite batches, the smoke run."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from drivejepa.config import TrainConfig, load_config, save_config
+from drivejepa.training.checkpoint import find_latest, load_checkpoint, load_world_model
+from drivejepa.training.metrics_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "pipelines/train_smoke.yaml"
+
+
+def _cfg(shard_dir, *overrides) -> TrainConfig:
+    """The smoke recipe, one thread, deterministic, logging every step, no validation (not needed here)."""
+    return load_config(TrainConfig, SMOKE, [f"data.shards={shard_dir}", "threads=1", "deterministic=true",
+                                            "log_every=1", "data.val_split=''", *overrides])
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    records = [r for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train" and "loss" in r]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"duplicate steps in {run}/metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_step_equals_one_process(shard_dir, tmp_path):
+    from drivejepa.training.trainer import train
+
+    # No BatchNorm (per-replica statistics by design of DDP) and no random dropping, so the two runs see the same
+    # function of the same four windows: one process takes all four, each of two ranks takes two.
+    cfg = _cfg(shard_dir, "model.image_backbone=test_efficientnet_gn", "model.modality_dropout=0.0",
+               "model.action_dropout=0.0", "optim.amp=false", "optim.warmup_steps=0", "optim.max_steps=1",
+               "data.batch_size=4")
+    config = save_config(cfg, tmp_path / "ddp.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
+           "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(cfg, tmp_path / "single", progress=False)
+
+    ddp = load_checkpoint(tmp_path / "ddp/checkpoints/last.pt")
+    one = load_checkpoint(tmp_path / "single/checkpoints/last.pt")
+    assert ddp["world_size"] == 2 and one["world_size"] == 1 and ddp["step"] == one["step"] == 1
+    moved = 0
+    assert ddp["model"].keys() == one["model"].keys()
+    # Adam's first step is about lr x g / (|g| + eps): float noise in a gradient that is zero in exact arithmetic
+    # (attention key biases) moves a weight by a part of lr = 3e-4. Weights are compared to 1e-4, the gradients
+    # themselves tightly below.
+    for name, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][name], value, rtol=0, atol=1e-4, msg=name)
+    # Adam's first moment after one step is 0.1 x the gradient: the averaged DDP gradient equals the full batch's.
+    for i, state in one["optimizer"]["state"].items():
+        torch.testing.assert_close(ddp["optimizer"]["state"][i]["exp_avg"], state["exp_avg"], rtol=1e-4, atol=1e-8)
+        moved += int(state["exp_avg"].abs().max() > 0)
+    assert moved > 10, "the step changed almost nothing: the comparison would be vacuous"
+
+
+def test_sigkilled_run_resumes_with_the_same_losses(shard_dir, tmp_path):
+    from drivejepa.training.trainer import train
+
+    # 21 train windows, batch 4: 6 steps an epoch. Checkpoints every 2 steps and at the epoch end (step 6).
+    cfg = _cfg(shard_dir, "ckpt_every=2", "optim.max_steps=10", "optim.epochs=2")
+    train(cfg, tmp_path / "whole", progress=False)
+    reference = _train_losses(tmp_path / "whole")
+    assert sorted(reference) == list(range(1, 11))
+
+    run = tmp_path / "killed"
+    config = save_config(cfg, tmp_path / "resume.yaml")
+    proc = subprocess.Popen([sys.executable, "-m", "drivejepa.train", "-q", "--config", str(config), "--out",
+                             str(run)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while max(_train_losses(run) or [0]) < 9:  # step 9: in the middle of the second epoch
+            assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "training did not reach step 9"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    latest = find_latest(run)
+    state = load_checkpoint(latest)
+    steps = [load_checkpoint(p)["step"] for p in (run / "checkpoints").glob("*.pt")]
+    assert state["step"] == max(steps) >= 8 and state["position"] > 0, (latest, state["step"], state["position"])
+
+    summary = train(cfg, run, resume="auto", progress=False)
+    assert summary["steps"] == 10
+    resumed = _train_losses(run)
+    assert sorted(resumed) == sorted(reference)
+    for step, loss in reference.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-6, abs=1e-9), f"step {step}: {resumed[step]} != {loss}"
+
+
+def _poison(monkeypatch, which):
+    """Make WindowDataset items for which ``which(scene, start)`` holds carry a NaN lidar point."""
+    from drivejepa.data.dataset import WindowDataset
+
+    original = WindowDataset.__getitem__
+
+    def getitem(self, i):
+        item = original(self, i)
+        if which(item["scene"], item["start"]):
+            item["lidar"][0, 0, 0] = float("nan")
+        return item
+
+    monkeypatch.setattr(WindowDataset, "__getitem__", getitem)
+
+
+def test_nonfinite_batch_is_skipped_and_logged_and_a_streak_stops_the_run(shard_dir, tmp_path, monkeypatch):
+    from drivejepa.data.dataset import WindowDataset
+    from drivejepa.training.trainer import TrainingStopped, train
+
+    cfg = _cfg(shard_dir, "optim.max_steps=6", "ckpt_every=3")
+    bad_scene, bad_start = WindowDataset(shard_dir, None, cfg.data.context, cfg.data.horizon).index[0]
+    _poison(monkeypatch, lambda scene, start: (scene, start) == (bad_scene, bad_start))
+    run = tmp_path / "run"
+    summary = train(cfg, run, progress=False)
+    assert summary["bad_steps"] == 1 and summary["steps"] == 6
+    events = [r for r in read_metrics(run / "metrics.jsonl") if r.get("event") == "nonfinite"]
+    assert len(events) == 1
+    length = cfg.data.context + cfg.data.horizon
+    assert {"scene": bad_scene, "frames": [bad_start, bad_start + length - 1]} in events[0]["windows"]
+    losses = _train_losses(run)
+    assert events[0]["step"] not in losses and len(losses) == 5
+    assert all(math.isfinite(v) for v in losses.values())
+    model, _ = load_world_model(run / "checkpoints/last.pt")
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point())
+
+    # Every window poisoned from here on: two bad steps in a row stop the run; last.pt stays the good one.
+    last = run / "checkpoints/last.pt"
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    _poison(monkeypatch, lambda scene, start: True)
+    more = load_config(TrainConfig, run / "config.yaml", ["optim.max_steps=12", "max_bad_steps=2"])
+    with pytest.raises(TrainingStopped, match="2 non-finite losses in a row"):
+        train(more, run, resume="auto", progress=False)
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+    assert load_checkpoint(last)["step"] == 6
+
+
+def test_smoke_run_learns_and_writes_a_complete_run(smoke_run):
+    records = read_metrics(smoke_run / "metrics.jsonl")
+    losses = [r["loss"] for r in records if r["split"] == "train" and "loss" in r]
+    assert len(losses) >= 4
+    assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
+    val = [r for r in records if r["split"] == "val"]
+    assert val and all(f"err_h{k}" in val[-1] and f"copy_last_h{k}" in val[-1] for k in (1, 2, 3, 4))
+    assert "diag_effective_rank" in val[-1]
+    assert list((smoke_run / "tb").glob("events.out.tfevents.*"))
+    cfg = load_config(TrainConfig, smoke_run / "config.yaml")
+    model, loaded = load_world_model(smoke_run / "checkpoints/best.pt")
+    assert loaded == cfg and not model.training
+    assert find_latest(smoke_run) == smoke_run / "checkpoints/last.pt"
+
+
+def test_existing_run_needs_resume_and_bad_shards_name_the_problem(smoke_run, tmp_path):
+    from drivejepa.errors import UserError
+    from drivejepa.training.trainer import train
+
+    cfg = load_config(TrainConfig, smoke_run / "config.yaml")
+    with pytest.raises(UserError, match="--resume auto"):
+        train(cfg, smoke_run, progress=False)
+    cfg.data.shards = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="missing"):
+        train(cfg, tmp_path / "run", progress=False)
