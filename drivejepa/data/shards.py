@@ -53,7 +53,7 @@ CATEGORY_TO_CLASS = {
     "movable_object.barrier": "barrier",
 }
 
-# Arrays every shard holds, with their dtype (shapes in CONTRACTS.md).
+# Arrays every shard holds, with their dtype (shapes in ARCHITECTURE.md, "The shard schema").
 ARRAY_DTYPES = {
     "images": np.uint8,
     "image_mask": np.bool_,

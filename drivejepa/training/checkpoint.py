@@ -1,7 +1,8 @@
 """Checkpoints: one dict written atomically with torch.save, read back with weights_only=True.
 
 Layout of RUN/checkpoints/: ``last.pt`` (rewritten every ``ckpt_every`` steps and at each epoch end),
-``step_XXXXXXX.pt`` (kept at each epoch end), ``best.pt`` (lowest validation latent error). Each holds
+``step_XXXXXXX.pt`` (kept at each epoch end), ``best.pt`` (lowest validation latent error relative
+to copy-last, averaged over horizons). Each holds
 ``config`` (config_to_dict(TrainConfig)), ``cameras``, ``model`` (WorldModel.state_dict(): online encoder, EMA
 target encoder, predictor) and the resume state: optimizer, scheduler, scaler, RNG states, step, epoch, position
 (batches of the epoch already consumed), best validation error and the world size the run had."""

@@ -382,7 +382,8 @@ class _Run:
                      self.last_val.get("diag_effective_rank", float("nan")))
 
     def _improved(self) -> bool:
-        err = self.last_val.get("err", math.inf) if self.last_val_step == self.step else math.inf
+        # Ranked by the error relative to copy-last: the raw error's scale drifts as the target encoder moves.
+        err = self.last_val.get("ratio", math.inf) if self.last_val_step == self.step else math.inf
         if self.val_loader is None:
             return True  # no held-out scenes: the newest weights are the best we can tell
         if err < self.best_error:
@@ -458,5 +459,6 @@ def format_summary(summary: dict, horizon: int) -> str:
     else:
         lines.append("validation     none (no held-out windows)")
     lines += [f"checkpoints    {summary['last_checkpoint']}", f"               {summary['best_checkpoint']}"
-              + (f" (best val error {summary['best_error']:.4f})" if summary["best_error"] is not None else "")]
+              + (f" (best val error / copy-last {summary['best_error']:.3f})" if summary["best_error"] is not None
+                 else "")]
     return "\n".join(lines)
