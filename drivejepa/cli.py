@@ -19,10 +19,10 @@ from drivejepa.runtime import setup_logging
 VERBS = {
     "synth": "drivejepa.commands.synth",
     "preprocess": "drivejepa.commands.preprocess",
-    "bench": "drivejepa.commands.bench",
     "train": "drivejepa.commands.train",
     "evaluate": "drivejepa.commands.evaluate",
     "visualize": "drivejepa.commands.visualize",
+    "bench": "drivejepa.commands.bench",
     "demo": "drivejepa.commands.demo",
 }
 

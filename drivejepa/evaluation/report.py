@@ -207,8 +207,9 @@ def render_markdown(metrics: dict, plots: list[str]) -> str:
 # Plots
 # ----------------------------------------------------------------------------------------------------------------
 def plot_vs_horizon(out_dir: Path, name: str, title: str, ylabel: str, seconds: list[float],
-                    series: dict[str, dict[str, list]]) -> str:
-    """One axis per scenario, every method on it; writes NAME.png and NAME.json (the plotted numbers)."""
+                    series: dict[str, dict[str, list]], log_y: bool = False) -> str:
+    """One axis per scenario, every method on it; writes NAME.png and NAME.json (the plotted numbers).
+    ``log_y`` for errors, whose baselines can differ from the model by orders of magnitude."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -226,7 +227,9 @@ def plot_vs_horizon(out_dir: Path, name: str, title: str, ylabel: str, seconds: 
         ax.set_title(scenario)
         ax.set_xlabel("horizon (s)")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     handles, labels = axes.ravel()[0].get_legend_handles_labels()
@@ -245,8 +248,8 @@ def plot_vs_horizon(out_dir: Path, name: str, title: str, ylabel: str, seconds: 
 def write_plots(out_dir: Path, metrics: dict) -> list[str]:
     st = metrics["settings"]
     blocks = {name: b for name, b in metrics["scenarios"].items() if b["windows"]}
-    plots = [plot_vs_horizon(out_dir, "latent_mse_vs_horizon", "Latent prediction error", "MSE", st["seconds"],
-                             {n: b["latent_mse"] for n, b in blocks.items()})]
+    plots = [plot_vs_horizon(out_dir, "latent_mse_vs_horizon", "Latent prediction error", "MSE (log scale)",
+                             st["seconds"], {n: b["latent_mse"] for n, b in blocks.items()}, log_y=True)]
     if 1 in st["retrieval_k"]:
         plots.append(plot_vs_horizon(out_dir, "retrieval_top1_vs_horizon", "Retrieval top-1 accuracy", "top-1",
                                      st["seconds"], {n: b["retrieval_top1"] for n, b in blocks.items()}))
