@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed calls per demo measurement (median reported); base uses a sixth, at least 3")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls before each measurement")
     parser.add_argument("--context", type=int, default=2, help="context frames seen by the predictor step")
-    parser.add_argument("--out", default="runs/bench/latency.json", help="JSON file for the numbers")
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
@@ -92,7 +91,6 @@ def measure(size: str, args) -> dict:
 def run(args) -> dict:
     import torch
 
-    from drivejepa.io import atomic_write_json
 
     torch.set_num_threads(args.threads)
     rows = [measure(size, args) for size in args.sizes]
@@ -119,6 +117,4 @@ def run(args) -> dict:
               f"{r['predictor_step_ms']:>9.3f}{r['encode_vs_resnet18']:>9.2f}{r['step_vs_encode']:>10.3f}")
     print(f"targets: demo encode <= {TARGET_ENCODE_VS_RESNET}x resnet18, predictor step <= "
           f"{TARGET_STEP_VS_ENCODE:.0%} of an encode{verdict}")
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
     return result

@@ -24,7 +24,6 @@ def add_arguments(parser) -> None:
                         help="training YAML whose data/model sections are benchmarked (default: the demo config)")
     parser.add_argument("--windows", type=int, default=512, help="windows to load for the loader timing")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps (after one warm-up step)")
-    parser.add_argument("--out", default="out/bench/loader.json", help="JSON file for the numbers")
 
 
 def _shards(args) -> Path:
@@ -100,7 +99,6 @@ def measure_train_step(cfg, batch: dict, steps: int) -> dict:
 
 def run(args) -> dict:
     from drivejepa.config import TrainConfig, load_config
-    from drivejepa.io import atomic_write_json
 
     cfg = load_config(TrainConfig, args.train_config)
     shards = _shards(args)
@@ -121,6 +119,4 @@ def run(args) -> dict:
           f"   ({1e3 * step['step_seconds_median']:.0f} ms a step)")
     print(f"ratio {result['ratio_delivered_over_consumed']:.1f}x (target >= 20x); load average "
           f"{load_before[0]:.1f} on {os.cpu_count()} CPUs")
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
     return result

@@ -24,7 +24,6 @@ def add_arguments(parser) -> None:
                         help="scenes in the two worlds (throughput is measured on the large one)")
     parser.add_argument("--samples", type=int, default=16, help="key frames per scene")
     parser.add_argument("--image-size", type=int, nargs=2, default=[1600, 900], metavar=("W", "H"))
-    parser.add_argument("--out", default="out/bench/preprocess.json", help="JSON file for the numbers")
 
 
 def _world(work: Path, scenes: int, samples: int, image_size) -> Path:
@@ -103,7 +102,6 @@ def _pipeline(dataroot: Path, version: str, out: Path, cfg, workers: int) -> dic
 def run(args) -> dict:
     from drivejepa.config import PreprocessConfig, load_config
     from drivejepa.data.synth import SYNTH_VERSION
-    from drivejepa.io import atomic_write_json
     from drivejepa.runtime import init_ray
 
     cfg = load_config(PreprocessConfig, args.config)
@@ -164,6 +162,4 @@ def run(args) -> dict:
           f"(unaffected by other load; load average {load_before[0]:.1f} on {os.cpu_count()} CPUs during the run)")
     print(f"peak worker memory: {small_run['peak_worker_rss_mb']:.0f} MB ({small_n} scenes) vs "
           f"{two['peak_worker_rss_mb']:.0f} MB ({large_n} scenes); Ray start-up {ray_start:.1f} s (not timed)")
-    atomic_write_json(args.out, result)
-    print(f"wrote {args.out}")
     return result

@@ -22,7 +22,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", default=str(REPO / "pipelines/train_demo.yaml"), help="training YAML")
     parser.add_argument("--steps", type=int, default=12, help="training steps timed (the first two are warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the averages")
-    parser.add_argument("--out", default="bench_train.json", help="JSON file for the numbers")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. data.num_workers=2)")
 
 
@@ -30,7 +29,6 @@ def run(args) -> dict:
     import torch
 
     from drivejepa.config import TrainConfig, load_config
-    from drivejepa.io import atomic_write_json
     from drivejepa.training.distributed import DistInfo
     from drivejepa.training.metrics_log import read_metrics
     from drivejepa.training.trainer import _Run, train
@@ -68,11 +66,9 @@ def run(args) -> dict:
         "data_wait_share": wait_share, "target_data_wait_share": TARGET_WAIT_SHARE,
         "meets_target": wait_share < TARGET_WAIT_SHARE,
     }
-    atomic_write_json(args.out, result)
     print(f"{'measure':<34}{'value':>12}")
     print(f"{'training loop windows/s':<34}{loop_rate:>12.2f}")
     print(f"{'in-memory batch windows/s':<34}{compute_rate:>12.2f}")
     print(f"{'loop / in-memory':<34}{result['loop_vs_in_memory']:>12.2f}")
     print(f"{'step time waiting for data':<34}{100 * wait_share:>11.1f}%   (target < {100 * TARGET_WAIT_SHARE:.0f}%)")
-    print(f"wrote {args.out}")
     return result

@@ -30,8 +30,15 @@ def run(args) -> int:
     parser = argparse.ArgumentParser(prog=f"drivejepa bench {args.name}",
                                      description=(module.__doc__ or "").strip().splitlines()[0])
     module.add_arguments(parser)
+    parser.add_argument("--out", default=f"out/bench/{args.name}.json", help="JSON file for the numbers")
     bench_args = parser.parse_args(args.args)
     bench_args.quiet = getattr(args, "quiet", False)
     result = module.run(bench_args)
+    if result is None:
+        return 1
+    from drivejepa.io import atomic_write_json
+
+    atomic_write_json(bench_args.out, result)
+    print(f"wrote {bench_args.out}")
     sys.stdout.flush()
-    return 0 if result is not None else 1
+    return 0
