@@ -81,8 +81,10 @@ def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = No
     return obs
 
 
-def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camera_index=None):
-    """(online [T, D], target [T, D]) float32 numpy latents of every key frame."""
+def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camera_index=None,
+                  with_online: bool = True):
+    """(online [T, D] or None, target [T, D]) float32 numpy latents of every key frame. Rollouts need only the
+    target latents (``WorldModel.context_states``); the online ones feed the collapse diagnostics."""
     import torch
 
     online, target = [], []
@@ -90,9 +92,10 @@ def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camer
         for lo in range(0, num_frames, batch_size):
             idx = np.arange(lo, min(num_frames, lo + batch_size))
             obs = {k: v.to(device) for k, v in frames_as_obs(arrays, idx, camera_index).items()}
-            online.append(model.encode(obs, target=False).float().cpu().numpy())
+            if with_online:
+                online.append(model.encode(obs, target=False).float().cpu().numpy())
             target.append(model.encode(obs, target=True).float().cpu().numpy())
-    return np.concatenate(online), np.concatenate(target)
+    return (np.concatenate(online) if with_online else None), np.concatenate(target)
 
 
 def rollout_windows(model, context_latents: np.ndarray, starts: np.ndarray, context: int, actions: np.ndarray,

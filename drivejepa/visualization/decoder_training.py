@@ -38,7 +38,8 @@ def scene_pairs(model, shard, spec: DecoderSpec, batch_size: int = 16) -> tuple[
 
     a = shard.arrays
     n = shard.frames
-    _, target = encode_frames(model, a, n, batch_size, torch.device("cpu"), camera_index(shard, model))
+    _, target = encode_frames(model, a, n, batch_size, torch.device("cpu"), camera_index(shard, model),
+                              with_online=False)
     grids = np.stack([bev_targets(a["lidar"][i], a["lidar_mask"][i], a["boxes"][i], a["box_mask"][i], spec)
                       for i in range(n)])
     latents, targets, is_pred = [target], [grids], [np.zeros(n, dtype=bool)]

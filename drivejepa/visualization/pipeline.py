@@ -96,7 +96,8 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
 
     # Latents: every key frame of the scene, then one rollout per action sequence from the same context.
     device = torch.device("cpu")
-    _, target = encode_frames(model, a, shard.frames, 16, device, camera_index(shard, model))
+    _, target = encode_frames(model, a, shard.frames, 16, device, camera_index(shard, model),
+                              with_online=False)
     past = np.repeat(act[None, t - context + 1:t], len(names), axis=0)
     preds = rollout_windows(model, target, np.full(len(names), t), context, np.stack([seqs[n] for n in names]),
                             past, len(names), device)                                    # [S, H, D]
