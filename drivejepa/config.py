@@ -260,6 +260,7 @@ class LossConfig:
     vicreg_cov_weight: float = 0.04
     rollout_steps: int = 3                            # K for the autoregressive rollout loss
     rollout_weight: float = 0.5
+    idm_weight: float = 0.0                           # inverse-dynamics regulariser (models/inverse_dynamics.py)
     ema_start: float = 0.99
     ema_end: float = 0.999
 

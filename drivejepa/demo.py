@@ -1,8 +1,10 @@
 """The main job end to end on the embedded default: synth -> preprocess -> train -> evaluate -> visualize.
 
 Every stage runs through the same ``drivejepa <verb>`` entry point a user types, in one process (so Ray starts
-once). A rerun resumes: a complete world is kept, preprocessing skips complete shards, training continues from its
-last checkpoint. The last screen is the headline table, where each output is, and the wall time of each stage.
+once). A rerun resumes: a complete world made with the same parameters is kept, preprocessing skips complete shards,
+training continues from its last checkpoint when that checkpoint was trained with the same config (a run of another
+config, for instance one an older version of the demo left behind, is moved to ``run.previous`` and training starts
+afresh). The last screen is the headline table, where each output is, and the wall time of each stage.
 """
 from __future__ import annotations
 
@@ -66,7 +68,10 @@ def _quiet(plan: DemoPlan) -> list[str]:
 def stage_synth(plan: DemoPlan) -> str:
     from drivejepa.data.synth.writer import read_summary
 
-    if read_summary(plan.world):
+    made = read_summary(plan.world).get("params", {})
+    wanted = dict(scenes=plan.scenes, samples_per_scene=plan.samples_per_scene, seed=plan.seed,
+                  image_size=[int(v) for v in plan.image_size.lower().split("x")])
+    if made and all(made.get(k) == v for k, v in wanted.items()):
         return "kept the complete world from an earlier run"
     _cli(["synth", *_quiet(plan), "--out", str(plan.world), "--scenes", str(plan.scenes),
           "--samples-per-scene", str(plan.samples_per_scene), "--seed", str(plan.seed),
@@ -82,7 +87,27 @@ def stage_preprocess(plan: DemoPlan) -> str:
     return str(plan.shards)
 
 
+def _set_aside_run_of_another_config(plan: DemoPlan) -> None:
+    """Move RUN to RUN.previous when its latest checkpoint was trained with another config than this demo's."""
+    import shutil
+
+    from drivejepa.config import TrainConfig, config_hash, load_config
+    from drivejepa.training.checkpoint import config_of, find_latest, load_checkpoint
+
+    latest = find_latest(plan.run_dir)
+    if latest is None:
+        return
+    current = load_config(TrainConfig, plan.train_config, [*plan.train_overrides, f"data.shards={plan.shards}"])
+    if config_hash(config_of(load_checkpoint(latest, mmap=True))) == config_hash(current):
+        return
+    previous = plan.run_dir.with_name(plan.run_dir.name + ".previous")
+    shutil.rmtree(previous, ignore_errors=True)
+    plan.run_dir.rename(previous)
+    print(f"{plan.run_dir} was trained with another config: moved to {previous}, training afresh", flush=True)
+
+
 def stage_train(plan: DemoPlan) -> str:
+    _set_aside_run_of_another_config(plan)
     _cli(["train", *_quiet(plan), "--config", str(plan.train_config), "--shards", str(plan.shards),
           "--out", str(plan.run_dir), "--resume", "auto", *plan.train_overrides])
     return str(plan.run_dir / "checkpoints" / "best.pt")

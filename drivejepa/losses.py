@@ -1,4 +1,5 @@
-"""Training objectives of the world model: JEPA regression, InfoNCE, and a VICReg-style variance/covariance term."""
+"""Training objectives of the world model: JEPA regression, InfoNCE, a VICReg-style variance/covariance term, and
+the inverse-dynamics regulariser (see drivejepa/models/inverse_dynamics.py)."""
 from __future__ import annotations
 
 import torch
@@ -41,6 +42,13 @@ def vicreg_terms(z: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torc
     cov = (z.T @ z) / max(n - 1, 1)
     off = cov - torch.diag(torch.diagonal(cov))
     return var, off.pow(2).sum() / d
+
+
+def inverse_dynamics_loss(pred_motion: torch.Tensor, motion: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Smooth-L1 between predicted and true ego motion ``[..., 3]`` (scaled units), averaged over ``valid`` pairs."""
+    err = F.smooth_l1_loss(pred_motion.float(), motion.float(), reduction="none").mean(dim=-1)
+    valid = valid.to(err.dtype)
+    return (err * valid).sum() / valid.sum().clamp(min=1.0)
 
 
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:

@@ -33,3 +33,14 @@ def test_demo_chain_runs_end_to_end_and_its_summary_matches_metrics(tmp_path, re
     assert "kept the complete world" in json.loads((out / "demo_summary.json").read_text())["outputs"]["synth"]
     again = json.loads((out / "eval" / "metrics.json").read_text())
     assert again["overall"] == metrics["overall"]
+
+    # A run trained with another config is not resumed: it is set aside and the demo trains afresh.
+    from drivejepa.demo import DemoPlan, _set_aside_run_of_another_config
+
+    plan = DemoPlan(out=out, train_config=repo_root / "pipelines/train_smoke.yaml",
+                    train_overrides=("optim.max_steps=12",))
+    _set_aside_run_of_another_config(plan)
+    assert (out / "run" / "checkpoints" / "best.pt").is_file()
+    plan.train_overrides = ("optim.max_steps=13",)
+    _set_aside_run_of_another_config(plan)
+    assert not (out / "run").exists() and (out / "run.previous" / "checkpoints" / "best.pt").is_file()

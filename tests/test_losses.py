@@ -15,6 +15,7 @@ OBJECTIVES = {
     "jepa_mse": LossConfig(objective="jepa", regression="mse"),
     "infonce": LossConfig(objective="infonce", temperature=0.1),
     "jepa_vicreg": LossConfig(objective="jepa", regression="smooth_l1", vicreg_weight=1.0),
+    "jepa_inverse_dynamics": LossConfig(objective="jepa", regression="smooth_l1", idm_weight=1.0),
 }
 
 

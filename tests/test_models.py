@@ -1,6 +1,7 @@
 """The world model's contract: shapes for any sensor subset, padding invariance, gradient routing, EMA, rollout."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -147,6 +148,25 @@ def test_gradients_reach_online_encoder_and_predictor_not_target():
     assert {"loss", "loss_one_step", "loss_rollout", "std_mean", "std_min", "effective_rank", "cosine",
             "error_ratio_vs_copy_last"} <= set(metrics)
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_inverse_dynamics_term_trains_the_encoder_on_known_actions_only():
+    torch.manual_seed(0)
+    model = tiny_model(modality_dropout=0.0, action_dropout=0.0).train()
+    batch = make_batch()
+    _, plain = model.loss(batch, LossConfig(rollout_steps=2), context=2)
+    assert "loss_idm" not in plain
+    loss, metrics = model.loss(batch, LossConfig(rollout_steps=2, idm_weight=1.0), context=2)
+    loss.backward()
+    assert metrics["loss_idm"] > 0
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.inverse_dynamics.parameters())
+    head_only = LossConfig(rollout_steps=0, rollout_weight=0.0, idm_weight=1.0)
+    model.zero_grad()
+    loss, _ = model.loss(batch, head_only, context=2)
+    (loss - model.loss(batch, dataclasses.replace(head_only, idm_weight=0.0), context=2)[0]).backward()
+    assert float(model.encoder.lidar.mlp[0].weight.grad.abs().sum()) > 0      # the regulariser shapes the encoder
+    unknown = dict(batch, action_valid=torch.zeros(B, L, dtype=torch.bool))
+    assert model.loss(unknown, head_only, context=2)[1]["loss_idm"] == 0.0   # no action, no motion target
 
 
 def test_target_encoder_stays_in_eval_mode():

@@ -1,6 +1,7 @@
 """Training: DDP equals one process, kill-and-resume replays the same losses, non-finite batches, the smoke run."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -189,3 +190,35 @@ def test_existing_run_needs_resume_and_bad_shards_name_the_problem(smoke_run, tm
     cfg.data.shards = str(tmp_path / "missing")
     with pytest.raises(UserError, match="missing"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_validation_reports_how_much_the_predictions_depend_on_the_actions():
+    from drivejepa.config import ModelConfig
+    from drivejepa.models.world_model import WorldModel
+    from drivejepa.training.distributed import DistInfo
+    from drivejepa.training.validation import validate
+
+    torch.manual_seed(0)
+    cfg = TrainConfig()
+    cfg.data.context, cfg.data.horizon = 2, 3
+    model = WorldModel(ModelConfig(size="tiny"), ["CAM_FRONT"])
+    g = torch.Generator().manual_seed(0)
+    b, length = 4, 5
+    batches = [{
+        "lidar": torch.randn(b, length, 64, 4, generator=g) * 20,
+        "lidar_mask": torch.ones(b, length, 64, dtype=torch.bool),
+        "actions": torch.randn(b, length, 5, generator=g) * torch.tensor([3.0, 0.3, 0.05, 5.0, 0.1]),
+        "action_valid": torch.ones(b, length, dtype=torch.bool),
+    } for _ in range(2)]
+    info = DistInfo()
+    uses = validate(model, batches, cfg, info, contextlib.nullcontext)
+    assert {"shuffled_h1", "action_ratio_h3", "action_ratio"} <= set(uses)
+    assert uses["action_ratio"] != pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():       # cut the action pathways: the predictor now ignores the action entirely
+        for layer in (model.predictor.speed_in[-1], model.predictor.motion_in[-1]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    ignores = validate(model, batches, cfg, info, contextlib.nullcontext)
+    assert ignores["action_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert all(ignores[f"action_ratio_h{k}"] == pytest.approx(1.0, abs=1e-6) for k in (1, 2, 3))
+    assert ignores["err"] == pytest.approx(ignores["shuffled"], abs=1e-7)

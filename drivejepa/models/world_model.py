@@ -3,7 +3,9 @@
 ``loss`` encodes a window of L key frames with both encoders, predicts frame i+1 from the online states up to i and
 action i (teacher forcing; this trains the encoder), rolls forward K steps from the target encoder's latents of the
 first ``context`` frames (this trains the predictor exactly as it is evaluated), and compares the predictions with
-the stop-gradient target latents under the configured objective.
+the stop-gradient target latents under the configured objective. Two regularisers act on the online states: the
+VICReg variance/covariance term against collapse, and the inverse-dynamics term (the ego motion between consecutive
+states must be recoverable) against latents that ignore what the action changes.
 
 Rollouts outside training (validation, evaluation, visualisation) start from the EMA target encoder's latents
 (``context_states``): it is the encoder JEPA models deploy, and it is the space the targets and the copy-last
@@ -22,9 +24,10 @@ import torch.nn.functional as F
 
 from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
 from drivejepa.diagnostics import collapse_diagnostics
-from drivejepa.losses import normalise_targets, prediction_loss, vicreg_terms
+from drivejepa.losses import inverse_dynamics_loss, normalise_targets, prediction_loss, vicreg_terms
 from drivejepa.models.fusion import MultimodalEncoder
-from drivejepa.models.predictor import Predictor
+from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
+from drivejepa.models.predictor import ACTION_SCALES, Predictor
 
 OBS_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
 
@@ -74,6 +77,7 @@ class WorldModel(nn.Module):
         self.target_encoder.requires_grad_(False)
         self.target_encoder.eval()
         self.predictor = Predictor(cfg)
+        self.inverse_dynamics = InverseDynamicsHead(cfg.latent_dim)
 
     def train(self, mode: bool = True) -> "WorldModel":
         """The target encoder always runs in eval mode (no modality dropout, no DropPath, BatchNorm running stats)."""
@@ -131,8 +135,9 @@ class WorldModel(nn.Module):
         else:
             cfg = loss_cfg
 
-        known = batch.get("action_valid")
-        known = torch.ones(b, length, dtype=torch.bool, device=actions.device) if known is None else known.bool()
+        valid = batch.get("action_valid")
+        valid = torch.ones(b, length, dtype=torch.bool, device=actions.device) if valid is None else valid.bool()
+        known = valid
         if self.training and self.cfg.action_dropout > 0:
             known = known & (torch.rand(b, length, device=actions.device) >= self.cfg.action_dropout)
         one_step_pred = self.predict(states[:, :-1], actions[:, :-1], known[:, :-1])
@@ -149,6 +154,13 @@ class WorldModel(nn.Module):
             metrics["loss_rollout"] = float(rollout.detach())
             metrics["rollout_cosine"] = float(
                 F.cosine_similarity(rolled.detach().float(), targets[:, context : context + k], dim=-1).mean())
+
+        if loss_cfg.idm_weight > 0:
+            scales = torch.tensor(ACTION_SCALES[:MOTION_DIMS], device=actions.device)
+            motion = self.inverse_dynamics(states[:, :-1].float(), states[:, 1:].float())
+            idm = inverse_dynamics_loss(motion, actions[:, :-1, :MOTION_DIMS].float() / scales, valid[:, :-1])
+            total = total + loss_cfg.idm_weight * idm
+            metrics["loss_idm"] = float(idm.detach())
 
         var, cov = vicreg_terms(states)
         if loss_cfg.vicreg_weight > 0:

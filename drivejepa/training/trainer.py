@@ -133,8 +133,11 @@ class _Run:
                                  generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
         self.val_loader = None
         if self.val_ds is not None:
+            # A fixed shuffled order: each batch mixes scenes, so validation's shuffled-action rollout (the next
+            # window's actions) gets another scene's driving, not its neighbour's nearly equal actions.
+            order = torch.randperm(len(self.val_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             self.val_loader = DataLoader(self.val_ds, batch_size=self.local_batch,
-                                         sampler=range(info.rank, len(self.val_ds), info.world_size),
+                                         sampler=order[info.rank::info.world_size],
                                          generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
         self.steps_per_epoch = math.ceil(self.sampler.num_samples / self.local_batch)
         self.total_steps = cfg.optim.epochs * self.steps_per_epoch
@@ -377,8 +380,9 @@ class _Run:
         if self.info.is_main and self.last_val.get("windows"):
             h = self.cfg.data.horizon
             log.info("val step %d: latent error %.4f vs copy-last %.4f (ratio %.3f; horizon %d ratio %.3f), "
-                     "effective rank %.1f", self.step, self.last_val["err"], self.last_val["copy_last"],
-                     self.last_val["ratio"], h, self.last_val[f"ratio_h{h}"],
+                     "shuffled actions / true %.3f, effective rank %.1f", self.step, self.last_val["err"],
+                     self.last_val["copy_last"], self.last_val["ratio"], h, self.last_val[f"ratio_h{h}"],
+                     self.last_val.get("action_ratio", float("nan")),
                      self.last_val.get("diag_effective_rank", float("nan")))
 
     def _improved(self) -> bool:
@@ -448,11 +452,14 @@ def format_summary(summary: dict, horizon: int) -> str:
     ]
     val = summary["val"]
     if val.get("windows"):
-        lines.append(f"validation     {int(val['windows'])} windows; latent error (model / copy-last / ratio):")
+        lines.append(f"validation     {int(val['windows'])} windows; latent error (model / copy-last / ratio), "
+                     "action ratio (shuffled / true actions):")
+        nan = float("nan")
         for k in range(1, horizon + 1):
             lines.append(f"  +{k} frames    {val[f'err_h{k}']:.4f} / {val[f'copy_last_h{k}']:.4f} / "
-                         f"{val[f'ratio_h{k}']:.3f}")
-        lines.append(f"  mean         {val['err']:.4f} / {val['copy_last']:.4f} / {val['ratio']:.3f}  "
+                         f"{val[f'ratio_h{k}']:.3f}   {val.get(f'action_ratio_h{k}', nan):.3f}")
+        lines.append(f"  mean         {val['err']:.4f} / {val['copy_last']:.4f} / {val['ratio']:.3f}   "
+                     f"{val.get('action_ratio', nan):.3f}  "
                      f"({'beats' if summary['beats_copy_last'] else 'does NOT beat'} copy-last at every horizon)")
         lines.append(f"collapse       std_mean {val.get('diag_std_mean', float('nan')):.3f}, effective rank "
                      f"{val.get('diag_effective_rank', float('nan')):.1f}")

@@ -5,6 +5,8 @@ rollouts start from (``WorldModel.context_states``: the EMA target encoder's) wi
 a_{c-1}..a_{c+H-2}; its predictions are compared with the target encoder's latents of the future frames, in the space the loss trains them in (layer-normed when
 ``loss.normalize_targets``). The copy-last baseline predicts the target latent of the last context frame at every
 horizon. An error ratio below 1 at horizon h means the predictor knows more about frame c+h-1 than "nothing moves".
+The same rollout with the future actions of the next window of the batch (the loader mixes scenes in a fixed order)
+measures the action sensitivity: its error over the true-action error is 1 when the predictions ignore the action.
 Collapse diagnostics (drivejepa.diagnostics) are computed on the target latents and the first-step predictions.
 """
 from __future__ import annotations
@@ -29,14 +31,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, autocast) -> dict:
     """Metrics over every window of ``batches`` (this rank's share; sums are reduced over ranks).
 
-    Returns ``err_h{k}``, ``copy_last_h{k}``, ``ratio_h{k}`` for k = 1..H, their means ``err``, ``copy_last``,
-    ``ratio``, ``windows``, and the collapse diagnostics (of this rank's windows) prefixed ``diag_``."""
+    Returns ``err_h{k}``, ``copy_last_h{k}``, ``ratio_h{k}``, ``shuffled_h{k}``, ``action_ratio_h{k}`` for
+    k = 1..H, their means ``err``, ``copy_last``, ``ratio``, ``shuffled``, ``action_ratio``, ``windows``, and the
+    collapse diagnostics (of this rank's windows) prefixed ``diag_``."""
     context, horizon = cfg.data.context, cfg.data.horizon
     was_training = model.training
     model.eval()
     device = info.device
-    sums = torch.zeros(2, horizon, dtype=torch.float64, device=device)
-    count = torch.zeros(1, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, horizon, dtype=torch.float64, device=device)
+    count = torch.zeros(2, dtype=torch.float64, device=device)  # windows, windows with shuffled actions
     latents, first_pred, first_target, last_context = [], [], [], []
     normalise = cfg.loss.objective == "jepa" and cfg.loss.normalize_targets
     for batch in batches:
@@ -45,19 +48,27 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
         valid = batch["action_valid"][:, context - 1 : context - 1 + horizon].bool().all(dim=1)
         if not bool(valid.any()):
             continue
+        future_actions = actions[:, context - 1 : context - 1 + horizon][valid]
         with autocast():
-            target = model.context_states(batch)
-            pred = model.rollout(target[:, :context], actions[:, context - 1 : context - 1 + horizon],
-                                 actions[:, : context - 1])
+            target = model.context_states(batch)[valid]
+            context_states, past = target[:, :context], actions[valid][:, : context - 1]
+            pred = model.rollout(context_states, future_actions, past)
+            shuffled = model.rollout(context_states, future_actions.roll(1, dims=0), past) \
+                if len(future_actions) > 1 else None
         target = target.float()
         if normalise:
             target = normalise_targets(target)
-        pred, target = pred.float()[valid], target[valid]
+        pred = pred.float()
         future = target[:, context : context + horizon]
         last = target[:, context - 1 : context]
-        sums[0] += (pred - future).pow(2).mean(dim=-1).sum(dim=0).double()
+        err = (pred - future).pow(2).mean(dim=-1).sum(dim=0).double()
+        sums[0] += err
         sums[1] += (last - future).pow(2).mean(dim=-1).sum(dim=0).double()
-        count += pred.shape[0]
+        count[0] += pred.shape[0]
+        if shuffled is not None:
+            sums[2] += (shuffled.float() - future).pow(2).mean(dim=-1).sum(dim=0).double()
+            sums[3] += err
+            count[1] += pred.shape[0]
         if sum(x.shape[0] for x in latents) < MAX_DIAGNOSTIC_ROWS:
             latents.append(target.reshape(-1, target.shape[-1]).cpu())
             first_pred.append(pred[:, 0].cpu())
@@ -66,23 +77,35 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
     all_reduce_sum(sums, info)
     all_reduce_sum(count, info)
     model.train(was_training)
-    n = float(count.item())
+    n, n_shuffled = count.tolist()
     if n == 0:
         return {"windows": 0.0}
-    err, copy = (sums / n).tolist()
+    err, copy = (sums[:2] / n).tolist()
     out: dict[str, float] = {"windows": n}
     for k in range(horizon):
         out[f"err_h{k + 1}"] = err[k]
         out[f"copy_last_h{k + 1}"] = copy[k]
-        out[f"ratio_h{k + 1}"] = err[k] / copy[k] if copy[k] > 0 else float("nan")
+        out[f"ratio_h{k + 1}"] = _ratio(err[k], copy[k])
     out["err"] = sum(err) / horizon
     out["copy_last"] = sum(copy) / horizon
-    out["ratio"] = out["err"] / out["copy_last"] if out["copy_last"] > 0 else float("nan")
+    out["ratio"] = _ratio(out["err"], out["copy_last"])
+    if n_shuffled:
+        # Shuffled against true actions on the same windows (those of batches with more than one window).
+        shuffled, same = (sums[2:] / n_shuffled).tolist()
+        for k in range(horizon):
+            out[f"shuffled_h{k + 1}"] = shuffled[k]
+            out[f"action_ratio_h{k + 1}"] = _ratio(shuffled[k], same[k])
+        out["shuffled"] = sum(shuffled) / horizon
+        out["action_ratio"] = _ratio(out["shuffled"], sum(same) / horizon)
     if latents:
         diag = collapse_diagnostics(torch.cat(latents), torch.cat(first_pred), torch.cat(first_target),
                                     torch.cat(last_context))
         out.update({f"diag_{k}": float(v) for k, v in diag.items()})
     return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("nan")
 
 
 def beats_copy_last(metrics: dict, horizon: int) -> bool:
