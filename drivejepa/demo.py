@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclasses.dataclass
 class DemoPlan:
     out: Path
-    scenes: int = 10
+    scenes: int = 30
     samples_per_scene: int = 40
     image_size: str = "800x450"
     seed: int = 0

@@ -20,9 +20,11 @@ REPO = Path(__file__).resolve().parents[2]
 def add_arguments(parser) -> None:
     parser.add_argument("--work", default="/tmp/drivejepa-bench/preprocess", help="where worlds and shards go")
     parser.add_argument("--config", default=str(REPO / "pipelines/preprocess.yaml"), help="preprocessing YAML")
-    parser.add_argument("--scenes", type=int, nargs=2, default=[2, 6], metavar=("SMALL", "LARGE"),
+    parser.add_argument("--scenes", type=int, nargs=2, default=[2, 8], metavar=("SMALL", "LARGE"),
                         help="scenes in the two worlds (throughput is measured on the large one)")
-    parser.add_argument("--samples", type=int, default=16, help="key frames per scene")
+    parser.add_argument("--samples", type=int, default=40,
+                        help="key frames per scene (40: the large world takes seconds, so fixed costs do not hide "
+                             "the scaling)")
     parser.add_argument("--image-size", type=int, nargs=2, default=[1600, 900], metavar=("W", "H"))
 
 

@@ -7,7 +7,7 @@ HELP = ("run every stage on the synthetic world: synth, preprocess (Ray), train,
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out/demo", help="output directory for every stage (default: out/demo)")
-    parser.add_argument("--scenes", type=int, default=10, help="scenes in the synthetic world")
+    parser.add_argument("--scenes", type=int, default=30, help="scenes in the synthetic world")
     parser.add_argument("--samples-per-scene", type=int, default=40, help="key frames per scene")
     parser.add_argument("--image-size", default="800x450", help="camera images of the world, WxH")
     parser.add_argument("--preprocess-config", default=None, help="default: pipelines/preprocess.yaml")

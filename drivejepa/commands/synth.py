@@ -18,7 +18,7 @@ def add_arguments(parser) -> None:
     from drivejepa.config import ALL_CAMERAS
 
     parser.add_argument("--out", required=True, help="dataroot to write (empty, new, or a previous synth output)")
-    parser.add_argument("--scenes", type=int, default=10, help="number of scenes (default 10)")
+    parser.add_argument("--scenes", type=int, default=30, help="number of scenes (default 30)")
     parser.add_argument("--samples-per-scene", type=int, default=40, help="key frames per scene at 2 Hz (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same bytes")
     parser.add_argument("--image-size", type=_size, default=(800, 450), help="camera images WIDTHxHEIGHT (800x450)")

@@ -311,7 +311,7 @@ def _validate(scenes, samples_per_scene, image_size, cameras, workers) -> tuple:
     return (w, h), ordered
 
 
-def write_world(out, *, scenes: int = 10, samples_per_scene: int = 40, seed: int = 0,
+def write_world(out, *, scenes: int = 30, samples_per_scene: int = 40, seed: int = 0,
                 image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, cameras: Sequence[str] = ALL_CAMERAS,
                 sweeps: bool = False, version: str = SYNTH_VERSION, workers: Optional[int] = None,
                 progress: bool = True, overwrite: bool = False) -> Path:
