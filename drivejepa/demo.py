@@ -66,11 +66,12 @@ def _quiet(plan: DemoPlan) -> list[str]:
 
 
 def stage_synth(plan: DemoPlan) -> str:
+    from drivejepa.commands.synth import parse_image_size
     from drivejepa.data.synth.writer import read_summary
 
     made = read_summary(plan.world).get("params", {})
     wanted = dict(scenes=plan.scenes, samples_per_scene=plan.samples_per_scene, seed=plan.seed,
-                  image_size=[int(v) for v in plan.image_size.lower().split("x")])
+                  image_size=list(parse_image_size(plan.image_size)))
     if made and all(made.get(k) == v for k, v in wanted.items()):
         return "kept the complete world from an earlier run"
     _cli(["synth", *_quiet(plan), "--out", str(plan.world), "--scenes", str(plan.scenes),

@@ -4,7 +4,8 @@ from __future__ import annotations
 HELP = "write the synthetic driving world as a nuScenes dataroot (the devkit loads it like v1.0-mini)"
 
 
-def _size(text: str) -> tuple[int, int]:
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` -> (width, height), as ``--image-size`` reads it."""
     import argparse
 
     try:
@@ -21,7 +22,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scenes", type=int, default=30, help="number of scenes (default 30)")
     parser.add_argument("--samples-per-scene", type=int, default=40, help="key frames per scene at 2 Hz (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same bytes")
-    parser.add_argument("--image-size", type=_size, default=(800, 450), help="camera images WIDTHxHEIGHT (800x450)")
+    parser.add_argument("--image-size", type=parse_image_size, default=(800, 450),
+                        help="camera images WIDTHxHEIGHT (800x450)")
     parser.add_argument("--cameras", nargs="+", default=list(ALL_CAMERAS), metavar="CAM",
                         help=f"camera channels to render (default all six: {' '.join(ALL_CAMERAS)})")
     parser.add_argument("--sweeps", action="store_true",

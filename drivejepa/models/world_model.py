@@ -27,7 +27,7 @@ from drivejepa.diagnostics import collapse_diagnostics
 from drivejepa.losses import inverse_dynamics_loss, normalise_targets, prediction_loss, vicreg_terms
 from drivejepa.models.fusion import MultimodalEncoder
 from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
-from drivejepa.models.predictor import ACTION_SCALES, Predictor
+from drivejepa.models.predictor import Predictor
 
 OBS_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
 
@@ -156,7 +156,7 @@ class WorldModel(nn.Module):
                 F.cosine_similarity(rolled.detach().float(), targets[:, context : context + k], dim=-1).mean())
 
         if loss_cfg.idm_weight > 0:
-            scales = torch.tensor(ACTION_SCALES[:MOTION_DIMS], device=actions.device)
+            scales = self.predictor.action_scales[:MOTION_DIMS]
             motion = self.inverse_dynamics(states[:, :-1].float(), states[:, 1:].float())
             idm = inverse_dynamics_loss(motion, actions[:, :-1, :MOTION_DIMS].float() / scales, valid[:, :-1])
             total = total + loss_cfg.idm_weight * idm
