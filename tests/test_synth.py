@@ -11,7 +11,9 @@ from pyquaternion import Quaternion
 
 from drivejepa.config import ALL_CAMERAS, ALL_RADARS
 from drivejepa.data.synth import SYNTH_VERSION, read_summary, write_world
-from drivejepa.data.synth.world import MATERIALS, TAG_VOCABULARY, build_world
+from drivejepa.data.synth.materials import MATERIALS
+from drivejepa.data.synth.scenarios import TAG_VOCABULARY
+from drivejepa.data.synth.world import build_world
 
 CHANNELS = ALL_CAMERAS + ALL_RADARS + ["LIDAR_TOP"]
 

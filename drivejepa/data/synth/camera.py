@@ -14,7 +14,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from drivejepa.data.synth.world import GRASS, MATERIALS, World
+from drivejepa.data.synth.materials import GRASS, MATERIALS
+from drivejepa.data.synth.world import World
 
 # name: (translation in the ego frame, yaw in degrees, focal length in pixels at 1600 px width)
 CAMERAS = {

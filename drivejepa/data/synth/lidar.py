@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from drivejepa.data.synth.world import GRASS, MAP_RESOLUTION, MATERIALS, World
+from drivejepa.data.synth.materials import GRASS, MATERIALS
+from drivejepa.data.synth.world import MAP_RESOLUTION, World
 
 ELEVATIONS = np.radians(np.linspace(-30.67, 10.67, 32))
 AZIMUTH_STEPS = 1084                 # 0.33 degree columns: ~34.7k rays a sweep like the real sensor

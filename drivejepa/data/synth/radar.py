@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from drivejepa.data.synth.lidar import slab_many
-from drivejepa.data.synth.world import BARRIER, BUILDING, CONE, PEDESTRIAN, POLE, VEHICLE, World
+from drivejepa.data.synth.materials import BARRIER, BUILDING, CONE, PEDESTRIAN, POLE, VEHICLE
+from drivejepa.data.synth.world import World
 
 # name: (translation in the ego frame, yaw in degrees)
 RADARS = {

@@ -119,7 +119,8 @@ def write_scene(job: SceneJob) -> dict:
 
     from drivejepa.data.synth import camera, lidar, radar
     from drivejepa.data.synth.tables import quaternion_matrix, quaternion_yaw, token, visibility_token
-    from drivejepa.data.synth.world import build_world, scenario
+    from drivejepa.data.synth.scenarios import scenario
+    from drivejepa.data.synth.world import build_world
 
     t0 = time.time()
     out = Path(job.out)

@@ -1,0 +1,59 @@
+"""Which scenario and weather each scene drives, and the tags that describe what actually happened in it."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from drivejepa.data.synth.world import World
+
+# Scene n (1-based) drives scenario DRIVING[(n - 1) % 7] in weather WEATHER[n % 3]. 7, 3 and the validation split's
+# period 5 are coprime, so every combination recurs and the val scenes (n % 5 == 3) see all of them.
+DRIVING = [
+    dict(layout="urban", maneuver="left", words=["city"]),
+    dict(layout="highway", maneuver="lanechange", words=["highway"]),
+    dict(layout="urban", maneuver="right", crossing=True, words=["city"]),
+    dict(layout="urban", maneuver="straight", congestion=True, words=["city"]),
+    dict(layout="parking", maneuver="straight", words=[]),
+    dict(layout="urban_straight", maneuver="lanechange", congestion=True, words=["city"]),
+    dict(layout="parking", maneuver="straight", words=[]),
+]
+WEATHER = ["day", "night", "rain"]
+TAG_VOCABULARY = ["night", "rain", "intersection", "turn left", "turn right", "pedestrians", "parking lot",
+                  "high speed", "congestion"]
+
+
+def scenario(scene_number: int) -> dict:
+    """Driving scenario and weather of scene ``scene_number`` (1-based)."""
+    return dict(DRIVING[(scene_number - 1) % len(DRIVING)], weather=WEATHER[scene_number % len(WEATHER)])
+
+
+def describe(world: World, spec: dict, intersection: Optional[np.ndarray]) -> list[str]:
+    """Tags that say what actually happens in the simulated scene (checked against the ego trajectory)."""
+    e = world.ego_index
+    speed = world.agent_speed[:, e]
+    yaw = world.agent_yaw[:, e]
+    xy = world.agent_xy[:, e]
+    turn = float(yaw[-1] - yaw[0])
+    tags = list(spec.get("words", []))
+    if spec["weather"] in ("night", "rain"):
+        tags.append(spec["weather"])
+    if intersection is not None and np.min(np.hypot(*(xy - intersection).T)) < 30.0:
+        tags.append("intersection")
+    if turn > np.radians(35):
+        tags.append("turn left")
+    elif turn < -np.radians(35):
+        tags.append("turn right")
+    ped = [i for i, a in enumerate(world.agents) if a["kind"] == "pedestrian"]
+    if ped:
+        d = np.hypot(world.agent_xy[:, ped, 0] - xy[:, None, 0], world.agent_xy[:, ped, 1] - xy[:, None, 1])
+        if (d < 25.0).any(axis=0).sum() >= 2 and (spec.get("crossing") or spec["layout"] == "parking"):
+            tags.append("pedestrians")
+    if spec["layout"] == "parking":
+        tags.append("parking lot")
+    if speed.max() > 18.0:
+        tags.append("high speed")
+    if spec.get("congestion") and (speed < 1.0).any():
+        tags.append("congestion")
+    return tags
