@@ -26,6 +26,8 @@ CAMERAS = {
     "CAM_BACK_LEFT": ((1.04, 0.48, 1.56), 110.0, 1256.7),
     "CAM_FRONT_LEFT": ((1.52, 0.49, 1.51), 55.0, 1272.6),
 }
+LIDAR_SPIN_US = 50_000            # one turn of the lidar (20 Hz)
+TRIGGER_JITTER_US = 2_000         # each camera frame fires up to this much off its nominal time
 NEAR = 0.3
 FAR = 180.0
 BASE = np.array([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])   # camera (x right, y down, z fwd) -> ego
@@ -45,6 +47,15 @@ SHIFT = 4                         # fractional bits of polygon vertices (sub-pix
 def intrinsics(name: str, width: int, height: int) -> np.ndarray:
     f = CAMERAS[name][2] * width / 1600.0
     return np.array([[f, 0.0, width / 2.0], [0.0, f, height / 2.0], [0.0, 0.0, 1.0]])
+
+
+def trigger_offset_us(name: str) -> int:
+    """When camera ``name`` fires, in microseconds from the lidar's time stamp. The cameras fire one after another
+    as the spinning lidar sweeps past them (clockwise, from the front left to the back left over about 300 degrees of
+    one 50 ms turn): from 32 ms before the lidar's stamp (CAM_FRONT_LEFT) to 10 ms after it (CAM_BACK_LEFT), as
+    nuScenes' cameras fire up to ~40 ms from the lidar. Each frame adds up to TRIGGER_JITTER_US of its own."""
+    turned = ((CAMERAS[name][1] - CAMERAS["CAM_BACK_LEFT"][1]) % 360.0) / 360.0
+    return int(round(10_000 - LIDAR_SPIN_US * turned))
 
 
 def rotation(name: str) -> np.ndarray:

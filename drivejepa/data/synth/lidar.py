@@ -3,12 +3,16 @@
 Rays are laid out as [azimuth column, beam]; a box is only tested against the columns and beams its silhouette can
 cover, which keeps a 35k-ray scan against a few hundred boxes at a few tens of milliseconds. Points are written in
 the sensor frame as the devkit's float32 x5 ``.pcd.bin`` (x, y, z, intensity 0-255, ring index 0-31).
+
+As on the real car, the lowest beams hit the ego's own roof around the sensor mount: about a fifth of a scan lies
+within 0.7 m (|x|, |y|) of the sensor, the returns the devkit's ``remove_close(1.0)`` drops. Other sensors do not see
+the ego's body.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from drivejepa.data.synth.materials import GRASS, MATERIALS
+from drivejepa.data.synth.materials import GRASS, MATERIALS, VEHICLE
 from drivejepa.data.synth.world import MAP_RESOLUTION, World
 
 ELEVATIONS = np.radians(np.linspace(-30.67, 10.67, 32))
@@ -17,6 +21,8 @@ MAX_RANGE = 80.0
 TRANSLATION = (0.943, 0.0, 1.84)     # ego frame, metres (nuScenes-like roof mount)
 YAW = -np.pi / 2                     # sensor x points to the ego's right, y forward (as in nuScenes)
 GROUND_ID = -2
+BODY_HALF = (0.7, 0.7, 0.02)         # the ego's roof around the sensor mount, half extents (m, sensor-centred)
+BODY_DROP = 0.3                      # its top this far below the sensor
 
 
 def sensor_directions(steps: int = AZIMUTH_STEPS) -> np.ndarray:
@@ -86,7 +92,10 @@ def scan(world: World, t: float, rng: np.random.Generator, dirs_sensor: np.ndarr
     far = t_best > MAX_RANGE
     t_best[far], hit_id[far] = np.inf, -1
 
-    centre, half, yaw, mats, _, agent = world.boxes(t)             # the ego body is invisible to every sensor
+    centre, half, yaw, mats, _, agent = world.boxes(t)             # agents other than the ego, structures
+    roof = origin - np.array([0.0, 0.0, BODY_DROP + BODY_HALF[2]])
+    centre, half = np.concatenate([centre, roof[None]]), np.concatenate([half, [BODY_HALF]])
+    yaw, mats, agent = np.append(yaw, psi), np.append(mats, VEHICLE), np.append(agent, -1)
     dstep = 2 * np.pi / steps
     would = np.zeros(len(centre))
     for b in range(len(centre)):

@@ -44,8 +44,9 @@ class PathBank:
         return out
 
 
-def simulate(movers: list[Mover], signals: dict, duration: float):
-    """Roll the traffic forward at DT; returns arc lengths and speeds [K, M] and active flags.
+def simulate(movers: list[Mover], signals: dict, duration: float, start: float = 0.0):
+    """Roll the traffic forward at DT from scene time ``start`` for ``duration`` seconds; returns arc lengths and
+    speeds [K, M] and active flags.
 
     Vehicles follow the intelligent driver model: desired speed (capped for curves ahead), the nearest mover in a
     corridor along their own path ahead (pedestrians with a wider margin), and red stop lines they can still stop for.
@@ -75,7 +76,7 @@ def simulate(movers: list[Mover], signals: dict, duration: float):
     sched = [(i, t0, t1, vd) for i, m in enumerate(movers) for t0, t1, vd in m.schedule]
     eye = np.eye(M, dtype=bool)
     for k in range(K):
-        t = k * DT
+        t = start + k * DT
         S[k], V[k], A[k] = s, v, active
         if k == K - 1:
             break

@@ -48,6 +48,7 @@ class World:
     map_mask: np.ndarray               # uint8 [H, W]: 255 on road / sidewalk
     material_grid: np.ndarray          # uint8 [H, W]: ground material per map pixel
     sun: np.ndarray                    # unit vector towards the light
+    start: float = 0.0                 # scene time (s) of simulation step 0
 
     @property
     def steps(self) -> int:
@@ -55,7 +56,7 @@ class World:
 
     def state(self, t: float):
         """Interpolated (xy [A, 2], yaw [A], velocity [A, 2], active [A]) at time t seconds."""
-        f = min(max(t / DT, 0.0), self.steps - 1.0)
+        f = min(max((t - self.start) / DT, 0.0), self.steps - 1.0)
         k0 = int(np.floor(f))
         k1 = min(k0 + 1, self.steps - 1)
         a = f - k0
@@ -94,8 +95,10 @@ class World:
                 np.concatenate([self.structure_colours, cols]), np.concatenate([np.full(len(st), -1), idx]).astype(int))
 
 
-def build_world(scene_number: int, seed: int, duration: float) -> World:
-    """Build and simulate scene ``scene_number`` (1-based) for ``duration`` seconds, deterministic in the seed."""
+def build_world(scene_number: int, seed: int, duration: float, margin: float = 0.0) -> World:
+    """Build scene ``scene_number`` (1-based) for ``duration`` seconds, deterministic in the seed, and simulate it
+    from ``-margin`` to ``duration + margin`` (sensors that fire a little before the first key frame or after the last
+    see the traffic move, not frozen)."""
     spec = scenario(scene_number)
     rng = np.random.default_rng(np.random.SeedSequence([seed, scene_number, 1]))
     b = Builder(rng, duration, spec)
@@ -108,7 +111,7 @@ def build_world(scene_number: int, seed: int, duration: float) -> World:
     ego.schedule += ego_intent(intent_rng, ego.v_desired, duration, calm=calm)
     ego_path = ego.path.piece(ego.s0, ego.path.length, 10.0)
     b.statics = [st for st in b.statics if np.min(np.hypot(ego_path[:, 0] - st.x, ego_path[:, 1] - st.y)) < 120.0]
-    S, V, A = simulate(b.movers, b.signals, duration)
+    S, V, A = simulate(b.movers, b.signals, duration + 2 * margin, start=-margin)
     K, M = S.shape
     n_static = len(b.statics)
     xy = np.zeros((K, M + n_static, 2))
@@ -164,7 +167,7 @@ def build_world(scene_number: int, seed: int, duration: float) -> World:
     world = World(name=f"scene-{scene_number:04d}", tags=[], weather=spec["weather"], ground=ground,
                   structures=structures, structure_colours=colours, agents=agents, agent_xy=xy, agent_yaw=yaw,
                   agent_speed=speed, agent_active=active, ego_index=0, map_mask=mask, material_grid=grid,
-                  sun=sun / np.linalg.norm(sun))
+                  sun=sun / np.linalg.norm(sun), start=-margin)
     world.tags = describe(world, spec, None if b.intersection is None else b.intersection + shift)
     return world
 

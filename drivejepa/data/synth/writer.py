@@ -35,6 +35,7 @@ START_US = 1_533_081_600_000_000          # 2018-08-01T00:00:00Z
 KEY_PERIOD_US = 500_000                   # key frames at 2 Hz
 SWEEP_PERIOD_US = {"lidar": 50_000, "camera": 83_333, "radar": 76_923}   # 20, 12, 13 Hz
 ANNOTATION_RANGE = 60.0                   # metres from the ego
+SENSOR_MARGIN_S = 0.05                    # the world moves this long before the first and after the last key frame
 OWN_PATHS = ("samples", "sweeps", "maps")
 
 
@@ -126,10 +127,11 @@ def write_scene(job: SceneJob) -> dict:
     out = Path(job.out)
     seed, n = job.seed, job.number
     duration = (job.samples - 1) * KEY_PERIOD_US / 1e6
-    world = build_world(n, seed, duration)
+    world = build_world(n, seed, duration, margin=SENSOR_MARGIN_S)
     name = world.name
     streams = np.random.SeedSequence([seed, n, 2]).spawn(3)
     rng_lidar, rng_radar, rng_cam = (np.random.default_rng(s) for s in streams)
+    rng_trigger = np.random.default_rng(np.random.SeedSequence([seed, n, 3]))
 
     def tok(*parts):
         return token(seed, *parts)
@@ -185,6 +187,9 @@ def write_scene(job: SceneJob) -> dict:
         frames = _frame_times(job.samples, SWEEP_PERIOD_US[modality], job.sweeps)
         sd_tokens = [tok("sample_data", name, ch, off) for off, _, _ in frames]
         for j, (off, si, key) in enumerate(frames):
+            if modality == "camera":        # each camera fires at its own time around the lidar sweep
+                off += camera.trigger_offset_us(ch) + int(rng_trigger.integers(-camera.TRIGGER_JITTER_US,
+                                                                                camera.TRIGGER_JITTER_US + 1))
             ts = start + off
             t = off / 1e6
             xy, yaw, _ = world.ego_pose(t)
