@@ -205,6 +205,7 @@ class PreprocessConfig:
     lidar_range: float = 50.0                         # keep |x|, |y| <= range (metres, ego frame)
     lidar_z_range: tuple[float, float] = (-3.0, 5.0)
     lidar_sweeps: int = 1                             # 1 = key frame only; >1 accumulates previous sweeps
+    lidar_min_distance: float = 1.0                   # drop returns with |x|, |y| < this (sensor frame, every sweep)
     radar_points: int = 128                           # merged over the five radars, padded with a mask
     max_boxes: int = 64                               # nearest annotated boxes kept per key frame
     box_range: float = 50.0

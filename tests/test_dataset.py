@@ -7,7 +7,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from drivejepa.data.dataset import WindowDataset, collate_windows
-from drivejepa.data.shards import ARRAY_DTYPES, PER_CAMERA, read_shard, shard_path, write_manifest, write_shard
+from drivejepa.data.shards import (ARRAY_DTYPES, PER_CAMERA, SCHEMA_VERSION, read_shard, shard_path, write_manifest,
+                                   write_shard)
 from drivejepa.errors import UserError
 
 
@@ -23,14 +24,16 @@ def _fake_scene(out, name, frame_indices, n_boxes, cameras=("CAM_FRONT", "CAM_BA
     box_mask[:, : max(0, n_boxes - 1)] = True
     arrays = {
         "images": images, "image_mask": np.ones((t, c), bool),
-        "lidar": rng.normal(size=(t, 16, 4)).astype(np.float32), "lidar_mask": rng.random((t, 16)) > 0.3,
+        "lidar": rng.normal(size=(t, 16, 5)).astype(np.float32), "lidar_mask": rng.random((t, 16)) > 0.3,
         "radar": rng.normal(size=(t, 8, 6)).astype(np.float32), "radar_mask": rng.random((t, 8)) > 0.5,
         "actions": rng.normal(size=(t, 5)).astype(np.float32), "action_valid": np.arange(t) < t - 1,
         "ego_pose": np.tile(np.eye(4), (t, 1, 1)), "timestamps": np.array(frame_indices, np.int64) * 500_000,
         "boxes": rng.normal(size=(t, n_boxes, 9)).astype(np.float32),
         "box_labels": rng.integers(0, 10, (t, n_boxes)), "box_mask": box_mask,
+        "box_velocity_valid": box_mask.copy(),
         "cam_intrinsics": np.stack([np.eye(3, dtype=np.float32) * (j + 1) for j in range(c)]),
-        "cam_to_ego": np.tile(np.eye(4, dtype=np.float32), (c, 1, 1)),
+        "cam_to_key_ego": np.eye(4, dtype=np.float32) * (images[:, :, :1, 0, :1] + np.float32(1)),
+        "cam_timestamps": images[:, :, 0, 0, 0].astype(np.int64),
     }
     meta = {"scene": name, "token": name, "description": "", "tags": [], "cameras": list(cameras),
             "channels_absent": [], "sample_tokens": [f"{name}-{i}" for i in frame_indices],
@@ -43,7 +46,7 @@ def _fake_scene(out, name, frame_indices, n_boxes, cameras=("CAM_FRONT", "CAM_BA
 def fake_shards(tmp_path):
     scenes = {"scene-a": _fake_scene(tmp_path, "scene-a", [0, 1, 2, 4, 5, 6, 7], n_boxes=3),
               "scene-b": _fake_scene(tmp_path, "scene-b", [0, 1, 2, 3], n_boxes=5)}
-    write_manifest(tmp_path, {"schema_version": 1, "splits": {}, "scenes": scenes})
+    write_manifest(tmp_path, {"schema_version": SCHEMA_VERSION, "splits": {}, "scenes": scenes})
     return tmp_path
 
 
@@ -77,6 +80,7 @@ def test_camera_subset_follows_the_requested_order(fake_shards):
     item = WindowDataset(fake_shards, scenes=["scene-b"], context=1, horizon=1, cameras=["CAM_BACK"])[0]
     assert item["images"].shape == (2, 1, 4, 6, 3) and item["images"][:, 0, 0, 0, 0].tolist() == [1, 11]
     assert item["cam_intrinsics"][0, 0, 0] == 2 and item["image_mask"].shape == (2, 1)
+    assert item["cam_to_key_ego"][:, 0, 0, 0].tolist() == [2, 12] and item["cam_timestamps"][:, 0].tolist() == [1, 11]
     with pytest.raises(UserError, match="CAM_SIDE"):
         WindowDataset(fake_shards, cameras=["CAM_SIDE"])
 
@@ -86,8 +90,10 @@ def test_collate_pads_boxes_and_keeps_masks(fake_shards):
     a, b = ds[0], ds[3]  # 3 and 5 boxes
     batch = collate_windows([a, b])
     assert batch["scene"] == ["scene-a", "scene-b"] and batch["start"].dtype == torch.long
-    assert batch["boxes"].shape == (2, 3, 5, 9) and batch["box_mask"].shape == (2, 3, 5)
+    assert batch["boxes"].shape == (2, 3, 5, 9)
+    assert batch["box_mask"].shape == batch["box_velocity_valid"].shape == (2, 3, 5)
     assert not batch["box_mask"][0, :, 3:].any() and not batch["boxes"][0, :, 3:].any()
+    assert not batch["box_velocity_valid"][0, :, 3:].any()
     assert torch.equal(batch["box_mask"][0, :, :3], a["box_mask"]) and torch.equal(batch["box_mask"][1], b["box_mask"])
     for key in ("lidar_mask", "radar_mask", "image_mask", "action_valid"):
         assert batch[key].dtype == torch.bool and torch.equal(batch[key][1], b[key])

@@ -63,7 +63,8 @@ def _sample_file(nusc, scene_name, index, channel) -> Path:
 
 # ----------------------------------------------------------------------------------------------------------------
 def test_shards_match_devkit(nusc, shard_dir):
-    """Points, poses, boxes and radar counts of every key frame equal what the devkit computes from the same files."""
+    """Points, poses, boxes and radar counts of every key frame equal what the devkit computes from the same files:
+    near-sensor returns dropped (``remove_close``), unknown (NaN) box velocities flagged, not read as 0 m/s."""
     from nuscenes.utils.data_classes import LidarPointCloud, RadarPointCloud
     from nuscenes.utils.geometry_utils import transform_matrix
     from pyquaternion import Quaternion
@@ -74,7 +75,7 @@ def test_shards_match_devkit(nusc, shard_dir):
     cfg = tiny_cfg()
     shards = _shards(shard_dir)
     assert sorted(shards) == sorted(s["name"] for s in nusc.scene)
-    checked = 0
+    checked = close_dropped = unknown_velocity = 0
     for name, shard in shards.items():
         a = shard.arrays
         assert shard.meta["frame_indices"] == list(range(len(shard.meta["sample_tokens"])))
@@ -89,6 +90,9 @@ def test_shards_match_devkit(nusc, shard_dir):
 
             # lidar: devkit read -> ego frame -> crop; the shard holds a subset of exactly min(N, kept) points
             pc = LidarPointCloud.from_file(str(Path(nusc.dataroot) / lidar_sd["filename"]))
+            raw = pc.nbr_points()
+            pc.remove_close(cfg.lidar_min_distance)
+            close_dropped += raw - pc.nbr_points()
             cs = nusc.get("calibrated_sensor", lidar_sd["calibrated_sensor_token"])
             pc.rotate(Quaternion(cs["rotation"]).rotation_matrix)
             pc.translate(np.array(cs["translation"]))
@@ -101,6 +105,7 @@ def test_shards_match_devkit(nusc, shard_dir):
             dist, idx = cKDTree(ref[:, :3]).query(a["lidar"][t][mask, :3])
             assert dist.max() < 1e-3
             np.testing.assert_allclose(a["lidar"][t][mask, 3], ref[idx, 3], atol=1e-4)
+            assert not a["lidar"][t][:, 4].any()                  # one sweep: every point's time lag is 0
             assert not a["lidar"][t][~mask].any()
 
             # radar: devkit defaults (filters), all radars merged
@@ -124,9 +129,10 @@ def test_shards_match_devkit(nusc, shard_dir):
                 box.rotate(Quaternion(pose["rotation"]).inverse)
                 if abs(box.center[0]) > cfg.box_range or abs(box.center[1]) > cfg.box_range:
                     continue
-                v = np.nan_to_num(box.velocity[:2])
+                known = bool(np.isfinite(box.velocity[:2]).all())
+                v = box.velocity[:2] if known else np.zeros(2)
                 expected.append((np.hypot(*box.center[:2]),
-                                 [*box.center, *box.wlh, box.orientation.yaw_pitch_roll[0], *v], label))
+                                 [*box.center, *box.wlh, box.orientation.yaw_pitch_roll[0], *v], label, known))
             expected.sort(key=lambda e: e[0])
             expected = expected[: cfg.max_boxes]
             bm = a["box_mask"][t]
@@ -138,7 +144,10 @@ def test_shards_match_devkit(nusc, shard_dir):
                 got[:, 6] = ref_boxes[:, 6]
                 np.testing.assert_allclose(got, ref_boxes, atol=1e-3)
                 assert a["box_labels"][t][bm].tolist() == [e[2] for e in expected]
+                assert a["box_velocity_valid"][t][bm].tolist() == [e[3] for e in expected]
+                unknown_velocity += sum(not e[3] for e in expected)
                 assert a["box_labels"][t][bm].max() < len(CLASSES)
+            assert not a["box_velocity_valid"][t][~bm].any()
             checked += 1
         cam = nusc.get("calibrated_sensor", nusc.get("sample_data", nusc.get(
             "sample", shard.meta["sample_tokens"][0])["data"]["CAM_FRONT"])["calibrated_sensor_token"])
@@ -146,34 +155,12 @@ def test_shards_match_devkit(nusc, shard_dir):
         sx = cfg.image_size[0] / nusc.get("sample_data", nusc.get(
             "sample", shard.meta["sample_tokens"][0])["data"]["CAM_FRONT"])["width"]
         np.testing.assert_allclose(a["cam_intrinsics"][0][0, 0], k[0, 0] * sx, rtol=1e-5)
+        np.testing.assert_allclose(a["cam_intrinsics"][0][0, 2], (k[0, 2] + 0.5) * sx - 0.5, rtol=1e-5)
         assert a["images"].shape[1:] == (1, cfg.image_size[1], cfg.image_size[0], 3) and a["image_mask"].all()
         assert shard.meta["tags"] == [t.strip().lower() for t in nusc.get("scene", shard.meta["token"])[
             "description"].split(",") if t.strip()]
     assert checked == sum(len(s.meta["sample_tokens"]) for s in shards.values())
-
-
-def test_lidar_sweeps_accumulate_like_the_devkit(tmp_path, synth_root, nusc, ray_session):
-    """lidar_sweeps=2: the key scan plus the previous sweep, both in the key frame's ego coordinates."""
-    from nuscenes.utils.data_classes import LidarPointCloud
-    from pyquaternion import Quaternion
-    from scipy.spatial import cKDTree
-
-    cfg = load_config(PreprocessConfig, TINY, ["lidar_sweeps=2", "lidar_points=100000"])
-    _run(synth_root, tmp_path / "shards", cfg=cfg, split="val")
-    shard = next(iter(_shards(tmp_path / "shards").values()))
-    t = len(shard.meta["sample_tokens"]) - 1
-    sample = nusc.get("sample", shard.meta["sample_tokens"][t])
-    pc, _ = LidarPointCloud.from_file_multisweep(nusc, sample, "LIDAR_TOP", "LIDAR_TOP", nsweeps=2, min_distance=0.0)
-    cs = nusc.get("calibrated_sensor", nusc.get("sample_data", sample["data"]["LIDAR_TOP"])["calibrated_sensor_token"])
-    pc.rotate(Quaternion(cs["rotation"]).rotation_matrix)
-    pc.translate(np.array(cs["translation"]))
-    pts = pc.points.T
-    keep = ((np.abs(pts[:, 0]) <= cfg.lidar_range) & (np.abs(pts[:, 1]) <= cfg.lidar_range)
-            & (pts[:, 2] >= cfg.lidar_z_range[0]) & (pts[:, 2] <= cfg.lidar_z_range[1]))
-    mask = shard.arrays["lidar_mask"][t]
-    assert mask.sum() == keep.sum()  # every point of both sweeps kept (the cap is above the count)
-    dist, _ = cKDTree(shard.arrays["lidar"][t][mask, :3]).query(pts[keep, :3])
-    assert dist.max() < 1e-3
+    assert close_dropped > 0.1 * checked * 20_000 and unknown_velocity > 0   # the world has both, like real scans
 
 
 def test_actions_integrate_back_to_the_trajectory(shard_dir):
@@ -230,12 +217,12 @@ def test_bad_files_skip_only_their_key_frames(tmp_path, synth_root, shard_dir, n
         assert manifest["scenes"][name]["frames"] == len(kept)
         assert [s["index"] for s in manifest["scenes"][name]["skipped"]] == lost
         for key, arr in clean[name].arrays.items():  # every other key frame is kept exactly
-            if key in ("boxes", "box_labels", "box_mask"):
+            if key in ("boxes", "box_labels", "box_mask", "box_velocity_valid"):
                 arr, other = arr[kept], got[name].arrays[key]
                 width = min(arr.shape[1], other.shape[1])
                 assert not arr[:, width:].any() and not other[:, width:].any()
                 np.testing.assert_array_equal(other[:, :width], arr[:, :width])
-            elif key in ("cam_intrinsics", "cam_to_ego"):
+            elif key == "cam_intrinsics":
                 np.testing.assert_array_equal(got[name].arrays[key], arr)
             else:
                 np.testing.assert_array_equal(got[name].arrays[key], arr[kept], err_msg=f"{name} {key}")
@@ -322,6 +309,74 @@ def test_dataroot_without_radar(tmp_path, synth_root, ray_session):
         assert set(ALL_RADARS) <= set(shard.meta["channels_absent"])
         assert not shard.arrays["radar_mask"].any() and shard.arrays["lidar_mask"].any()
         assert shard.arrays["radar"].shape[1:] == (64, 6)
+
+
+def test_every_dropped_box_is_counted_by_reason(tmp_path, synth_root, nusc):
+    """Boxes of non-detection categories, outside box_range and past max_boxes are counted per scene in the
+    manifest, and with the kept ones they add up to every annotation of the kept key frames."""
+    from nuscenes.utils.geometry_utils import transform_matrix
+    from pyquaternion import Quaternion
+
+    from drivejepa.data.shards import category_to_class
+
+    instances = sorted(nusc.instance, key=lambda i: -i["nbr_annotations"])[:3]
+    animal = next(c["token"] for c in nusc.category if c["name"] == "animal")
+
+    def relabel(tables):
+        for inst in tables["instance"]:
+            if inst["token"] in {i["token"] for i in instances}:
+                inst["category_token"] = animal
+
+    world = _world_with_tables(tmp_path, synth_root, relabel)
+    cfg = load_config(PreprocessConfig, TINY, ["max_boxes=4", "box_range=30.0"])
+    _run(world, tmp_path / "shards", cfg=cfg, num_workers=0)
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    relabelled = {i["token"] for i in instances}
+    totals = {"category": 0, "out_of_range": 0, "past_max_boxes": 0}
+    for name, entry in manifest["scenes"].items():
+        shard = _shards(tmp_path / "shards")[name]
+        expected = {"category": 0, "out_of_range": 0, "past_max_boxes": 0}
+        anns = 0
+        for token in shard.meta["sample_tokens"]:
+            sample = nusc.get("sample", token)
+            pose = nusc.get("ego_pose", nusc.get("sample_data", sample["data"]["LIDAR_TOP"])["ego_pose_token"])
+            to_ego = np.linalg.inv(transform_matrix(pose["translation"], Quaternion(pose["rotation"])))
+            in_range = 0
+            for ann_token in sample["anns"]:
+                ann = nusc.get("sample_annotation", ann_token)
+                anns += 1
+                if ann["instance_token"] in relabelled or category_to_class(ann["category_name"]) is None:
+                    expected["category"] += 1
+                    continue
+                x, y, _ = to_ego[:3, :3] @ ann["translation"] + to_ego[:3, 3]
+                if abs(x) > cfg.box_range or abs(y) > cfg.box_range:
+                    expected["out_of_range"] += 1
+                else:
+                    in_range += 1
+            expected["past_max_boxes"] += max(0, in_range - cfg.max_boxes)
+        assert entry["boxes_dropped"] == expected, name
+        assert anns == sum(expected.values()) + int(shard.arrays["box_mask"].sum())
+        totals = {k: totals[k] + v for k, v in expected.items()}
+    assert min(totals.values()) > 0
+
+
+def test_shards_of_an_older_schema_are_rebuilt_never_read(tmp_path, synth_root, shard_dir):
+    from drivejepa.data.shards import SCHEMA_VERSION, load_manifest, read_shard, write_shard
+
+    out = tmp_path / "shards"
+    shutil.copytree(shard_dir, out)
+    old = sorted(out.glob("*.shard"))[0]
+    shard = read_shard(old)
+    arrays = {k: np.array(v) for k, v in shard.arrays.items()}
+    write_shard(old, dict(shard.meta, schema_version=SCHEMA_VERSION - 1), arrays)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(dict(manifest, schema_version=SCHEMA_VERSION - 1)))
+    with pytest.raises(UserError, match=f"schema version {SCHEMA_VERSION - 1} is not {SCHEMA_VERSION}"):
+        load_manifest(out)
+    again = _run(synth_root, out)
+    assert (again.written, again.reused) == (1, again.scenes - 1)
+    assert read_shard(old).meta["schema_version"] == SCHEMA_VERSION and load_manifest(out)
+    assert old.read_bytes() == (Path(shard_dir) / old.name).read_bytes()
 
 
 def test_inconsistent_table_entry_skips_its_key_frame(tmp_path, synth_root, nusc, ray_session):

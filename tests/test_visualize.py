@@ -195,7 +195,7 @@ def test_camera_view_projects_a_box_ahead_onto_the_image_centre(shard_dir):
     from drivejepa.visualization.camera_view import draw_boxes_on_image, project_edges
 
     a = read_shard(shard_path(shard_dir, SCENE)).arrays
-    K, cam_to_ego = np.asarray(a["cam_intrinsics"][0]), np.asarray(a["cam_to_ego"][0])
+    K, cam_to_ego = np.asarray(a["cam_intrinsics"][0]), np.asarray(a["cam_to_key_ego"][0][0])
     ahead = np.array([[15.0 + cam_to_ego[0, 3], cam_to_ego[1, 3], 1.0, 2.0, 4.5, 1.6, 0.0, 0.0, 0.0]])
     behind = ahead * np.array([-1, 1, 1, 1, 1, 1, 1, 1, 1])
     seg_ahead, seg_behind = project_edges(np.concatenate([ahead, behind]), K, cam_to_ego)

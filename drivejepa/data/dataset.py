@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from drivejepa.data.shards import PER_CAMERA, Shard, load_manifest, read_shard, read_shard_meta, shard_path
 from drivejepa.errors import UserError
 
-CAMERA_AXIS = {"images": 1, "image_mask": 1}  # arrays with a per-frame camera axis (after the frame axis)
+CAMERA_AXIS = {"images": 1, "image_mask": 1, "cam_to_key_ego": 1, "cam_timestamps": 1}  # per-frame camera axis
 
 
 class WindowDataset(Dataset):
@@ -102,7 +102,7 @@ def collate_windows(items: list[dict]) -> dict:
         if key in ("scene", "start"):
             continue
         tensors = [it[key] for it in items]
-        if key in ("boxes", "box_labels", "box_mask"):
+        if key in ("boxes", "box_labels", "box_mask", "box_velocity_valid"):
             tensors = [_pad_axis1(t, n_boxes) for t in tensors]
         batch[key] = torch.stack(tensors)
     return batch

@@ -3,8 +3,11 @@
 Images are decoded at reduced size where the format allows (JPEG DCT scaling through ``PIL.Image.draft``: a
 1600x900 frame decoded at 1/4 or 1/8 scale costs a fraction of a full decode), point clouds are read straight from
 their files (lidar ``.pcd.bin``, radar binary ``.pcd``), moved into the key frame's ego coordinates, cropped and
-sampled to fixed counts. A key frame with any unreadable file is skipped and reported with the path and the reason;
-a channel that the scene does not have at all is recorded as absent with all-False masks.
+sampled to fixed counts. Every sensor reading is placed with its own ego pose, as the devkit does: the key frame's
+ego frame is the lidar's (at the lidar's time stamp), and each camera gets its own transform into it at the camera's
+capture time. A key frame with an unreadable key-frame file is skipped and reported with the path and the reason; an
+unreadable older lidar sweep drops only that sweep, also reported. A channel that the scene does not have at all is
+recorded as absent with all-False masks.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from drivejepa.config import ALL_RADARS, PreprocessConfig
 from drivejepa.data.shards import SCHEMA_VERSION, write_shard
 
 LIDAR_DIMS = 5  # x, y, z, intensity, ring
+# Why an annotated box is not in a shard: not a detection class, outside box_range, beyond the nearest max_boxes.
+BOX_DROP_REASONS = ("category", "out_of_range", "past_max_boxes")
 RADAR_FILTERS = {"invalid_state": (0,), "dyn_prop": tuple(range(7)), "ambig_state": (3,)}  # the devkit's defaults
 _PCD_TYPES = {("F", 2): "f2", ("F", 4): "f4", ("F", 8): "f8", ("I", 1): "i1", ("I", 2): "i2", ("I", 4): "i4",
               ("I", 8): "i8", ("U", 1): "u1", ("U", 2): "u2", ("U", 4): "u4", ("U", 8): "u8"}
@@ -53,7 +58,11 @@ def _read_bytes(path: str) -> bytes:
 def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int]]:
     """Decode an image straight to about ``size`` (W, H) with JPEG draft mode, then resize exactly.
 
-    Returns the uint8 [H, W, 3] array and the original (width, height) for scaling the intrinsics."""
+    Returns the uint8 [H, W, 3] array and the original (width, height) for scaling the intrinsics
+    (:func:`scale_intrinsics`). The whole original image maps onto the whole output, pixel centres by the half-pixel
+    rule: DCT scaling averages blocks of 2, 4 or 8 pixels, and where the original is not a whole number of blocks
+    (900 rows at 1/8 decode to 113) the resize reads only the box the original covers (112.5 rows), as
+    ``Image.thumbnail`` does; no crop."""
     import io
 
     from PIL import Image, UnidentifiedImageError
@@ -62,10 +71,11 @@ def load_image(path: str, size: tuple[int, int]) -> tuple[np.ndarray, tuple[int,
     try:
         with Image.open(io.BytesIO(data)) as img:
             original = img.size
-            img.draft("RGB", (int(size[0]), int(size[1])))
+            drafted = img.draft("RGB", (int(size[0]), int(size[1])))
             rgb = img.convert("RGB")
-            if rgb.size != tuple(size):
-                rgb = rgb.resize(tuple(size), Image.BILINEAR)
+            box = tuple(drafted[1]) if drafted else (0, 0, *rgb.size)
+            if rgb.size != tuple(size) or box != (0, 0, *rgb.size):
+                rgb = rgb.resize(tuple(size), Image.BILINEAR, box=box)
             return np.asarray(rgb, dtype=np.uint8), original
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
         raise FrameError(path, f"corrupt image ({exc})") from None
@@ -149,6 +159,15 @@ def rigid_inverse(m: np.ndarray) -> np.ndarray:
     return inv
 
 
+def scale_intrinsics(k: np.ndarray, original: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """3x3 intrinsics of an image of ``original`` (W, H) resized to ``size``: the content of pixel u lands at
+    (u + 0.5) * s - 0.5 (pixel centres at integer coordinates, s = new / old width), so fx' = fx * sx and
+    cx' = (cx + 0.5) * sx - 0.5; likewise along y."""
+    sx, sy = size[0] / original[0], size[1] / original[1]
+    scale = np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5], [0.0, 0.0, 1.0]])
+    return scale @ np.asarray(k, dtype=np.float64)
+
+
 def sensor_to_key_ego(entry: dict, key_pose: np.ndarray) -> np.ndarray:
     """4x4 from a sensor reading (its own ego pose and calibration) to the key frame's ego coordinates."""
     return rigid_inverse(key_pose) @ entry["ego_pose"] @ entry["sensor_to_ego"]
@@ -192,18 +211,37 @@ def _fixed_count(values: np.ndarray, count: int, rng: np.random.Generator) -> tu
     return out, mask
 
 
+def remove_close(points: np.ndarray, radius: float) -> np.ndarray:
+    """Points [N, D] (sensor frame) without those with both |x| and |y| below ``radius``: the devkit's
+    ``LidarPointCloud.remove_close`` (a square around the sensor, which holds the returns off the ego's own body)."""
+    close = (np.abs(points[:, 0]) < radius) & (np.abs(points[:, 1]) < radius)
+    return points[~close]
+
+
 def lidar_frame(entries: list[dict], key_pose: np.ndarray, cfg: PreprocessConfig, sample: str):
-    """Key-frame lidar (plus previous sweeps) in the key ego frame, cropped and sampled: ([N, 4], [N] mask)."""
-    clouds = []
-    for entry in entries:
-        pts = read_lidar(entry["path"])
+    """Key-frame lidar plus previous sweeps in the key ego frame, the devkit's ``from_file_multisweep`` way: each
+    sweep loses its near-sensor returns (:func:`remove_close`, sensor frame) before it is moved, and each point
+    carries its sweep's time lag behind the key scan, 1e-6 * (key time stamp - sweep time stamp) seconds. An older
+    sweep that cannot be read is left out. Cropped and sampled: ([N, 5] x, y, z, intensity, time_lag, [N] mask,
+    [{path, reason}] of the sweeps left out)."""
+    clouds, missing = [], []
+    for k, entry in enumerate(entries):
+        try:
+            pts = read_lidar(entry["path"])
+        except FrameError as exc:
+            if k == 0:
+                raise
+            missing.append({"path": exc.path, "reason": exc.reason})
+            continue
+        pts = remove_close(pts, cfg.lidar_min_distance)
         m = sensor_to_key_ego(entry, key_pose)
         xyz = pts[:, :3].astype(np.float64) @ m[:3, :3].T + m[:3, 3]
-        clouds.append(np.concatenate([xyz, pts[:, 3:4].astype(np.float64)], axis=1))
-    cloud = np.concatenate(clouds) if clouds else np.zeros((0, 4))
+        lag = np.full((len(pts), 1), 1e-6 * (entries[0]["timestamp"] - entry["timestamp"]))
+        clouds.append(np.concatenate([xyz, pts[:, 3:4].astype(np.float64), lag], axis=1))
+    cloud = np.concatenate(clouds)
     r, (zlo, zhi) = cfg.lidar_range, cfg.lidar_z_range
     keep = (np.abs(cloud[:, 0]) <= r) & (np.abs(cloud[:, 1]) <= r) & (cloud[:, 2] >= zlo) & (cloud[:, 2] <= zhi)
-    return _fixed_count(cloud[keep], cfg.lidar_points, _rng(cfg, sample, 0))
+    return (*_fixed_count(cloud[keep], cfg.lidar_points, _rng(cfg, sample, 0)), missing)
 
 
 def radar_frame(entries: dict[str, Optional[dict]], key_pose: np.ndarray, cfg: PreprocessConfig, sample: str):
@@ -223,16 +261,21 @@ def radar_frame(entries: dict[str, Optional[dict]], key_pose: np.ndarray, cfg: P
 
 
 def boxes_frame(boxes: dict[str, np.ndarray], key_pose: np.ndarray, cfg: PreprocessConfig):
-    """Annotated boxes in the key ego frame, nearest first within ``box_range``: ([K, 9], [K] labels)."""
+    """Annotated boxes in the key ego frame, nearest first within ``box_range``: ([K, 9], [K] labels, [K] velocity
+    known, {reason: boxes dropped}). A velocity the devkit cannot estimate (NaN) is stored as 0 with its flag False."""
     rot_t = key_pose[:3, :3].T
     center = (boxes["center"] - key_pose[:3, 3]) @ rot_t.T
     yaw = np.array([math.atan2(r[1, 0], r[0, 0]) for r in (rot_t @ quaternion_matrix(q) for q in boxes["rotation"])])
-    vel3 = np.concatenate([boxes["velocity"], np.zeros((len(center), 1))], axis=1)
+    known = np.isfinite(boxes["velocity"]).all(axis=1)
+    vel3 = np.concatenate([np.where(known[:, None], boxes["velocity"], 0.0), np.zeros((len(center), 1))], axis=1)
     vel = vel3 @ rot_t.T
     out = np.concatenate([center, boxes["size"], yaw.reshape(-1, 1), vel[:, :2]], axis=1).reshape(-1, 9)
     keep = (np.abs(out[:, 0]) <= cfg.box_range) & (np.abs(out[:, 1]) <= cfg.box_range)
-    order = np.argsort(np.hypot(out[:, 0], out[:, 1])[keep], kind="stable")[: cfg.max_boxes]
-    return out[keep][order].astype(np.float32), boxes["label"][keep][order]
+    order = np.argsort(np.hypot(out[:, 0], out[:, 1])[keep], kind="stable")
+    dropped = {"category": int(boxes["dropped_category"]), "out_of_range": int((~keep).sum()),
+               "past_max_boxes": max(0, len(order) - cfg.max_boxes)}
+    order = order[: cfg.max_boxes]
+    return out[keep][order].astype(np.float32), boxes["label"][keep][order], known[keep][order], dropped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,25 +286,29 @@ def _process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
     w, h = cfg.image_size
     images = np.zeros((len(cfg.cameras), h, w, 3), dtype=np.uint8)
     image_mask = np.zeros(len(cfg.cameras), dtype=bool)
+    cam_to_key_ego = np.tile(np.eye(4), (len(cfg.cameras), 1, 1))
+    cam_timestamps = np.zeros(len(cfg.cameras), dtype=np.int64)
     for c, channel in enumerate(cfg.cameras):
         entry = frame["cameras"].get(channel)
         if entry is None:
             continue
         images[c], original = load_image(entry["path"], (w, h))
         image_mask[c] = True
+        cam_to_key_ego[c] = sensor_to_key_ego(entry, key_pose)
+        cam_timestamps[c] = entry["timestamp"]
         if channel not in calib:
-            k = np.array(entry["intrinsic"], dtype=np.float64)
-            k[0] *= w / original[0]
-            k[1] *= h / original[1]
-            calib[channel] = (k, entry["sensor_to_ego"])
+            calib[channel] = scale_intrinsics(entry["intrinsic"], original, (w, h))
     if frame["lidar"]:
-        lidar, lidar_mask = lidar_frame(frame["lidar"], key_pose, cfg, frame["sample"])
+        lidar, lidar_mask, missing_sweeps = lidar_frame(frame["lidar"], key_pose, cfg, frame["sample"])
     else:
-        lidar, lidar_mask = np.zeros((cfg.lidar_points, 4), np.float32), np.zeros(cfg.lidar_points, bool)
+        lidar, lidar_mask = np.zeros((cfg.lidar_points, 5), np.float32), np.zeros(cfg.lidar_points, bool)
+        missing_sweeps = []
     radar, radar_mask = radar_frame(frame["radars"], key_pose, cfg, frame["sample"])
-    boxes, labels = boxes_frame(frame["boxes"], key_pose, cfg)
-    return {"images": images, "image_mask": image_mask, "lidar": lidar, "lidar_mask": lidar_mask, "radar": radar,
-            "radar_mask": radar_mask, "boxes": boxes, "labels": labels}
+    boxes, labels, velocity_valid, dropped = boxes_frame(frame["boxes"], key_pose, cfg)
+    return {"images": images, "image_mask": image_mask, "cam_to_key_ego": cam_to_key_ego,
+            "cam_timestamps": cam_timestamps, "lidar": lidar, "lidar_mask": lidar_mask, "radar": radar,
+            "radar_mask": radar_mask, "boxes": boxes, "labels": labels, "velocity_valid": velocity_valid,
+            "boxes_dropped": dropped, "missing_sweeps": missing_sweeps}
 
 
 def _reset_peak_memory() -> None:
@@ -301,8 +348,11 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
         except FrameError as exc:
             skipped.append({"index": index, "sample": frame["sample"], "path": exc.path, "reason": exc.reason})
     skipped.sort(key=lambda s: s["index"])
-    report = {"scene": task["scene"], "frames": len(kept), "skipped": skipped, "written": False,
-              "peak_rss_mb": _peak_memory_mb(), "cpu_seconds": time.process_time() - cpu_start}
+    missing_sweeps = [{"index": i, "sample": task["frames"][i]["sample"], **m} for i, p in kept
+                      for m in p["missing_sweeps"]]
+    boxes_dropped = {reason: sum(p["boxes_dropped"][reason] for _, p in kept) for reason in BOX_DROP_REASONS}
+    report = {"scene": task["scene"], "frames": len(kept), "skipped": skipped, "missing_sweeps": missing_sweeps,
+              "written": False, "peak_rss_mb": _peak_memory_mb(), "cpu_seconds": time.process_time() - cpu_start}
     if not kept:
         return report
     frames = task["frames"]
@@ -315,15 +365,16 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
     boxes = np.zeros((t, n_boxes, 9), np.float32)
     box_labels = np.zeros((t, n_boxes), np.int64)
     box_mask = np.zeros((t, n_boxes), bool)
+    velocity_valid = np.zeros((t, n_boxes), bool)
     for j, (_, p) in enumerate(kept):
         k = len(p["labels"])
         boxes[j, :k], box_labels[j, :k], box_mask[j, :k] = p["boxes"], p["labels"], True
+        velocity_valid[j, :k] = p["velocity_valid"]
     n_cam = len(cfg.cameras)
     intrinsics = np.zeros((n_cam, 3, 3), np.float32)
-    cam_to_ego = np.tile(np.eye(4, dtype=np.float32), (n_cam, 1, 1))
     for c, channel in enumerate(cfg.cameras):
         if channel in calib:
-            intrinsics[c], cam_to_ego[c] = calib[channel]
+            intrinsics[c] = calib[channel]
     arrays = {
         "images": np.stack([p["images"] for _, p in kept]),
         "image_mask": np.stack([p["image_mask"] for _, p in kept]),
@@ -338,8 +389,10 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
         "boxes": boxes,
         "box_labels": box_labels,
         "box_mask": box_mask,
+        "box_velocity_valid": velocity_valid,
         "cam_intrinsics": intrinsics,
-        "cam_to_ego": cam_to_ego,
+        "cam_to_key_ego": np.stack([p["cam_to_key_ego"] for _, p in kept]).astype(np.float32),
+        "cam_timestamps": np.stack([p["cam_timestamps"] for _, p in kept]),
     }
     meta = {
         "schema_version": SCHEMA_VERSION,
@@ -354,6 +407,8 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
         "frame_indices": idx,
         "num_samples": len(frames),
         "skipped": skipped,
+        "missing_sweeps": missing_sweeps,
+        "boxes_dropped": boxes_dropped,
     }
     write_shard(out_path, meta, arrays)
     report["written"] = True

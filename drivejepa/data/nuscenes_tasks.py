@@ -45,6 +45,14 @@ def check_dataroot(dataroot: str | Path, version: str) -> Path:
     return dataroot
 
 
+def check_sweeps(dataroot: str | Path, cfg: PreprocessConfig) -> None:
+    """One-line UserError when ``lidar_sweeps > 1`` asks for sweeps that this dataroot does not hold."""
+    folder = Path(dataroot) / "sweeps" / LIDAR
+    if cfg.lidar_sweeps > 1 and not (folder.is_dir() and any(folder.iterdir())):
+        raise UserError(f"{folder}: lidar_sweeps = {cfg.lidar_sweeps} needs the lidar sweeps and this dataroot has "
+                        "none (add nuScenes' sweeps/, write the synthetic world with --sweeps, or set lidar_sweeps=1)")
+
+
 def load_nuscenes(dataroot: str | Path, version: str):
     """The devkit database, with devkit failures on broken tables turned into a UserError naming the version."""
     dataroot = check_dataroot(dataroot, version)
@@ -113,18 +121,23 @@ def _lidar_entries(nusc, sd_token: str, sweeps: int) -> list[dict]:
 
 
 def _boxes(nusc, sample: dict) -> dict[str, np.ndarray]:
+    """The sample's annotations of detection classes (global frame); the others are only counted. Velocities are
+    the devkit's ``box_velocity``, NaN where it cannot estimate one (a single annotation, too long a gap)."""
     centers, sizes, rotations, velocities, labels = [], [], [], [], []
+    other = 0
     for ann_token in sample["anns"]:
         ann = nusc.get("sample_annotation", ann_token)
         label = category_to_class(ann["category_name"])
         if label is None:
+            other += 1
             continue
         centers.append(ann["translation"])
         sizes.append(ann["size"])
         rotations.append(ann["rotation"])
-        velocities.append(np.nan_to_num(nusc.box_velocity(ann_token)[:2], nan=0.0))
+        velocities.append(nusc.box_velocity(ann_token)[:2])
         labels.append(label)
     return {
+        "dropped_category": other,
         "center": np.asarray(centers, dtype=np.float64).reshape(-1, 3),
         "size": np.asarray(sizes, dtype=np.float64).reshape(-1, 3),
         "rotation": np.asarray(rotations, dtype=np.float64).reshape(-1, 4),

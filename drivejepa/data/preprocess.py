@@ -35,6 +35,7 @@ class PreprocessSummary:
     frames: int = 0                     # key frames in the selected scenes' shards
     frames_written: int = 0             # key frames processed by this run
     skipped_frames: list[dict] = dataclasses.field(default_factory=list)   # scene, sample, path, reason
+    missing_sweeps: list[dict] = dataclasses.field(default_factory=list)   # scene, index, sample, path, reason
     skipped_scenes: list[dict] = dataclasses.field(default_factory=list)   # scene, reason
     seconds: float = 0.0
     peak_worker_rss_mb: float = 0.0
@@ -58,6 +59,8 @@ class PreprocessSummary:
         problems = [f"  skipped scene {s['scene']}: {s['reason']}" for s in self.skipped_scenes]
         problems += [f"  skipped {s['scene']} frame {s['index']}: {s['path']}: {s['reason']}"
                      for s in self.skipped_frames]
+        problems += [f"  left out a lidar sweep of {s['scene']} frame {s['index']}: {s['path']}: {s['reason']}"
+                     for s in self.missing_sweeps]
         lines += problems[:max_lines]
         if len(problems) > max_lines:
             lines.append(f"  ... and {len(problems) - max_lines} more (see {self.out / 'manifest.json'})")
@@ -73,7 +76,8 @@ class PreprocessSummary:
 def _manifest_entry(meta: dict, path: Path) -> dict:
     return {"file": path.name, "token": meta["token"], "frames": len(meta["frame_indices"]),
             "num_samples": meta["num_samples"], "description": meta["description"], "tags": meta["tags"],
-            "channels_absent": meta["channels_absent"], "skipped": meta["skipped"]}
+            "channels_absent": meta["channels_absent"], "skipped": meta["skipped"],
+            "missing_sweeps": meta["missing_sweeps"], "boxes_dropped": meta["boxes_dropped"]}
 
 
 def _complete(path: Path, chash: str) -> Optional[dict]:
@@ -105,11 +109,12 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
     joins a running Ray cluster. ``overwrite`` rewrites shards that are complete and current."""
     from tqdm import tqdm
 
-    from drivejepa.data.nuscenes_tasks import load_nuscenes, scene_task, select_scenes
+    from drivejepa.data.nuscenes_tasks import check_dataroot, check_sweeps, load_nuscenes, scene_task, select_scenes
 
     start, cpu_start = time.perf_counter(), time.process_time()
     out = Path(out)
     chash = config_hash(cfg)
+    check_sweeps(check_dataroot(dataroot, version), cfg)
     nusc = load_nuscenes(dataroot, version)
     scenes, splits = select_scenes(nusc, version, split)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,7 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
             manifest["scenes"][scene["name"]] = _manifest_entry(meta, path)
             summary.reused += 1
             summary.skipped_frames += [{"scene": scene["name"], **s} for s in meta["skipped"]]
+            summary.missing_sweeps += [{"scene": scene["name"], **s} for s in meta["missing_sweeps"]]
     # Current shards of an earlier run outside this selection stay listed.
     selected = {s["name"] for s in scenes}
     for name in sorted(_previous_scenes(out) - selected):
@@ -143,6 +149,7 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
         name = report["scene"]
         for s in report["skipped"]:
             summary.skipped_frames.append({"scene": name, **s})
+        summary.missing_sweeps += [{"scene": name, **s} for s in report.get("missing_sweeps", [])]
         summary.peak_worker_rss_mb = max(summary.peak_worker_rss_mb, report["peak_rss_mb"])
         summary.worker_cpu_seconds += report["cpu_seconds"]
         summary.frames_written += report["frames"]

@@ -26,7 +26,7 @@ import numpy as np
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_path, atomic_write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lidar time lag, per-frame camera poses and timestamps, box velocity mask
 MAGIC = b"DJSHARD\0"
 ALIGN = 64
 SHARD_SUFFIX = ".shard"
@@ -68,11 +68,15 @@ ARRAY_DTYPES = {
     "boxes": np.float32,
     "box_labels": np.int64,
     "box_mask": np.bool_,
+    "box_velocity_valid": np.bool_,
     "cam_intrinsics": np.float32,
-    "cam_to_ego": np.float32,
+    "cam_to_key_ego": np.float32,
+    "cam_timestamps": np.int64,
 }
+# What each lidar point holds, in this order.
+LIDAR_CHANNELS = ("x", "y", "z", "intensity", "time_lag")
 # Arrays with one row per camera, not per frame.
-PER_CAMERA = ("cam_intrinsics", "cam_to_ego")
+PER_CAMERA = ("cam_intrinsics",)
 
 
 def category_to_class(category: str) -> Optional[int]:

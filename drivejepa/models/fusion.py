@@ -86,7 +86,7 @@ class MultimodalEncoder(nn.Module):
             out.append(("image", *self.image(obs["images"], obs.get("image_mask"))))
         for name, branch in (("lidar", self.lidar), ("radar", self.radar)):
             if name in obs:
-                tokens = branch(obs[name], obs.get(f"{name}_mask"))
+                tokens = branch(obs[name][..., : branch.in_dim], obs.get(f"{name}_mask"))  # lidar: not time_lag
                 out.append((name, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)))
         if not out:
             raise ValueError("obs holds none of 'images', 'lidar', 'radar'")

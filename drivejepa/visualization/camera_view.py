@@ -1,4 +1,5 @@
-"""Boxes drawn onto a camera image with the shard's calibration (``cam_intrinsics`` [3, 3], ``cam_to_ego`` [4, 4]).
+"""Boxes drawn onto a camera image with the shard's calibration of that key frame and camera: ``cam_intrinsics``
+[3, 3] and ``cam_to_key_ego`` [4, 4], the camera at its own capture time to the key frame's ego frame the boxes are in.
 
 Edges are clipped at a near plane in front of the camera, so a box beside or behind the car never smears across the
 image. Images are upscaled first (intrinsics scaled with them) so thin lines stay legible on small shard images.
@@ -16,10 +17,10 @@ NEAR = 0.3         # metres in front of the camera: edges are clipped here
 MIN_DEPTH = 1.0    # boxes whose centre is nearer than this (or behind the camera) are not drawn
 
 
-def project_edges(boxes: np.ndarray, intrinsics: np.ndarray, cam_to_ego: np.ndarray) -> list[np.ndarray]:
-    """Per box, its visible edges as [E, 2, 2] pixel segments (edges behind the near plane are clipped or dropped;
-    a box around or behind the camera gets none)."""
-    ego_to_cam = np.linalg.inv(np.asarray(cam_to_ego, dtype=np.float64))
+def project_edges(boxes: np.ndarray, intrinsics: np.ndarray, cam_to_key_ego: np.ndarray) -> list[np.ndarray]:
+    """Per box (key ego frame), its visible edges as [E, 2, 2] pixel segments (edges behind the near plane are clipped
+    or dropped; a box around or behind the camera gets none)."""
+    ego_to_cam = np.linalg.inv(np.asarray(cam_to_key_ego, dtype=np.float64))
     K = np.asarray(intrinsics, dtype=np.float64)
     out = []
     for corners in box_corners(boxes) if len(boxes) else []:
@@ -42,7 +43,7 @@ def project_edges(boxes: np.ndarray, intrinsics: np.ndarray, cam_to_ego: np.ndar
     return out
 
 
-def draw_boxes_on_image(image: np.ndarray, intrinsics: np.ndarray, cam_to_ego: np.ndarray,
+def draw_boxes_on_image(image: np.ndarray, intrinsics: np.ndarray, cam_to_key_ego: np.ndarray,
                         boxes: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
                         decoded_boxes: Optional[np.ndarray] = None, min_width: int = 640,
                         line_width: int = 2) -> np.ndarray:
@@ -50,12 +51,13 @@ def draw_boxes_on_image(image: np.ndarray, intrinsics: np.ndarray, cam_to_ego: n
     their category colours and decoded boxes in the prediction colour."""
     from PIL import Image, ImageDraw
 
+    from drivejepa.data.frames import scale_intrinsics
+
     h, w = image.shape[:2]
     scale = max(1.0, min_width / w)
-    canvas = Image.fromarray(np.ascontiguousarray(image[..., :3])).resize((round(w * scale), round(h * scale)),
-                                                                         Image.BILINEAR)
-    K = np.asarray(intrinsics, dtype=np.float64).copy()
-    K[:2] *= scale
+    size = (round(w * scale), round(h * scale))
+    canvas = Image.fromarray(np.ascontiguousarray(image[..., :3])).resize(size, Image.BILINEAR)
+    K = scale_intrinsics(intrinsics, (w, h), size)
     draw = ImageDraw.Draw(canvas)
     layers: Sequence = []
     if boxes is not None and len(boxes):
@@ -64,7 +66,7 @@ def draw_boxes_on_image(image: np.ndarray, intrinsics: np.ndarray, cam_to_ego: n
     if decoded_boxes is not None and len(decoded_boxes):
         layers = [*layers, (decoded_boxes, [PRED_COLOR] * len(decoded_boxes))]
     for group, colors in layers:
-        for segments, color in zip(project_edges(group, K, cam_to_ego), colors):
+        for segments, color in zip(project_edges(group, K, cam_to_key_ego), colors):
             fill = tuple(int(round(c * 255)) for c in color)
             for (u0, v0), (u1, v1) in segments:
                 draw.line([(u0, v0), (u1, v1)], fill=fill, width=line_width)

@@ -216,7 +216,7 @@ def _camera_views(a, cameras: list[str], cams: list[int], t: int, steps: list[di
         for c in cams:
             if not bool(a["image_mask"][f][c]):
                 continue
-            img = draw_boxes_on_image(np.asarray(a["images"][f][c]), a["cam_intrinsics"][c], a["cam_to_ego"][c],
+            img = draw_boxes_on_image(np.asarray(a["images"][f][c]), a["cam_intrinsics"][c], a["cam_to_key_ego"][f][c],
                                       boxes, labels, decoded)
             name = cameras[c] if c < len(cameras) else f"camera {c}"
             legend = [("decoded boxes", PRED_COLOR)] + [(_class_name(int(lb)), category_color(int(lb)))
