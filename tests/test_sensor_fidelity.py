@@ -136,11 +136,10 @@ def test_sweeps_accumulate_like_from_file_multisweep(sweep_world, tmp_path):
     cfg = load_config(PreprocessConfig, TINY, ["lidar_sweeps=5", "lidar_points=200000"])
     shard, report = _build(nusc, "scene-0001", cfg, tmp_path / "scene.shard")
     assert report["missing_sweeps"] == [] and report["skipped"] == []
-    a, r = shard.arrays, cfg.lidar_min_distance
+    a, r = shard.arrays, 1.0              # the devkit's default radius
     for t, token in enumerate(shard.meta["sample_tokens"]):
         sample = nusc.get("sample", token)
-        pc, times = LidarPointCloud.from_file_multisweep(nusc, sample, "LIDAR_TOP", "LIDAR_TOP", nsweeps=5,
-                                                         min_distance=r)
+        pc, times = LidarPointCloud.from_file_multisweep(nusc, sample, "LIDAR_TOP", "LIDAR_TOP", nsweeps=5)
         key_sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
         cs = nusc.get("calibrated_sensor", key_sd["calibrated_sensor_token"])
         pc.rotate(Quaternion(cs["rotation"]).rotation_matrix)
