@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from drivejepa.config import ALL_RADARS, PreprocessConfig
-from drivejepa.data.shards import SCHEMA_VERSION, write_shard
+from drivejepa.data.shards import LIDAR_CHANNELS, SCHEMA_VERSION, write_shard
 
 LIDAR_DIMS = 5  # x, y, z, intensity, ring
 # Why an annotated box is not in a shard: not a detection class, outside box_range, beyond the nearest max_boxes.
@@ -301,7 +301,8 @@ def _process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
     if frame["lidar"]:
         lidar, lidar_mask, missing_sweeps = lidar_frame(frame["lidar"], key_pose, cfg, frame["sample"])
     else:
-        lidar, lidar_mask = np.zeros((cfg.lidar_points, 5), np.float32), np.zeros(cfg.lidar_points, bool)
+        lidar = np.zeros((cfg.lidar_points, len(LIDAR_CHANNELS)), np.float32)
+        lidar_mask = np.zeros(cfg.lidar_points, bool)
         missing_sweeps = []
     radar, radar_mask = radar_frame(frame["radars"], key_pose, cfg, frame["sample"])
     boxes, labels, velocity_valid, dropped = boxes_frame(frame["boxes"], key_pose, cfg)
