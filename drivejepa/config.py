@@ -233,6 +233,7 @@ class ModelConfig:
     latent_dim: int = 256
     image_backbone: str = "resnet18"
     image_weights: str = ""                           # local .pth/.safetensors file; empty = random init
+    image_size: Optional[tuple[int, int]] = None      # (width, height) the backbone sees; null = as in the shards
     image_tokens: int = 8                             # tokens per camera after pooling
     lidar_widths: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
     lidar_tokens: int = 16
@@ -277,8 +278,10 @@ class OptimConfig:
     clip_grad: float = 1.0
     epochs: int = 10
     max_steps: int = 0                                # 0 = run all epochs
-    amp: bool = True                                  # bf16 autocast on CPU, fp16+GradScaler / bf16 on CUDA
-    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    # Mixed precision (drivejepa/precision.py): auto = bf16 on CUDA where supported, else fp16 + GradScaler; on a
+    # CPU bf16 only with native bf16 (AVX512-BF16 / AMX), else fp32. true forces autocast, false forces fp32.
+    amp: Union[bool, Literal["auto"]] = "auto"
+    amp_dtype: Literal["auto", "bfloat16", "float16"] = "auto"   # CUDA autocast dtype; auto = bf16 where supported
 
 
 @dataclasses.dataclass

@@ -263,18 +263,63 @@ def test_size_presets_and_conflicts():
     assert custom.encode({"lidar": torch.randn(1, 5, 4)}).shape == (1, 24)
 
 
-def test_local_image_weights_are_loaded(tmp_path):
-    source = tiny_model()
-    path = tmp_path / "resnet18.pth"
-    torch.save(source.encoder.image.backbone.state_dict(), path)
-    loaded = tiny_model(image_weights=str(path))
-    for a, b in zip(source.encoder.image.backbone.state_dict().values(),
-                    loaded.target_encoder.image.backbone.state_dict().values()):
-        torch.testing.assert_close(a, b)
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_image_weights_load_through_timm_and_never_a_hub(tmp_path, monkeypatch, suffix):
+    import timm
+    import timm.models._builder as builder
+
     from drivejepa.errors import UserError
 
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a weight file was requested from the internet")
+
+    for name in ("load_state_dict_from_url", "load_state_dict_from_hf", "download_cached_file"):
+        if hasattr(builder, name):
+            monkeypatch.setattr(builder, name, no_hub)
+    # A full ImageNet-style checkpoint, classifier included, as users download them.
+    source = timm.create_model("resnet18", pretrained=False)
+    state = source.state_dict()
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    loaded = tiny_model(image_weights=str(path))
+    for key, value in loaded.target_encoder.image.backbone.state_dict().items():
+        torch.testing.assert_close(value, state[key])
     with pytest.raises(UserError, match="not found"):
         tiny_model(image_weights=str(tmp_path / "missing.pth"))
+    broken = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("layer4.")}, broken)
+    with pytest.raises(UserError, match="partial.pth"):
+        tiny_model(image_weights=str(broken))
+
+
+def test_image_normalisation_comes_from_the_backbones_pretrained_cfg():
+    """timm's test_resnet is trained on (0.5, 0.5, 0.5) statistics, resnet18 on ImageNet's: each gets its own."""
+    for backbone in ("resnet18", "test_resnet"):
+        image = tiny_model(image_backbone=backbone).encoder.image
+        cfg = image.backbone.pretrained_cfg
+        torch.testing.assert_close(image.mean.flatten(), torch.tensor(cfg["mean"]) * 255.0)
+        torch.testing.assert_close(image.std.flatten(), torch.tensor(cfg["std"]) * 255.0)
+        grey = torch.full((1, 4, 4, 3), 127.5)
+        expected = (0.5 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+        torch.testing.assert_close(image.normalise(grey)[0, :, 0, 0], expected)
+
+
+def test_model_image_size_resizes_what_the_backbone_sees():
+    seen = []
+    image = tiny_model(image_size=(24, 16)).encoder.image
+    image.backbone.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    obs = make_obs()
+    tokens, _ = image(obs["images"], obs["image_mask"])
+    assert seen == [(B * len(CAMERAS), 3, 16, 24)] and tokens.shape[:2] == (B, len(CAMERAS) * image.tokens)
+    # A uniform image stays uniform: the resize is a filter, not a crop.
+    flat = torch.full((1, H, W, 3), 200, dtype=torch.uint8)
+    x = image.normalise(flat)
+    assert x.shape == (1, 3, 16, 24) and float(x.flatten(2).std(dim=-1).max()) < 1e-4
 
 
 def test_modality_dropout_hides_sensors_only_in_training():

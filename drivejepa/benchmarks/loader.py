@@ -73,12 +73,12 @@ def measure_train_step(cfg, batch: dict, steps: int) -> dict:
 
     from drivejepa.models.world_model import build_world_model
     from drivejepa.training.optim import build_optimizer
-    from drivejepa.training.trainer import autocast_factory
+    from drivejepa.precision import choose_precision
 
     torch.manual_seed(cfg.seed)
     model = build_world_model(cfg).train()
     optimizer = build_optimizer(model, cfg.optim)
-    autocast = autocast_factory(torch.device("cpu"), cfg.optim.amp, cfg.optim.amp_dtype)
+    autocast = choose_precision(torch.device("cpu"), cfg.optim.amp, cfg.optim.amp_dtype).autocast
     params = [p for p in model.parameters() if p.requires_grad]
     times = []
     for i in range(steps + 1):

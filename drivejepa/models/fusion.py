@@ -67,7 +67,8 @@ class MultimodalEncoder(nn.Module):
         dim = cfg.latent_dim
         self.dim = dim
         self.modality_dropout = cfg.modality_dropout
-        self.image = ImageEncoder(dim, cameras, cfg.image_tokens, cfg.image_backbone, cfg.image_weights)
+        self.image = ImageEncoder(dim, cameras, cfg.image_tokens, cfg.image_backbone, cfg.image_weights,
+                                  cfg.image_size)
         self.lidar = PointNet(LIDAR_SCALES, cfg.lidar_widths, dim, cfg.lidar_tokens)
         self.radar = PointNet(RADAR_SCALES, cfg.radar_widths, dim, cfg.radar_tokens)
         self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), dim))

@@ -8,6 +8,7 @@ target encoder, predictor) and the resume state: optimizer, scheduler, scaler, R
 (batches of the epoch already consumed), best validation error and the world size the run had."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -104,7 +105,8 @@ def load_world_model(path: str | Path, device: str | torch.device = "cpu"):
     cfg = config_of(ckpt, f"{path} (config)")
     if ckpt.get("cameras"):
         cfg.data.cameras = list(ckpt["cameras"])
-    model = build_world_model(cfg)
+    # The checkpoint holds the image weights; the file training started from need not exist where it is loaded.
+    model = build_world_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, image_weights="")))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit the model its config describes "

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from drivejepa.config import TrainConfig, config_hash, config_to_dict, save_config
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_path, atomic_write_json
+from drivejepa.precision import choose_precision
 from drivejepa.runtime import seed_everything
 from drivejepa.training import checkpoint as ckpt_mod
 from drivejepa.training.distributed import (DistInfo, ResumableSampler, all_true, gather_objects, init_distributed,
@@ -67,14 +68,6 @@ class _LossModule(nn.Module):
 
     def forward(self, batch: dict):
         return self.model.loss(batch, self.loss_cfg, self.context)
-
-
-def autocast_factory(device: torch.device, amp: bool, amp_dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CPU; fp16 or bf16 on CUDA (fp16 goes with a GradScaler); a no-op when ``amp`` is off."""
-    if not amp:
-        return contextlib.nullcontext
-    dtype = torch.float16 if device.type == "cuda" and amp_dtype == "float16" else torch.bfloat16
-    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def _windows_datasets(cfg: TrainConfig):
@@ -157,9 +150,9 @@ class _Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        self.autocast = autocast_factory(info.device, cfg.optim.amp, cfg.optim.amp_dtype)
-        use_scaler = cfg.optim.amp and info.device.type == "cuda" and cfg.optim.amp_dtype == "float16"
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=use_scaler)
+        self.precision = choose_precision(info.device, cfg.optim.amp, cfg.optim.amp_dtype)
+        self.autocast = self.precision.autocast
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.precision.grad_scaler)
         # Each rank draws its own dropout masks; rank 0 of a DDP run draws what a single process would.
         seed_everything(cfg.seed + info.rank, cfg.deterministic)
 
@@ -304,6 +297,8 @@ class _Run:
                      "%d steps/epoch, %d steps", n_params / 1e6, info.device, info.world_size, len(self.train_ds),
                      len(self.val_ds) if self.val_ds else 0, cfg.data.batch_size, self.steps_per_epoch,
                      self.total_steps)
+            log.info("precision: %s (%s)", self.precision.name, self.precision.reason)
+        self.logger.event("precision", self.step, **self.precision.as_dict())
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
@@ -408,6 +403,9 @@ class _Run:
             "run_dir": str(self.run_dir), "rank": self.info.rank, "steps": self.step, "total_steps": self.total_steps,
             "epochs": self.step / self.steps_per_epoch, "seconds": elapsed, "parameters": n_params,
             "device": str(self.info.device), "processes": self.info.world_size,
+            "precision": self.precision.as_dict(),
+            "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(self.info.device) / 1e9
+                                   if self.info.device.type == "cuda" else None),
             "windows_per_s": steps_run * self.cfg.data.batch_size / elapsed if elapsed > 0 else 0.0,
             "data_wait_share": self.clock["wait"] / self.clock["total"] if self.clock["total"] else 0.0,
             "train_loss": records_loss, "bad_steps": self.bad_total, "val": self.last_val,
@@ -445,6 +443,7 @@ def format_summary(summary: dict, horizon: int) -> str:
         f"run            {summary['run_dir']}",
         f"steps          {summary['steps']} ({summary['epochs']:.1f} epochs) in {summary['seconds']:.0f} s on "
         f"{summary['device']} x {summary['processes']}, {summary['parameters'] / 1e6:.2f}M parameters",
+        f"precision      {summary['precision']['name']} ({summary['precision']['reason']})",
         f"throughput     {summary['windows_per_s']:.1f} windows/s, {100 * summary['data_wait_share']:.1f}% of step "
         "time waiting for data",
         f"train loss     {summary['train_loss']:.4f}" if summary["train_loss"] is not None else "train loss     -",
