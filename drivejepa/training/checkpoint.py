@@ -1,14 +1,21 @@
 """Checkpoints: one dict written atomically with torch.save, read back with weights_only=True.
 
-Layout of RUN/checkpoints/: ``last.pt`` (rewritten every ``ckpt_every`` steps and at each epoch end),
-``step_XXXXXXX.pt`` (kept at each epoch end), ``best.pt`` (lowest validation latent error relative
-to copy-last, averaged over horizons). Each holds
-``config`` (config_to_dict(TrainConfig)), ``cameras``, ``model`` (WorldModel.state_dict(): online encoder, EMA
-target encoder, predictor) and the resume state: optimizer, scheduler, scaler, RNG states, step, epoch, position
-(batches of the epoch already consumed), best validation error and the world size the run had."""
+Layout of RUN/checkpoints/: ``step_XXXXXXX.pt`` (written every ``ckpt_every`` steps, at each epoch end and when a
+signal stops the run; the newest ``keep_checkpoints`` are kept), ``last.pt`` (a hard link to the newest step file),
+``best.pt`` (lowest validation latent error relative to copy-last, averaged over horizons; weights only). Each holds
+``config`` (config_to_dict(TrainConfig) with the model's architecture resolved), ``cameras``, ``model``
+(WorldModel.state_dict(): online encoder, EMA target encoder, predictor), ``constants`` (the model's non-persistent
+buffers: action and point scales, image mean/std, ...), ``shards`` (config hash and preprocessing config of the
+shards it was trained on) and the resume state: optimizer, scheduler, scaler, RNG states, step, epoch, position
+(batches of the epoch already consumed), the step of the last validation, best validation error and the world size.
+
+Loading refuses, in one line naming them, weights that do not fit the config and constants that differ from the
+code's (:func:`load_world_model`), and shards made with another preprocessing config (:func:`check_shards`)."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +39,13 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def save_checkpoint(path: str | Path, state: dict) -> Path:
     """Write ``state`` so that ``path`` is either the old file or the complete new one, never a partial file."""
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+        try:
+            torch.save({"format": FORMAT, **state}, tmp)
+        except RuntimeError as exc:  # torch wraps a failed write (a full disk) in a RuntimeError
+            stat = os.statvfs(Path(path).parent)
+            code = errno.ENOSPC if stat.f_bavail * stat.f_frsize < 2 ** 20 else errno.EIO
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise OSError(code, f"{os.strerror(code)} (checkpoint not written: {reason})", str(path)) from exc
     return Path(path)
 
 
@@ -49,23 +62,117 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, mma
     return ckpt
 
 
+def checkpoint_files(run_dir: str | Path) -> list[Path]:
+    """Every checkpoint file of RUN (step files, last.pt, best.pt)."""
+    folder = checkpoint_dir(run_dir)
+    return sorted(folder.glob("step_*.pt")) + [p for p in (folder / "last.pt", folder / "best.pt") if p.is_file()]
+
+
 def find_latest(run_dir: str | Path) -> Optional[Path]:
-    """The resumable checkpoint of RUN with the highest step (``last.pt`` wins a tie), or None when there is none."""
+    """The readable, resumable checkpoint of RUN with the highest step (``last.pt`` wins a tie); None when RUN
+    holds no checkpoint at all. An unreadable one is named and passed over; when checkpoints exist but none can be
+    resumed from, a UserError names each and why, so that a run never starts over on top of them."""
     folder = checkpoint_dir(run_dir)
     candidates = sorted(folder.glob("step_*.pt")) + [folder / "last.pt"]
     best: Optional[tuple[int, int, Path]] = None
+    problems = []
     for rank, path in enumerate(candidates):
         if not path.is_file():
             continue
         try:
-            step = int(load_checkpoint(path, mmap=True).get("step", -1))
+            ckpt = load_checkpoint(path, mmap=True)
         except UserError as exc:
-            log.warning("skipping %s", exc)
+            log.warning("passing over %s", exc)
+            problems.append(str(exc))
             continue
-        key = (step, rank, path)
+        missing = [k for k in RESUME_KEYS if k not in ckpt]
+        if missing:
+            problems.append(f"{path}: no resume state ({', '.join(missing)})")
+            continue
+        key = (int(ckpt["step"]), rank, path)
         if best is None or key[:2] > best[:2]:
             best = key
+    if best is None and checkpoint_files(run_dir):
+        raise UserError(f"{folder}: no checkpoint to resume from ({'; '.join(problems) or 'only best.pt'}); "
+                        "refusing to start over on top of this run: move it away or choose another --out")
     return None if best is None else best[2]
+
+
+RESUME_KEYS = ("optimizer", "scheduler", "rng", "step")
+
+
+def save_rotated(run_dir: str | Path, state: dict, step: int, keep: int) -> Path:
+    """Write ``step_XXXXXXX.pt``, point ``last.pt`` at it (a hard link, replaced atomically; a copy where links are
+    not supported) and delete all but the newest ``keep`` step files. Returns the step file."""
+    folder = checkpoint_dir(run_dir)
+    step_file = save_checkpoint(folder / f"step_{step:07d}.pt", state)
+    last = folder / "last.pt"
+    with atomic_path(last) as tmp:
+        tmp.unlink()
+        try:
+            os.link(step_file, tmp)
+        except OSError:
+            torch.save({"format": FORMAT, **state}, tmp)
+    for old in sorted(folder.glob("step_*.pt"))[:-max(1, keep)]:
+        old.unlink(missing_ok=True)
+    return step_file
+
+
+def model_constants(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's non-persistent buffers (constants defined by the code, not learned), by name, on the CPU."""
+    persistent = set(model.state_dict())
+    return {name: buf.detach().cpu().clone() for name, buf in model.named_buffers() if name not in persistent}
+
+
+def check_constants(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:
+    """UserError naming every constant whose value in the checkpoint differs from the code's."""
+    saved = ckpt.get("constants")
+    if saved is None:
+        log.warning("%s: holds no model constants (written by an older drivejepa); assuming they match", path)
+        return
+    mine = model_constants(model)
+    changed = sorted(name for name in set(saved) | set(mine)
+                     if name not in saved or name not in mine or saved[name].shape != mine[name].shape
+                     or not torch.equal(saved[name].to(mine[name].dtype), mine[name]))
+    if changed:
+        raise UserError(f"{path}: the model constants {changed} differ from this code's; the weights were trained "
+                        "with the old values, so this checkpoint would mean something else (use the drivejepa "
+                        "version that wrote it)")
+
+
+SHARD_FIELDS = ("cameras", "image_size", "lidar_points", "radar_points")
+
+
+def shards_provenance(shard_dir: str | Path) -> dict:
+    """What a checkpoint records about the shards it was trained on."""
+    from drivejepa.data.shards import load_manifest
+
+    manifest = load_manifest(shard_dir)
+    return {"config_hash": manifest.get("config_hash"), "config": manifest.get("config", {})}
+
+
+def check_shards(ckpt: dict, shard_dir: str | Path, path: str | Path, *, allow_other: bool = False) -> None:
+    """Refuse (UserError) shards made with another preprocessing config than the checkpoint's, naming the fields
+    that differ (cameras, image size, point counts); ``allow_other`` turns the refusal into a warning. Cameras the
+    model needs and the shards lack are always refused."""
+    trained = ckpt.get("shards")
+    if not trained:
+        log.warning("%s: records no shard config (written by an older drivejepa); shards are not compared", path)
+        return
+    now = shards_provenance(shard_dir)
+    missing = [c for c in ckpt.get("cameras", []) if c not in now["config"].get("cameras", [])]
+    if missing:
+        raise UserError(f"{shard_dir}: shards lack cameras {missing} that {path} was trained with")
+    if now["config_hash"] == trained["config_hash"]:
+        return
+    diffs = [f"{k} {trained['config'].get(k)!r} -> {now['config'].get(k)!r}" for k in SHARD_FIELDS
+             if trained["config"].get(k) != now["config"].get(k)]
+    what = ", ".join(diffs) or "other preprocessing settings"
+    message = (f"{shard_dir}: shards made with preprocess config {now['config_hash']}, {path} was trained on "
+               f"{trained['config_hash']} ({what})")
+    if not allow_other:
+        raise UserError(message + "; pass --allow-other-shards to use them anyway")
+    log.warning("%s; used anyway (--allow-other-shards)", message)
 
 
 def capture_rng() -> dict:
@@ -105,8 +212,13 @@ def load_world_model(path: str | Path, device: str | torch.device = "cpu"):
     if ckpt.get("cameras"):
         cfg.data.cameras = list(ckpt["cameras"])
     model = build_world_model(cfg)
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc)[:300])
+        raise UserError(f"{path}: weights do not fit the model its config describes ({first})") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit the model its config describes "
                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    check_constants(model, ckpt, path)
     return model.to(device).eval(), cfg
