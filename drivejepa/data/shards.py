@@ -159,7 +159,7 @@ def _header_crc(body: dict) -> int:
 
 
 def _read_header(fh, path: Path, size: int) -> tuple[dict, int]:
-    """The JSON header, checked to be whole and unedited (its own CRC-32), and where the data section starts."""
+    """The JSON header, checked to be whole and to carry checksums, and where the data section starts."""
     head = fh.read(len(MAGIC) + 8)
     if len(head) < len(MAGIC) + 8 or head[: len(MAGIC)] != MAGIC:
         raise UserError(f"{path}: not a drivejepa shard (bad magic bytes)")
@@ -179,9 +179,12 @@ def _read_header(fh, path: Path, size: int) -> tuple[dict, int]:
     if "header_crc32" not in header:
         raise UserError(f"{path}: shard has no checksums (written before drivejepa checked shard integrity); "
                         "preprocess again")
+    return header, _align(len(MAGIC) + 8 + length)
+
+
+def _check_header_crc(path: Path, header: dict) -> None:
     if header["header_crc32"] != _header_crc({"meta": header["meta"], "arrays": header["arrays"]}):
         raise UserError(f"{path}: corrupt shard header (its checksum does not match: edited or damaged)")
-    return header, _align(len(MAGIC) + 8 + length)
 
 
 def read_shard_meta(path: str | Path) -> dict:
@@ -191,6 +194,7 @@ def read_shard_meta(path: str | Path) -> dict:
         raise UserError(f"{path}: shard file not found")
     with open(path, "rb") as fh:
         header, _ = _read_header(fh, path, os.fstat(fh.fileno()).st_size)
+    _check_header_crc(path, header)
     return header["meta"]
 
 
@@ -244,6 +248,7 @@ def read_shard(path: str | Path, *, verify: bool = True) -> Shard:
         header, data_start = _read_header(fh, path, stat.st_size)
     size = stat.st_size
     layout = _check_layout(path, header, data_start, size)
+    _check_header_crc(path, header)
     # One mapping of the whole file; plain ndarray views of it index faster than np.memmap slices.
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
     data = mm.view(np.ndarray)

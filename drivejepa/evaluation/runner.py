@@ -37,14 +37,15 @@ def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[
     """Jobs for every readable scene, with the windows of the eval scenes and the shuffled-action assignment.
 
     A shard that cannot be read is skipped and listed in ``plan["skipped"]`` with the reason."""
-    from drivejepa.data.shards import read_shard, read_shard_meta, shard_path
+    from drivejepa.data.shards import check_scene, load_manifest, shard_path
 
+    manifest = load_manifest(shard_dir)
     jobs, window_ids, future_actions, skipped, descriptions = [], [], [], [], {}
     for scene in eval_scenes:
         path = shard_path(shard_dir, scene)
         try:
-            shard = read_shard(path)
-        except UserError as exc:
+            shard = check_scene(shard_dir, scene, manifest)
+        except (UserError, OSError) as exc:
             log.warning("skipping scene %s: %s", scene, exc)
             skipped.append({"scene": scene, "role": "eval", "reason": str(exc)})
             continue
@@ -70,7 +71,7 @@ def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[
     for scene in train_scenes:
         path = shard_path(shard_dir, scene)
         try:
-            read_shard_meta(path)
+            check_scene(shard_dir, scene, manifest)
         except (UserError, OSError) as exc:
             log.warning("skipping train scene %s: %s", scene, exc)
             skipped.append({"scene": scene, "role": "train", "reason": str(exc)})
