@@ -31,9 +31,11 @@ def copy_shards(shard_dir: Path, dest: Path) -> Path:
 
 
 def error_line(capsys) -> str:
+    """The one error line of a failed command (warnings logged before it may precede it; no traceback)."""
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    lines = [line for line in err.splitlines() if " WARNING " not in line]
+    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("drivejepa "), err
+    return lines[0]
 
 
 def data_offset(path: Path, key: str) -> int:

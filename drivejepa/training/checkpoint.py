@@ -56,7 +56,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *, mma
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise UserError(f"{path}: not a readable drivejepa checkpoint ({type(exc).__name__}: {exc})") from exc
+        reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        raise UserError(f"{path}: not a readable drivejepa checkpoint ({type(exc).__name__}: {reason})") from exc
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a drivejepa checkpoint (no 'model' and 'config' entries)")
     return ckpt
@@ -83,11 +84,11 @@ def find_latest(run_dir: str | Path) -> Optional[Path]:
             ckpt = load_checkpoint(path, mmap=True)
         except UserError as exc:
             log.warning("passing over %s", exc)
-            problems.append(str(exc))
+            problems.append(f"{path.name} unreadable")
             continue
         missing = [k for k in RESUME_KEYS if k not in ckpt]
         if missing:
-            problems.append(f"{path}: no resume state ({', '.join(missing)})")
+            problems.append(f"{path.name} has no resume state")
             continue
         key = (int(ckpt["step"]), rank, path)
         if best is None or key[:2] > best[:2]:
@@ -201,6 +202,11 @@ def restore_rng(rng: dict) -> None:
 
 def config_of(ckpt: dict, source: str = "<checkpoint>") -> TrainConfig:
     return from_dict(TrainConfig, ckpt["config"], source)
+
+
+def refuse_other_shards(checkpoint: str | Path, shard_dir: str | Path, *, allow_other: bool = False) -> None:
+    """:func:`check_shards` for a checkpoint file: what ``evaluate`` and ``visualize`` run before any compute."""
+    check_shards(load_checkpoint(checkpoint, mmap=True), shard_dir, checkpoint, allow_other=allow_other)
 
 
 def load_world_model(path: str | Path, device: str | torch.device = "cpu"):
