@@ -325,7 +325,7 @@ class TrainConfig:
     ckpt_every: int = 100                             # steps between resumable checkpoints
     max_bad_steps: int = 5                            # consecutive non-finite losses before stopping
     sync_batchnorm: bool = True                       # DDP on CUDA: BatchNorm statistics over all GPUs
-    keep_checkpoints: int = 2                         # step_XXXXXXX.pt files kept (one per epoch)
+    keep_checkpoints: int = 2                         # newest step_XXXXXXX.pt files kept (resume falls back on them)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)

@@ -301,3 +301,13 @@ def test_nan_in_an_evaluation_shard_is_skipped_and_reported(smoke_run, shard_dir
     skipped = metrics["provenance"]["skipped_scenes"]
     assert [s["scene"] for s in skipped] == [scenes[0]] and "non-finite latents" in skipped[0]["reason"]
     assert metrics["provenance"]["eval_scenes"] == scenes[1:]
+
+
+def test_a_format_1_checkpoint_of_a_preset_size_still_loads_as_the_preset(smoke_run, tmp_path):
+    """Format 1 stored the dataclass defaults of the day in the architecture fields; its preset was what was built."""
+    ckpt = load_checkpoint(smoke_run / "checkpoints" / "best.pt")
+    ckpt["config"]["model"].update(latent_dim=256, lidar_widths=[64, 128, 256], fusion_heads=4)
+    ckpt["format"] = 1
+    torch.save(ckpt, tmp_path / "v1.pt")
+    model, cfg = load_world_model(tmp_path / "v1.pt")
+    assert model.latent_dim == 32 and cfg.model.size == "tiny"

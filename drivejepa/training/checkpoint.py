@@ -1,7 +1,7 @@
 """Checkpoints: one dict written atomically with torch.save, read back with weights_only=True.
 
 Layout of RUN/checkpoints/: ``step_XXXXXXX.pt`` (written every ``ckpt_every`` steps, at each epoch end and when a
-signal stops the run; the newest ``keep_checkpoints`` are kept), ``last.pt`` (a hard link to the newest step file),
+signal stops the run; the newest ``keep_checkpoints`` are kept), ``last.pt`` (a copy of the newest step file),
 ``best.pt`` (lowest validation latent error relative to copy-last, averaged over horizons; weights only). Each holds
 ``config`` (config_to_dict(TrainConfig) with the model's architecture resolved), ``cameras``, ``model``
 (WorldModel.state_dict(): online encoder, EMA target encoder, predictor), ``constants`` (the model's non-persistent
@@ -17,6 +17,7 @@ import errno
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -29,7 +30,9 @@ from drivejepa.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+# 2: the config holds the resolved architecture, plus ``constants`` and ``shards``. A format-1 config of a preset
+# size holds the old dataclass defaults in the architecture fields, which the preset overrode when it was built.
+FORMAT = 2
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -103,17 +106,12 @@ RESUME_KEYS = ("optimizer", "scheduler", "rng", "step")
 
 
 def save_rotated(run_dir: str | Path, state: dict, step: int, keep: int) -> Path:
-    """Write ``step_XXXXXXX.pt``, point ``last.pt`` at it (a hard link, replaced atomically; a copy where links are
-    not supported) and delete all but the newest ``keep`` step files. Returns the step file."""
+    """Write ``step_XXXXXXX.pt`` and a copy of it as ``last.pt`` (each atomically; separate files, so damage to one
+    leaves the other) and delete all but the newest ``keep`` step files. Returns the step file."""
     folder = checkpoint_dir(run_dir)
     step_file = save_checkpoint(folder / f"step_{step:07d}.pt", state)
-    last = folder / "last.pt"
-    with atomic_path(last) as tmp:
-        tmp.unlink()
-        try:
-            os.link(step_file, tmp)
-        except OSError:
-            torch.save({"format": FORMAT, **state}, tmp)
+    with atomic_path(folder / "last.pt") as tmp:
+        shutil.copyfile(step_file, tmp)
     for old in sorted(folder.glob("step_*.pt"))[:-max(1, keep)]:
         old.unlink(missing_ok=True)
     return step_file
@@ -201,7 +199,13 @@ def restore_rng(rng: dict) -> None:
 
 
 def config_of(ckpt: dict, source: str = "<checkpoint>") -> TrainConfig:
-    return from_dict(TrainConfig, ckpt["config"], source)
+    from drivejepa.config import SIZE_PRESETS
+
+    data = ckpt["config"]
+    model = data.get("model", {})
+    if ckpt.get("format", 1) < 2 and model.get("size", "demo") != "custom":
+        data = {**data, "model": {k: v for k, v in model.items() if k not in SIZE_PRESETS["demo"]}}
+    return from_dict(TrainConfig, data, source)
 
 
 def refuse_other_shards(checkpoint: str | Path, shard_dir: str | Path, *, allow_other: bool = False) -> None:

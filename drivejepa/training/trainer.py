@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 
 import numpy as np
 
-from drivejepa.config import SIZE_PRESETS, TrainConfig, config_hash, config_to_dict, resolve_model_config, save_config
+from drivejepa.config import (SIZE_PRESETS, TrainConfig, config_hash, config_to_dict, resolve_model_config,
+                              save_config)
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_write_json, remove_stale_temps
 from drivejepa.runtime import seed_everything
@@ -57,7 +58,7 @@ MODEL_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mas
 EXIT_INTERRUPTED = 75
 
 # Resume refuses changes to these: the architecture (the weights would not fit) ...
-ARCHITECTURE_KEYS = ("size", "image_backbone", "action_dim", "max_context", *SIZE_PRESETS["demo"])
+ARCHITECTURE_KEYS = ("image_backbone", "action_dim", "max_context", *SIZE_PRESETS["demo"])
 # ... and what fixes the data order (the position in the epoch would point at other windows).
 DATA_ORDER_KEYS = ("data.batch_size", "data.context", "data.horizon", "data.stride", "data.train_split",
                    "data.cameras", "seed")
