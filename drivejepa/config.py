@@ -363,6 +363,11 @@ class EvalConfig:
     scenarios: dict[str, Any] = dataclasses.field(default_factory=lambda: {"all": {}})
 
 
+def resolve_train_config(cfg: "TrainConfig") -> "TrainConfig":
+    """``cfg`` with its model architecture resolved: what a run builds, saves in RUN/config.yaml and checkpoints."""
+    return dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Ranges and consistency, checked when a config is loaded
 # ----------------------------------------------------------------------------------------------------------------

@@ -319,3 +319,18 @@ def test_an_explicit_field_that_contradicts_the_size_preset_is_an_error_and_unse
     from drivejepa.config import SIZE_PRESETS, resolve_model_config
 
     assert resolve_model_config(cfg.model).lidar_widths == SIZE_PRESETS["tiny"]["lidar_widths"]
+
+
+def test_a_rerun_of_preprocessing_rewrites_a_corrupt_shard(synth_root, tmp_path, capsys):
+    from drivejepa.data.synth import SYNTH_VERSION
+
+    out = tmp_path / "shards"
+    argv = ["preprocess", "-q", "--dataroot", str(synth_root), "--version", SYNTH_VERSION, "--out", str(out),
+            "--config", str(TINY), "--num-workers", "0", "--split", "val"]
+    assert main(argv) == 0
+    path = shard_path(out, scenes_in_split(out, "val")[0])
+    good = path.read_bytes()
+    _flip_image_bytes(path)
+    assert main(argv) == 0
+    assert path.read_bytes() == good
+    assert "1 written, 0 already complete" in capsys.readouterr().out

@@ -88,7 +88,7 @@ def _complete(path: Path, chash: str) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        meta = read_shard(path, verify=False).meta  # header and sizes checked: a truncated file fails here
+        meta = read_shard(path).meta  # header, sizes and array checksums: a truncated or damaged file fails here
     except (UserError, OSError, KeyError, ValueError):
         return None
     if meta.get("schema_version") != SCHEMA_VERSION or meta.get("config_hash") != chash:

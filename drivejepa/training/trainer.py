@@ -21,7 +21,6 @@ trains the same way on one CPU or on N GPUs (up to BatchNorm statistics, which S
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import signal
@@ -36,8 +35,7 @@ from torch.utils.data import DataLoader
 
 import numpy as np
 
-from drivejepa.config import (SIZE_PRESETS, TrainConfig, config_hash, config_to_dict, resolve_model_config,
-                              save_config)
+from drivejepa.config import SIZE_PRESETS, TrainConfig, config_to_dict, resolve_train_config, save_config
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_write_json, remove_stale_temps
 from drivejepa.runtime import seed_everything
@@ -157,7 +155,7 @@ class _Run:
         from drivejepa.models.world_model import build_world_model
 
         # The architecture as built is what config.yaml and every checkpoint record (no preset re-resolved later).
-        cfg = dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
+        cfg = resolve_train_config(cfg)
         self.cfg, self.run_dir, self.info, self.progress = cfg, run_dir, info, progress
         self.allow_other_shards = allow_other_shards
         self.ckpt_dir = ckpt_mod.checkpoint_dir(run_dir)
@@ -263,7 +261,7 @@ class _Run:
             if key not in ckpt:
                 raise UserError(f"{path}: holds no '{key}' (best.pt keeps weights only); resume from last.pt")
         saved_cfg = ckpt_mod.config_of(ckpt, f"{path} (config)")
-        saved_cfg = dataclasses.replace(saved_cfg, model=resolve_model_config(saved_cfg.model))
+        saved_cfg = resolve_train_config(saved_cfg)
         changes = _differences(config_to_dict(saved_cfg), config_to_dict(self.cfg))
         refused = [c for c in changes if c.split(":")[0] in {f"model.{k}" for k in ARCHITECTURE_KEYS}]
         if refused:
