@@ -179,16 +179,15 @@ def test_resume_applies_and_records_a_new_learning_rate(shard_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, fragment", [
-    ("model.size=demo", "another model architecture"),
-    ("data.batch_size=8", "another data order"),
+    ("model.size=demo", "another model architecture (model.fusion_depth: 1 -> 2; model.fusion_heads: 2 -> 4"),
+    ("data.batch_size=8", "another data order (data.batch_size: 4 -> 8)"),
 ])
 def test_resume_refuses_another_architecture_or_data_order_in_one_line(smoke_run, tmp_path, capsys, override,
                                                                         fragment):
     run = _copy_run(smoke_run, tmp_path / "run")
     assert main(["train", "-q", "--config", str(SMOKE), "--out", str(run), "--resume", "auto",
                  f"data.shards={load_config(TrainConfig, run / 'config.yaml').data.shards}", override]) == 2
-    line = error_line(capsys)
-    assert fragment in line and override.split("=")[0] in line
+    assert fragment in error_line(capsys)
 
 
 def test_a_checkpoint_whose_config_does_not_fit_its_weights_is_one_line(smoke_run, tmp_path):

@@ -29,11 +29,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-
-import numpy as np
 
 from drivejepa.config import SIZE_PRESETS, TrainConfig, config_to_dict, resolve_train_config, save_config
 from drivejepa.errors import UserError
@@ -128,7 +127,7 @@ def _windows_datasets(cfg: TrainConfig):
 
     def windows(split: str):
         listed = scenes_in_split(shards, split)
-        scenes, bad = readable_scenes(shards, listed, f"{split}")
+        scenes, bad = readable_scenes(shards, listed, split)
         skipped.extend(bad)
         if not scenes:
             return None, listed
@@ -174,8 +173,8 @@ class _Run:
                              pin_memory=info.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
         # Own generators: creating a DataLoader iterator must not draw from the global torch RNG, or a resumed run
         # (which starts its iterator mid-epoch) would drift from an uninterrupted one. Each epoch reseeds it from
-        # (seed, rank, epoch) (``_train_epoch``), so workers of different ranks and epochs differ and a resumed epoch
-        # hands its workers the seeds of the uninterrupted one.
+        # (seed, rank, epoch) (``_train_epoch``), so the workers of different ranks get different seeds, and so do
+        # those of each epoch unless workers are persistent (they then keep the seeds of the first epoch they run).
         self.loader = DataLoader(self.train_ds, batch_size=self.local_batch, sampler=self.sampler,
                                  generator=torch.Generator(), **loader_kwargs)
         self.val_loader = None
