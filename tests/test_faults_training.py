@@ -310,3 +310,32 @@ def test_a_format_1_checkpoint_of_a_preset_size_still_loads_as_the_preset(smoke_
     torch.save(ckpt, tmp_path / "v1.pt")
     model, cfg = load_world_model(tmp_path / "v1.pt")
     assert model.latent_dim == 32 and cfg.model.size == "tiny"
+
+
+def test_a_full_disk_while_checkpointing_stops_with_the_path_and_keeps_the_last_good_checkpoint(
+        shard_dir, tmp_path, monkeypatch, capsys):
+    import contextlib
+    import errno
+
+    from drivejepa.io import atomic_path
+    from drivejepa.training import checkpoint as ckpt_mod
+
+    writes = []
+
+    @contextlib.contextmanager
+    def filling(path):
+        with atomic_path(path) as tmp:
+            yield tmp
+            writes.append(path)
+            if len(writes) > 2:  # step_0000002.pt and last.pt fit, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt_mod, "atomic_path", filling)
+    config = save_config(_cfg(shard_dir, "data.val_split=''", "ckpt_every=2", "optim.max_steps=6"),
+                         tmp_path / "cfg.yaml")
+    run = tmp_path / "run"
+    assert main(["train", "-q", "--config", str(config), "--out", str(run)]) == 2
+    assert error_line(capsys) == (f"drivejepa train: error: {run / 'checkpoints' / 'step_0000004.pt'}: "
+                                  "No space left on device")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt"]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2

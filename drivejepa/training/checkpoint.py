@@ -13,7 +13,6 @@ Loading refuses, in one line naming them, weights that do not fit the config and
 code's (:func:`load_world_model`), and shards made with another preprocessing config (:func:`check_shards`)."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
@@ -40,15 +39,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write ``state`` so that ``path`` is either the old file or the complete new one, never a partial file."""
+    """Write ``state`` so that ``path`` is either the old file or the complete new one, never a partial file.
+
+    Through a Python file object, so that a failed write (a full disk) is the OSError itself, naming ``path``."""
     with atomic_path(path) as tmp:
-        try:
-            torch.save({"format": FORMAT, **state}, tmp)
-        except RuntimeError as exc:  # torch wraps a failed write (a full disk) in a RuntimeError
-            stat = os.statvfs(Path(path).parent)
-            code = errno.ENOSPC if stat.f_bavail * stat.f_frsize < 2 ** 20 else errno.EIO
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise OSError(code, f"{os.strerror(code)} (checkpoint not written: {reason})", str(path)) from exc
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, **state}, fh)
     return Path(path)
 
 
