@@ -19,6 +19,7 @@ from drivejepa.errors import UserError
 from drivejepa.training.checkpoint import (check_shards, find_latest, load_checkpoint, load_world_model,
                                            save_checkpoint)
 from drivejepa.training.metrics_log import read_metrics
+from test_faults import error_line, rewrite
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "pipelines/train_smoke.yaml"
@@ -41,14 +42,6 @@ def _records(run: Path) -> dict[tuple[str, int], dict]:
         assert key not in out, f"{run}: {key} logged twice"
         out[key] = {k: v for k, v in r.items() if not any(t in k for t in TIMING)}
     return out
-
-
-def error_line(capsys) -> str:
-    """The one error line of a failed command (warnings logged before it may precede it; no traceback)."""
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if " WARNING " not in line]
-    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith("drivejepa "), err
-    return lines[0]
 
 
 def _signal_at(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
@@ -221,8 +214,6 @@ def _other_image_size(shard_dir: Path, dest: Path) -> Path:
     """A shard directory made (by its manifest and shard headers) with another image size."""
     import json
 
-    from test_faults import rewrite
-
     shutil.copytree(shard_dir, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
     manifest["config"]["image_size"] = [56, 32]
@@ -257,7 +248,6 @@ def test_resume_refuses_shards_of_another_preprocessing(smoke_run, shard_dir, tm
 def test_nan_in_a_validation_shard_is_skipped_and_reported(shard_dir, tmp_path):
     from drivejepa.data.shards import scenes_in_split, shard_path
     from drivejepa.training.trainer import train
-    from test_faults import rewrite
 
     shards = tmp_path / "shards"
     shutil.copytree(shard_dir, shards)
@@ -284,7 +274,6 @@ def test_zero_epochs_is_refused_before_a_run_directory_exists(shard_dir, tmp_pat
 def test_nan_in_an_evaluation_shard_is_skipped_and_reported(smoke_run, shard_dir, tmp_path):
     from drivejepa.data.shards import scenes_in_split, shard_path
     from drivejepa.evaluation.runner import evaluate
-    from test_faults import rewrite
 
     shards = tmp_path / "shards"
     shutil.copytree(shard_dir, shards)
