@@ -328,3 +328,14 @@ def test_a_full_disk_while_checkpointing_stops_with_the_path_and_keeps_the_last_
                                   "No space left on device")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "step_0000002.pt"]
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_sigint_also_saves_the_current_step_and_exits_75(shard_dir, tmp_path, monkeypatch, capsys):
+    config = save_config(_cfg(shard_dir, "data.val_split=''", "ckpt_every=0", "optim.max_steps=6"),
+                         tmp_path / "cfg.yaml")
+    run = tmp_path / "run"
+    _signal_at(monkeypatch, 3, signal.SIGINT)
+    assert main(["train", "-q", "--config", str(config), "--out", str(run)]) == 75
+    assert "SIGINT at step 3" in capsys.readouterr().err
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back

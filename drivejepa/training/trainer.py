@@ -149,7 +149,8 @@ def _windows_datasets(cfg: TrainConfig):
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, progress: bool, allow_other_shards: bool):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, progress: bool,
+                 allow_other_shards: bool = False):
         from drivejepa.data.dataset import collate_windows
         from drivejepa.models.world_model import build_world_model
 
