@@ -339,3 +339,18 @@ def test_sigint_also_saves_the_current_step_and_exits_75(shard_dir, tmp_path, mo
     assert "SIGINT at step 3" in capsys.readouterr().err
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
+
+
+def test_visualize_names_a_corrupt_scene_before_any_compute(smoke_run, shard_dir, tmp_path, capsys):
+    from drivejepa.data.shards import scenes_in_split, shard_path
+    from test_faults import _flip_image_bytes
+
+    shards = tmp_path / "shards"
+    shutil.copytree(shard_dir, shards)
+    scene = scenes_in_split(shards, "val")[0]
+    _flip_image_bytes(shard_path(shards, scene))
+    out = tmp_path / "vis"
+    assert main(["visualize", "-q", "--checkpoint", str(smoke_run / "checkpoints" / "best.pt"), "--shards",
+                 str(shards), "--scene", scene, "--out", str(out), "--no-progress"]) == 2
+    line = error_line(capsys)
+    assert str(shard_path(shards, scene)) in line and "fails its checksum" in line and not out.exists()
