@@ -50,13 +50,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging(-1 if args.quiet else (1 if args.verbose else 0))
     try:
         return int(args._module.run(args) or 0)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError) as exc:
         logging.getLogger("drivejepa").debug("error details", exc_info=True)
         print(f"drivejepa {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only or missing directory, a permission: one line naming the path
+        logging.getLogger("drivejepa").debug("error details", exc_info=True)
+        print(f"drivejepa {args.verb}: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"drivejepa {args.verb}: interrupted", file=sys.stderr)
         return 130
+
+
+def os_error_line(exc: OSError) -> str:
+    """'PATH: reason' for an OS error (the reason alone when it names no path)."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    target = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{exc.filename}{target}: {reason}"
 
 
 if __name__ == "__main__":

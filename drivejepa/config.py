@@ -1,9 +1,15 @@
 """Typed configs: dataclasses loaded from YAML, overridable with dotted keys.
 
 One YAML per experiment (``pipelines/*.yaml``). ``load_config(TrainConfig, path, ["optim.lr=1e-4"])`` reads the
-file, applies the overrides and checks every value against the dataclass field types. An unknown key or a value of
-the wrong type raises :class:`ConfigError` naming the key and where it came from (the file or the command line).
+file, applies the overrides and checks every value against the dataclass field types, then against its range and
+the other fields (:func:`check_config`: positive sizes, heads dividing the width, a horizon of at least 1, lr > 0,
+camera names of the devkit). An unknown key, a value of the wrong type or out of range raises :class:`ConfigError`
+naming the key and where it came from (the file or the command line).
 Values are parsed with ``yaml.safe_load``: configs are data, never executed.
+
+Model sizes: ``model.size`` (tiny / demo / base) fills every architecture field left unset (None); a field set to
+a value that contradicts the preset is an error; ``custom`` fills unset fields from the demo preset.
+:func:`resolve_model_config` is the one place this happens, and a checkpoint stores the resolved fields.
 """
 from __future__ import annotations
 
@@ -162,6 +168,7 @@ def load_config(cls: type[T], path: Optional[str | Path] = None, overrides: Sequ
     cfg = _from_dict(cls, data, source)
     for assignment in overrides:
         apply_override(cfg, assignment)
+    check_config(cfg, source if not overrides else f"{source} + command line")
     return cfg
 
 
@@ -228,27 +235,55 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Sizes of the encoder branches, the fusion transformer and the predictor."""
+    """Sizes of the encoder branches, the fusion transformer and the predictor. Architecture fields left None are
+    filled by the ``size`` preset (:data:`SIZE_PRESETS`, :func:`resolve_model_config`)."""
     size: Literal["tiny", "demo", "base", "custom"] = "demo"
-    latent_dim: int = 256
+    latent_dim: Optional[int] = None
     image_backbone: str = "resnet18"
     image_weights: str = ""                           # local .pth/.safetensors file; empty = random init
     image_size: Optional[tuple[int, int]] = None      # (width, height) the backbone sees; null = as in the shards
-    image_tokens: int = 8                             # tokens per camera after pooling
-    lidar_widths: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
-    lidar_tokens: int = 16
-    radar_widths: list[int] = dataclasses.field(default_factory=lambda: [32, 64, 128])
-    radar_tokens: int = 4
-    fusion_depth: int = 2
-    fusion_heads: int = 4
-    predictor_depth: int = 2
-    predictor_heads: int = 4
-    mlp_ratio: float = 2.0
+    image_tokens: Optional[int] = None                # tokens per camera after pooling
+    lidar_widths: Optional[list[int]] = None
+    lidar_tokens: Optional[int] = None
+    radar_widths: Optional[list[int]] = None
+    radar_tokens: Optional[int] = None
+    fusion_depth: Optional[int] = None
+    fusion_heads: Optional[int] = None
+    predictor_depth: Optional[int] = None
+    predictor_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
     drop_path: float = 0.1
     modality_dropout: float = 0.1
     action_dropout: float = 0.1                       # training: share of actions replaced by the 'unknown' token
     action_dim: int = 5                               # dx, dy, dyaw, speed, yaw_rate
     max_context: int = 16
+
+
+# Architecture fields set by model.size ("custom" fills the unset ones from "demo").
+SIZE_PRESETS: dict[str, dict] = {
+    "tiny": dict(latent_dim=32, image_tokens=2, lidar_widths=[16, 32], lidar_tokens=4, radar_widths=[16, 32],
+                 radar_tokens=2, fusion_depth=1, fusion_heads=2, predictor_depth=2, predictor_heads=2, mlp_ratio=2.0),
+    "demo": dict(latent_dim=256, image_tokens=8, lidar_widths=[32, 64, 128], lidar_tokens=16, radar_widths=[32, 64],
+                 radar_tokens=4, fusion_depth=2, fusion_heads=4, predictor_depth=2, predictor_heads=4, mlp_ratio=2.0),
+    "base": dict(latent_dim=384, image_tokens=16, lidar_widths=[64, 128, 256], lidar_tokens=32,
+                 radar_widths=[32, 64, 128], radar_tokens=8, fusion_depth=4, fusion_heads=6, predictor_depth=4,
+                 predictor_heads=6, mlp_ratio=4.0),
+}
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """Every architecture field filled from the size preset. A preset size with a field set to another value than
+    the preset's is an error (``size=tiny latent_dim=256`` would otherwise build one of the two silently)."""
+    preset = SIZE_PRESETS["demo" if cfg.size == "custom" else cfg.size]
+    filled = {}
+    for key, value in preset.items():
+        mine = getattr(cfg, key)
+        if mine is None:
+            filled[key] = value
+        elif cfg.size != "custom" and mine != value:
+            raise ConfigError(f"model.{key} = {mine!r} conflicts with model.size = '{cfg.size}' (which sets "
+                              f"{value!r}); use model.size=custom to choose the architecture field by field")
+    return dataclasses.replace(cfg, **filled) if filled else cfg
 
 
 @dataclasses.dataclass
@@ -294,7 +329,7 @@ class TrainConfig:
     ckpt_every: int = 100                             # steps between resumable checkpoints
     max_bad_steps: int = 5                            # consecutive non-finite losses before stopping
     sync_batchnorm: bool = True                       # DDP on CUDA: BatchNorm statistics over all GPUs
-    keep_checkpoints: int = 2                         # step_XXXXXXX.pt files kept (one per epoch)
+    keep_checkpoints: int = 2                         # newest step_XXXXXXX.pt files kept (resume falls back on them)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -330,3 +365,82 @@ class EvalConfig:
     agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
         "car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle", "bicycle"])
     scenarios: dict[str, Any] = dataclasses.field(default_factory=lambda: {"all": {}})
+
+
+def resolve_train_config(cfg: "TrainConfig") -> "TrainConfig":
+    """``cfg`` with its model architecture resolved: what a run builds, saves in RUN/config.yaml and checkpoints."""
+    return dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranges and consistency, checked when a config is loaded
+# ----------------------------------------------------------------------------------------------------------------
+def _require(ok: bool, source: str, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: '{key}' = {value!r} {rule}")
+
+
+def _at_least(obj: Any, prefix: str, source: str, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= minimum, source, prefix + name, value, f"must be at least {minimum}")
+
+
+def _cameras(cameras: Sequence[str], key: str, source: str) -> None:
+    _require(len(cameras) > 0, source, key, list(cameras), "must name at least one camera")
+    unknown = [c for c in cameras if c not in ALL_CAMERAS]
+    _require(not unknown, source, key, list(cameras), f"has unknown cameras {unknown} (nuScenes cameras: "
+             f"{', '.join(ALL_CAMERAS)})")
+    _require(len(set(cameras)) == len(cameras), source, key, list(cameras), "names a camera twice")
+
+
+def check_config(cfg: Any, source: str = "<config>") -> None:
+    """ConfigError naming the key when a value is out of range or inconsistent with another (the type checks
+    happen while loading). Knows TrainConfig, PreprocessConfig and EvalConfig; other configs pass unchecked."""
+    if isinstance(cfg, PreprocessConfig):
+        _cameras(cfg.cameras, "cameras", source)
+        _require(min(cfg.image_size) >= 1, source, "image_size", list(cfg.image_size), "must be positive (W, H)")
+        _at_least(cfg, "", source, 1, "lidar_points", "radar_points", "lidar_sweeps", "max_boxes")
+        _require(cfg.lidar_range > 0, source, "lidar_range", cfg.lidar_range, "must be positive")
+        _require(cfg.box_range > 0, source, "box_range", cfg.box_range, "must be positive")
+        _require(cfg.lidar_z_range[0] < cfg.lidar_z_range[1], source, "lidar_z_range", list(cfg.lidar_z_range),
+                 "must be (low, high) with low < high")
+    elif isinstance(cfg, TrainConfig):
+        d, m, loss, o = cfg.data, cfg.model, cfg.loss, cfg.optim
+        _cameras(d.cameras, "data.cameras", source)
+        _at_least(d, "data.", source, 1, "context", "horizon", "stride", "batch_size")
+        _at_least(d, "data.", source, 0, "num_workers")
+        try:
+            r = resolve_model_config(m)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        _at_least(r, "model.", source, 1, "latent_dim", "image_tokens", "lidar_tokens", "radar_tokens",
+                  "fusion_depth", "fusion_heads", "predictor_depth", "predictor_heads", "action_dim", "max_context")
+        for key in ("lidar_widths", "radar_widths"):
+            widths = getattr(r, key)
+            _require(len(widths) > 0 and min(widths) >= 1, source, f"model.{key}", widths,
+                     "must be a non-empty list of positive widths")
+        for key in ("fusion_heads", "predictor_heads"):
+            _require(r.latent_dim % getattr(r, key) == 0, source, f"model.{key}", getattr(r, key),
+                     f"must divide model.latent_dim = {r.latent_dim}")
+        _require(r.mlp_ratio > 0, source, "model.mlp_ratio", r.mlp_ratio, "must be positive")
+        for key in ("drop_path", "modality_dropout", "action_dropout"):
+            _require(0 <= getattr(m, key) < 1, source, f"model.{key}", getattr(m, key), "must be in [0, 1)")
+        _require(m.max_context >= d.context, source, "model.max_context", m.max_context,
+                 f"must be at least data.context = {d.context}")
+        _require(loss.temperature > 0, source, "loss.temperature", loss.temperature, "must be positive")
+        _at_least(loss, "loss.", source, 1, "rollout_steps")
+        _at_least(loss, "loss.", source, 0, "vicreg_weight", "vicreg_var_weight", "vicreg_cov_weight",
+                  "rollout_weight", "idm_weight")
+        _require(0 <= loss.ema_start <= loss.ema_end <= 1, source, "loss.ema_start", loss.ema_start,
+                 f"and loss.ema_end = {loss.ema_end} must satisfy 0 <= ema_start <= ema_end <= 1")
+        _require(o.lr > 0, source, "optim.lr", o.lr, "must be positive")
+        _at_least(o, "optim.", source, 0, "weight_decay", "warmup_steps", "min_lr", "clip_grad", "max_steps")
+        _at_least(o, "optim.", source, 1, "t0", "t_mult", "epochs")
+        _at_least(cfg, "", source, 1, "log_every", "max_bad_steps", "keep_checkpoints")
+        _at_least(cfg, "", source, 0, "ckpt_every", "threads")
+    elif isinstance(cfg, EvalConfig):
+        _at_least(cfg, "", source, 0, "horizon", "max_train_scenes", "probe_epochs")
+        _at_least(cfg, "", source, 1, "batch_size", "grid_size", "probe_hidden")
+        for key in ("frame_seconds", "grid_range", "count_radius", "probe_lr"):
+            _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")

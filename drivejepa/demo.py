@@ -92,14 +92,15 @@ def _set_aside_run_of_another_config(plan: DemoPlan) -> None:
     """Move RUN to RUN.previous when its latest checkpoint was trained with another config than this demo's."""
     import shutil
 
-    from drivejepa.config import TrainConfig, config_hash, load_config
+    from drivejepa.config import TrainConfig, config_hash, load_config, resolve_train_config
     from drivejepa.training.checkpoint import config_of, find_latest, load_checkpoint
 
     latest = find_latest(plan.run_dir)
     if latest is None:
         return
     current = load_config(TrainConfig, plan.train_config, [*plan.train_overrides, f"data.shards={plan.shards}"])
-    if config_hash(config_of(load_checkpoint(latest, mmap=True))) == config_hash(current):
+    if config_hash(resolve_train_config(config_of(load_checkpoint(latest, mmap=True)))) == \
+            config_hash(resolve_train_config(current)):
         return
     previous = plan.run_dir.with_name(plan.run_dir.name + ".previous")
     shutil.rmtree(previous, ignore_errors=True)

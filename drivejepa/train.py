@@ -8,6 +8,7 @@ import argparse
 import os
 import sys
 
+from drivejepa.cli import os_error_line
 from drivejepa.commands import train as command
 from drivejepa.config import ConfigError
 from drivejepa.errors import UserError
@@ -23,8 +24,11 @@ def main(argv=None) -> int:
     setup_logging(-1 if args.quiet or rank != 0 else 0)
     try:
         return command.run(args)
-    except (ConfigError, UserError, FileNotFoundError) as exc:
+    except (ConfigError, UserError) as exc:
         print(f"drivejepa train: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"drivejepa train: error: {os_error_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -32,7 +32,7 @@ def test_yaml_fills_nested_dataclasses_and_keeps_defaults(tmp_path):
 def test_dotted_overrides_win_over_the_file(tmp_path):
     path = write(tmp_path, "optim:\n  lr: 1.0e-3\n")
     cfg = load_config(TrainConfig, path, ["optim.lr=1e-4", "data.horizon=6", "loss.objective=infonce",
-                                           "model.lidar_widths=[32, 64]", "optim.amp=false"])
+                                           "model.size=custom", "model.lidar_widths=[32, 64]", "optim.amp=false"])
     assert cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.data.horizon == 6
     assert cfg.loss.objective == "infonce"

@@ -82,6 +82,11 @@ def test_constant_velocity_boxes_follow_a_moving_box_seen_from_a_moving_ego():
     moved = np.array([13.0, 1.0, 0.0, 1.0])
     expected = np.linalg.inv(pose1) @ moved
     assert np.allclose(xy[0], expected[:2]) and np.isclose(heading[0], 0.1 - yaw)
+    # A velocity the devkit could not compute (NaN in nuScenes, stored as 0 with the flag off) is not extrapolated.
+    unknown = box.copy()
+    unknown[0, 7:9] = [50.0, 50.0]
+    held, _ = P.constant_velocity_boxes(unknown, pose0, pose1, dt=1.0, velocity_valid=np.array([False]))
+    assert np.allclose(held[0], (np.linalg.inv(pose1) @ np.array([10.0, 2.0, 0.0, 1.0]))[:2])
 
 
 def test_probes_recover_a_linear_signal_and_beat_the_train_mean():

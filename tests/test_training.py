@@ -222,3 +222,20 @@ def test_validation_reports_how_much_the_predictions_depend_on_the_actions():
     assert ignores["action_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert all(ignores[f"action_ratio_h{k}"] == pytest.approx(1.0, abs=1e-6) for k in (1, 2, 3))
     assert ignores["err"] == pytest.approx(ignores["shuffled"], abs=1e-7)
+
+
+def test_a_rank_the_checkpoint_did_not_have_draws_its_own_random_numbers(shard_dir, tmp_path):
+    """Resuming a one-process run on two processes: rank 1 must not replay rank 0's random stream (dropout masks)."""
+    from drivejepa.training.trainer import train
+
+    base = ["model.image_backbone=test_efficientnet_gn", "optim.amp=false", "data.batch_size=4", "ckpt_every=0"]
+    train(_cfg(shard_dir, *base, "optim.max_steps=1"), tmp_path / "run", progress=False)
+    config = save_config(_cfg(shard_dir, *base, "optim.max_steps=2"), tmp_path / "more.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
+           "--out", str(tmp_path / "run"), "--resume", "auto"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["step"] == 2 and state["world_size"] == 2 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])

@@ -16,6 +16,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray actors, one per group of scenes (default: one per CPU); 0 = run in this process")
+    parser.add_argument("--allow-other-shards", action="store_true",
+                        help="use shards made with another preprocessing config than the checkpoint was trained on")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="suite overrides key=value (for example horizon=4)")
 
@@ -28,6 +30,9 @@ def run(args) -> int:
         from drivejepa.errors import UserError
 
         raise UserError(f"--num-workers must be 0 (this process) or more, got {args.num_workers}")
+    from drivejepa.training.checkpoint import refuse_other_shards
+
+    refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
     metrics = evaluate(args.checkpoint, args.shards, args.out, split=args.split, suite=args.suite,
                        overrides=args.overrides, address=args.address, num_workers=args.num_workers,
                        progress=not args.no_progress)

@@ -10,6 +10,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="run directory: config.yaml, metrics.jsonl, tb/, checkpoints/")
     parser.add_argument("--resume", default=None,
                         help="'auto' = the latest checkpoint in --out (a new run when there is none), or a path")
+    parser.add_argument("--allow-other-shards", action="store_true",
+                        help="resume on shards made with another preprocessing config than the checkpoint's")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. optim.lr=1e-4 data.batch_size=16")
 
 
@@ -17,17 +19,22 @@ def run(args) -> int:
     import sys
 
     from drivejepa.config import TrainConfig, load_config
-    from drivejepa.training.trainer import TrainingStopped, format_summary, train
+    from drivejepa.training.trainer import (EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped, format_summary,
+                                            train)
 
     overrides = list(args.overrides)
     if args.shards:
         overrides.append(f"data.shards={args.shards}")
     cfg = load_config(TrainConfig, args.config, overrides)
     try:
-        summary = train(cfg, args.out, resume=args.resume, progress=not getattr(args, "quiet", False))
+        summary = train(cfg, args.out, resume=args.resume, progress=not getattr(args, "quiet", False),
+                        allow_other_shards=getattr(args, "allow_other_shards", False))
     except TrainingStopped as exc:
         print(f"drivejepa train: stopped: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        print(f"drivejepa train: interrupted: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if summary.get("rank", 0) == 0:
         print(format_summary(summary, cfg.data.horizon))
     return 0

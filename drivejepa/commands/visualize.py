@@ -24,6 +24,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--decoder-steps", type=int, default=300,
                         help="training steps of the visualisation decoder when the run has none yet")
     parser.add_argument("--retrain-decoder", action="store_true", help="train the visualisation decoder again")
+    parser.add_argument("--allow-other-shards", action="store_true",
+                        help="use shards made with another preprocessing config than the checkpoint was trained on")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -69,6 +71,11 @@ def run(args) -> int:
 
     if args.decoder_steps < 1:
         raise UserError(f"--decoder-steps must be >= 1, got {args.decoder_steps}")
+    from drivejepa.data.shards import check_scene
+    from drivejepa.training.checkpoint import refuse_other_shards
+
+    refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
+    check_scene(args.shards, args.scene)
     summary = visualize(args.checkpoint, args.shards, args.scene, args.out, frame=args.frame, horizon=args.horizon,
                         actions=args.actions, interactive=args.interactive, size=_size(args.size),
                         decoder_steps=args.decoder_steps, retrain_decoder=args.retrain_decoder,

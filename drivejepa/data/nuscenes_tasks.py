@@ -60,7 +60,7 @@ def load_nuscenes(dataroot: str | Path, version: str):
 
     try:
         return NuScenes(version=version, dataroot=str(dataroot), verbose=False)
-    except (AssertionError, KeyError, ValueError, json.JSONDecodeError, FileNotFoundError) as exc:
+    except (AssertionError, KeyError, ValueError, TypeError, AttributeError, IndexError, FileNotFoundError) as exc:
         raise UserError(f"{dataroot / version}: the devkit cannot load this database ({type(exc).__name__}: {exc})") \
             from exc
 

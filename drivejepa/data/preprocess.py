@@ -7,7 +7,13 @@ directory must be on storage every node sees.
 
 Resuming: after every finished scene the manifest is rewritten atomically. A rerun keeps a shard whose header has
 the current schema version and config hash (even one finished just before a kill, before the manifest caught up),
-rewrites stale ones, and removes temporary files a killed run left behind. Nothing partial is ever visible.
+rewrites stale ones, and removes temporary files a killed run left behind (only those of dead processes: a
+concurrent job's are left alone). Nothing partial is ever visible.
+
+Concurrent jobs on one ``--out`` (other splits or the same one): every manifest update happens under a file lock and
+merges what is on disk (scenes and splits of the same config) with this job's scenes, so no scene is lost.
+A full disk, a read-only directory or a permission error stops the job with the path (``io.is_resource_error``);
+it is never recorded as a skipped scene.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ from pathlib import Path
 from typing import Optional
 
 from drivejepa.config import PreprocessConfig, config_hash, config_to_dict
-from drivejepa.data.shards import (MANIFEST, SCHEMA_VERSION, empty_manifest, read_shard, read_shard_meta,
-                                   shard_path, write_manifest)
+from drivejepa.data.shards import (SCHEMA_VERSION, empty_manifest, read_shard, read_shard_meta, shard_path,
+                                   update_manifest)
 from drivejepa.errors import UserError
+from drivejepa.io import is_resource_error, named_os_error, remove_stale_temps
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ def _complete(path: Path, chash: str) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        meta = read_shard(path).meta  # maps the file: a truncated one fails here
+        meta = read_shard(path).meta  # header, sizes and array checksums: a truncated or damaged file fails here
     except (UserError, OSError, KeyError, ValueError):
         return None
     if meta.get("schema_version") != SCHEMA_VERSION or meta.get("config_hash") != chash:
@@ -93,11 +100,24 @@ def _complete(path: Path, chash: str) -> Optional[dict]:
     return meta
 
 
-def _previous_scenes(out: Path) -> set[str]:
-    try:
-        return set(json.loads((out / MANIFEST).read_text()).get("scenes", {}))
-    except (OSError, ValueError, AttributeError):
-        return set()
+def _merge(current: Optional[dict], base: dict, out: Path, mine: dict, removed: set, chash: str, recheck: bool) -> dict:
+    """The manifest to write: ``base`` (this job's config and splits) with the scenes and splits of the manifest on
+    disk (written by an earlier or a concurrent job), this job's ``mine`` entries on top and ``removed`` dropped.
+    A scene listed on disk is kept when it was made with the same config (with ``recheck``: when its shard is
+    complete and current)."""
+    manifest = {**base, "splits": {k: list(v) for k, v in base["splits"].items()}, "scenes": {}}
+    if current is not None:
+        same = current.get("config_hash") == chash and current.get("schema_version") == SCHEMA_VERSION
+        for name, entry in current.get("scenes", {}).items():
+            if (same and not recheck) or _complete(shard_path(out, name), chash) is not None:
+                manifest["scenes"][name] = entry
+        if same:
+            for split, names in current.get("splits", {}).items():
+                manifest["splits"][split] = sorted(set(manifest["splits"].get(split, [])) | set(names))
+    manifest["scenes"].update(mine)
+    for name in removed:
+        manifest["scenes"].pop(name, None)
+    return manifest
 
 
 def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, split: Optional[str] = None,
@@ -117,12 +137,17 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
     check_sweeps(check_dataroot(dataroot, version), cfg)
     nusc = load_nuscenes(dataroot, version)
     scenes, splits = select_scenes(nusc, version, split)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".*.tmp"):  # left by a killed run; never visible under a final name
-        tmp.unlink(missing_ok=True)
+    _check_cameras(nusc, cfg, dataroot)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise named_os_error(exc, out) from exc
+    remove_stale_temps(out)  # left by a killed run; never visible under a final name
 
-    manifest = empty_manifest(config_to_dict(cfg), chash, str(Path(dataroot).resolve()), version)
-    manifest["splits"] = splits
+    base = empty_manifest(config_to_dict(cfg), chash, str(Path(dataroot).resolve()), version)
+    base["splits"] = splits
+    mine: dict[str, dict] = {}
+    removed: set[str] = set()
     summary = PreprocessSummary(out=out, scenes=len(scenes))
     todo = []
     for scene in scenes:
@@ -131,21 +156,18 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
         if meta is None:
             todo.append(scene)
         else:
-            manifest["scenes"][scene["name"]] = _manifest_entry(meta, path)
+            mine[scene["name"]] = _manifest_entry(meta, path)
             summary.reused += 1
             summary.skipped_frames += [{"scene": scene["name"], **s} for s in meta["skipped"]]
             summary.missing_sweeps += [{"scene": scene["name"], **s} for s in meta["missing_sweeps"]]
-    # Current shards of an earlier run outside this selection stay listed.
     selected = {s["name"] for s in scenes}
-    for name in sorted(_previous_scenes(out) - selected):
-        meta = _complete(shard_path(out, name), chash)
-        if meta is not None:
-            manifest["scenes"][name] = _manifest_entry(meta, shard_path(out, name))
-    write_manifest(out, manifest)
+    # Scenes listed by an earlier or concurrent job outside this selection stay listed while their shard is current.
+    manifest = update_manifest(out, lambda current: _merge(current, base, out, mine, removed, chash, recheck=True))
 
     bar = tqdm(total=len(scenes), initial=summary.reused, desc="preprocess", unit="scene", disable=not progress)
 
     def finish(report: dict) -> None:
+        nonlocal manifest
         name = report["scene"]
         for s in report["skipped"]:
             summary.skipped_frames.append({"scene": name, **s})
@@ -155,14 +177,15 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
         summary.frames_written += report["frames"]
         if report["written"]:
             path = shard_path(out, name)
-            manifest["scenes"][name] = _manifest_entry(read_shard_meta(path), path)
+            mine[name] = _manifest_entry(read_shard_meta(path), path)
             summary.written += 1
         else:
-            manifest["scenes"].pop(name, None)
+            mine.pop(name, None)
+            removed.add(name)
             shard_path(out, name).unlink(missing_ok=True)
             reason = report.get("error", "no key frame could be read")
             summary.skipped_scenes.append({"scene": name, "reason": reason})
-        write_manifest(out, manifest)
+        manifest = update_manifest(out, lambda current: _merge(current, base, out, mine, removed, chash, recheck=False))
         bar.update(1)
 
     if todo:
@@ -178,6 +201,15 @@ def preprocess_dataroot(dataroot, version: str, out, cfg: PreprocessConfig, *, s
     summary.seconds = time.perf_counter() - start
     summary.driver_cpu_seconds = time.process_time() - cpu_start
     return summary
+
+
+def _check_cameras(nusc, cfg: PreprocessConfig, dataroot) -> None:
+    """Every configured camera must be a sensor channel of this database (config.py checks the devkit's names)."""
+    channels = {s["channel"] for s in nusc.sensor}
+    missing = [c for c in cfg.cameras if c not in channels]
+    if missing:
+        raise UserError(f"cameras: {missing} are not sensor channels of {dataroot} (it has "
+                        f"{sorted(c for c in channels if c.startswith('CAM'))})")
 
 
 def _run_ray(nusc, todo, cfg, chash, out, num_workers, address, finish) -> None:
@@ -204,6 +236,11 @@ def _run_ray(nusc, todo, cfg, chash, out, num_workers, address, finish) -> None:
         try:
             report = ray.get(done[0])
         except ray.exceptions.RayError as exc:  # a crashed worker costs its scene, not the run
+            cause = getattr(exc, "cause", None)
+            if is_resource_error(cause):  # ... but a full disk or a read-only output stops the job
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise named_os_error(cause, shard_path(out, name)) from None
             log.error("scene %s failed: %s", name, exc)
             report = {"scene": name, "frames": 0, "skipped": [], "written": False, "peak_rss_mb": 0.0,
                       "cpu_seconds": 0.0, "error": str(exc).strip().splitlines()[-1][:300]}

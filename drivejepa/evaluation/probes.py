@@ -12,6 +12,7 @@ annotated velocity, then seen from the true future ego pose).
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -73,10 +74,13 @@ def frame_labels(arrays, agent_ids: np.ndarray, grid_size: int, grid_range: floa
     }
 
 
-def constant_velocity_boxes(boxes: np.ndarray, pose_from: np.ndarray, pose_to: np.ndarray, dt: float):
+def constant_velocity_boxes(boxes: np.ndarray, pose_from: np.ndarray, pose_to: np.ndarray, dt: float,
+                            velocity_valid: Optional[np.ndarray] = None):
     """Move boxes [B, 9] of one frame (its ego coords, velocity vx, vy in those coords) for ``dt`` seconds at
-    constant velocity, and express them in the ego frame ``pose_to`` (ego-to-global). Returns xy [B, 2], yaw [B]."""
-    xy = boxes[:, :2] + dt * boxes[:, 7:9]
+    constant velocity, and express them in the ego frame ``pose_to`` (ego-to-global). Returns xy [B, 2], yaw [B].
+    A box whose velocity is unknown (``velocity_valid`` False: the devkit's NaN) stays where it was seen."""
+    velocity = boxes[:, 7:9] if velocity_valid is None else np.where(velocity_valid[:, None], boxes[:, 7:9], 0.0)
+    xy = boxes[:, :2] + dt * velocity
     rel = np.linalg.inv(pose_to) @ pose_from                                   # ego_from -> ego_to
     xy_to = xy @ rel[:2, :2].T + rel[:2, 3]
     yaw_to = boxes[:, 6] + np.arctan2(rel[1, 0], rel[0, 0])
@@ -89,12 +93,14 @@ def box_baseline_grids(arrays, starts: np.ndarray, horizon: int, timestamps: np.
     boxes = np.asarray(arrays["boxes"], dtype=np.float64)
     keep = agent_mask(np.asarray(arrays["box_labels"]), np.asarray(arrays["box_mask"]), agent_ids)
     poses = np.asarray(arrays["ego_pose"], dtype=np.float64)
+    known = np.asarray(arrays["box_velocity_valid"], dtype=bool) if "box_velocity_valid" in arrays \
+        else np.ones(keep.shape, dtype=bool)
     out = np.zeros((len(starts), horizon, grid_size * grid_size), dtype=bool)
     for w, s in enumerate(starts):
         b = boxes[s][keep[s]]
         for k in range(1, horizon + 1):
             dt = (timestamps[s + k] - timestamps[s]) * 1e-6
-            xy, yaw = constant_velocity_boxes(b, poses[s], poses[s + k], dt)
+            xy, yaw = constant_velocity_boxes(b, poses[s], poses[s + k], dt, known[s][keep[s]])
             out[w, k - 1] = occupancy_grid(xy, yaw, b[:, 3:5], grid_size, grid_range)
     return out
 

@@ -37,14 +37,15 @@ def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[
     """Jobs for every readable scene, with the windows of the eval scenes and the shuffled-action assignment.
 
     A shard that cannot be read is skipped and listed in ``plan["skipped"]`` with the reason."""
-    from drivejepa.data.shards import read_shard, read_shard_meta, shard_path
+    from drivejepa.data.shards import check_scene, load_manifest, shard_path
 
+    manifest = load_manifest(shard_dir)
     jobs, window_ids, future_actions, skipped, descriptions = [], [], [], [], {}
     for scene in eval_scenes:
         path = shard_path(shard_dir, scene)
         try:
-            shard = read_shard(path)
-        except UserError as exc:
+            shard = check_scene(shard_dir, scene, manifest)
+        except (UserError, OSError) as exc:
             log.warning("skipping scene %s: %s", scene, exc)
             skipped.append({"scene": scene, "role": "eval", "reason": str(exc)})
             continue
@@ -70,7 +71,7 @@ def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[
     for scene in train_scenes:
         path = shard_path(shard_dir, scene)
         try:
-            read_shard_meta(path)
+            check_scene(shard_dir, scene, manifest)
         except (UserError, OSError) as exc:
             log.warning("skipping train scene %s: %s", scene, exc)
             skipped.append({"scene": scene, "role": "train", "reason": str(exc)})
@@ -115,6 +116,10 @@ class SceneWorker:
             raise UserError(f"{job.path}: shard lacks cameras {missing} that the checkpoint was trained with")
         camera_index = [cameras.index(c) for c in self.model.cameras]
         online, target = encode_frames(self.model, arrays, shard.frames, s["batch_size"], self.device, camera_index)
+        bad = np.flatnonzero(~(np.isfinite(online).all(axis=-1) & np.isfinite(target).all(axis=-1)))
+        if len(bad):  # a NaN in the shard: skipped and reported, never a crash in scoring after all the compute
+            return {"scene": job.scene, "role": job.role, "nonfinite_frames": bad.tolist(),
+                    "windows": 0 if job.starts is None else len(job.starts)}
         target = to_metric_space(target, s["space"])
         labels = frame_labels(arrays, self.agent_ids, s["grid_size"], s["grid_range"], s["count_radius"])
         out = {"scene": job.scene, "role": job.role, "description": shard.meta.get("description", ""),
@@ -290,11 +295,20 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
                 "grid_size": cfg.grid_size, "grid_range": cfg.grid_range, "count_radius": cfg.count_radius,
                 "agent_classes": list(cfg.agent_classes), "space": metric_space(train_cfg.loss)}
     results = run_jobs(str(checkpoint), jobs, settings, num_workers=num_workers, address=address, progress=progress)
+    nonfinite = [r for r in results if "nonfinite_frames" in r]
+    for r in nonfinite:
+        reason = f"{len(r['nonfinite_frames'])} key frames with non-finite latents (frames {r['nonfinite_frames'][:10]})"
+        log.warning("skipping %s scene %s: %s", r["role"], r["scene"], reason)
+        plan["skipped"].append({"scene": r["scene"], "role": r["role"], "reason": reason})
+    results = [r for r in results if "nonfinite_frames" not in r]
+    if not any(r["role"] == "eval" for r in results):
+        raise UserError(f"{shards}: every evaluated scene has non-finite latents ({len(nonfinite)} scenes)")
     eval_results = [r for r in results if r["role"] == "eval"]
     train_results = [r for r in results if r["role"] == "train"]
     log.info("scoring: retrieval, baselines, %d probes, %d scenarios", 8 if train_results else 0, len(scenarios))
     metrics, fitted = score(eval_results, train_results, cfg, horizon, scenario_scenes)
     metrics["settings"]["headline_seconds"] = list(cfg.headline_seconds)
+    metrics["settings"]["nonfinite_windows"] = sum(r["windows"] for r in nonfinite if r["role"] == "eval")
     metrics["headline"] = headline_rows(metrics, cfg.headline_seconds)
     metrics["provenance"] = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(checkpoint), "step": step,

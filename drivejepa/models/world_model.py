@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
+from drivejepa.config import SIZE_PRESETS, LossConfig, ModelConfig, TrainConfig, resolve_model_config  # noqa: F401
 from drivejepa.diagnostics import collapse_diagnostics
 from drivejepa.losses import inverse_dynamics_loss, normalise_targets, prediction_loss, vicreg_terms
 from drivejepa.models.fusion import MultimodalEncoder
@@ -30,32 +30,6 @@ from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
 from drivejepa.models.predictor import Predictor
 
 OBS_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
-
-# Architecture fields set by model.size; "custom" takes them from the config as written.
-SIZE_PRESETS: dict[str, dict] = {
-    "tiny": dict(latent_dim=32, image_tokens=2, lidar_widths=[16, 32], lidar_tokens=4, radar_widths=[16, 32],
-                 radar_tokens=2, fusion_depth=1, fusion_heads=2, predictor_depth=2, predictor_heads=2, mlp_ratio=2.0),
-    "demo": dict(latent_dim=256, image_tokens=8, lidar_widths=[32, 64, 128], lidar_tokens=16, radar_widths=[32, 64],
-                 radar_tokens=4, fusion_depth=2, fusion_heads=4, predictor_depth=2, predictor_heads=4, mlp_ratio=2.0),
-    "base": dict(latent_dim=384, image_tokens=16, lidar_widths=[64, 128, 256], lidar_tokens=32,
-                 radar_widths=[32, 64, 128], radar_tokens=8, fusion_depth=4, fusion_heads=6, predictor_depth=4,
-                 predictor_heads=6, mlp_ratio=4.0),
-}
-
-
-def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
-    """Apply the size preset. A preset field the user set to something else is an error, not silently ignored."""
-    if cfg.size == "custom":
-        return cfg
-    preset = SIZE_PRESETS[cfg.size]
-    defaults = ModelConfig()
-    for key, value in preset.items():
-        mine = getattr(cfg, key)
-        if mine != getattr(defaults, key) and mine != value:
-            raise ConfigError(f"model.{key} = {mine!r} conflicts with model.size = '{cfg.size}' (which sets "
-                              f"{value!r}); use model.size=custom to choose the architecture field by field")
-    return dataclasses.replace(cfg, **preset)
-
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
     """Cosine schedule of the EMA momentum from ``start`` (step 0) to ``end`` (step ``total_steps`` and after)."""

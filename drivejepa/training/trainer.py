@@ -8,6 +8,13 @@ DataLoader draws its worker seeds from its own generator, and checkpoints hold e
 batches of the current epoch already used. A deterministic CPU run killed at any moment and resumed from its last
 checkpoint therefore replays the same batches with the same random numbers and logs the same losses.
 
+Preemption: SIGTERM (what SLURM, Kubernetes and spot instances send) or SIGINT makes every rank finish its step,
+save a checkpoint at that step and stop with :class:`TrainingInterrupted` (``drivejepa train`` exits with
+:data:`EXIT_INTERRUPTED`); ``--resume auto`` continues it with the losses of an uninterrupted run. Resuming applies
+and records the optimiser settings given now (lr, weight decay, schedule), refuses another architecture or another
+data order (batch size, window, seed, cameras) with the reason, and refuses shards made with another preprocessing
+config than the checkpoint's unless ``allow_other_shards``.
+
 ``data.batch_size`` is the global batch: with N processes each takes batch_size / N windows, so the same config
 trains the same way on one CPU or on N GPUs (up to BatchNorm statistics, which SyncBatchNorm shares on CUDA).
 """
@@ -16,18 +23,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from drivejepa.config import TrainConfig, config_hash, config_to_dict, save_config
+from drivejepa.config import SIZE_PRESETS, TrainConfig, config_to_dict, resolve_train_config, save_config
 from drivejepa.errors import UserError
-from drivejepa.io import atomic_path, atomic_write_json
+from drivejepa.io import atomic_write_json, remove_stale_temps
 from drivejepa.precision import choose_precision
 from drivejepa.runtime import seed_everything
 from drivejepa.training import checkpoint as ckpt_mod
@@ -42,19 +51,46 @@ log = logging.getLogger(__name__)
 MODEL_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask", "actions", "action_valid")
 
 
+# Exit status of ``drivejepa train`` stopped by SIGTERM / SIGINT after saving its checkpoint (EX_TEMPFAIL: "try
+# again"); a run killed without a chance to save exits by the signal itself (137, 143).
+EXIT_INTERRUPTED = 75
+
+# Resume refuses changes to these: the architecture (the weights would not fit) ...
+ARCHITECTURE_KEYS = ("image_backbone", "action_dim", "max_context", *SIZE_PRESETS["demo"])
+# ... and what fixes the data order (the position in the epoch would point at other windows).
+DATA_ORDER_KEYS = ("data.batch_size", "data.context", "data.horizon", "data.stride", "data.train_split",
+                   "data.cameras", "seed")
+# Optimiser settings applied on resume by rebuilding the schedule at the current step.
+OPTIM_KEYS = ("lr", "weight_decay", "warmup_steps", "t0", "t_mult", "min_lr")
+
+
 class TrainingStopped(RuntimeError):
     """Training cannot go on (too many non-finite losses in a row); the last good checkpoint is left as it was."""
 
 
+class TrainingInterrupted(RuntimeError):
+    """A signal stopped the run after it saved a checkpoint at the current step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: saved {checkpoint}; continue with --resume auto")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: Optional[str | Path] = None,
-          progress: bool = True) -> dict:
+          progress: bool = True, allow_other_shards: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir``; ``resume`` = None (fresh run), "auto" (latest checkpoint in run_dir, fresh
     when there is none) or a checkpoint path. Returns the final summary (see :func:`format_summary`)."""
     info = init_distributed(cfg.device)
     try:
-        return _Run(cfg, Path(run_dir), info, progress).fit(resume)
+        return _Run(cfg, Path(run_dir), info, progress, allow_other_shards).fit(resume)
     finally:
         shutdown(info)
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (seed, rank, epoch, ...), distinct for distinct parts."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class _LossModule(nn.Module):
@@ -72,7 +108,7 @@ class _LossModule(nn.Module):
 
 def _windows_datasets(cfg: TrainConfig):
     from drivejepa.data.dataset import WindowDataset
-    from drivejepa.data.shards import scenes_in_split
+    from drivejepa.data.shards import readable_scenes, scenes_in_split
 
     shards = cfg.data.shards
     if not shards:
@@ -80,10 +116,14 @@ def _windows_datasets(cfg: TrainConfig):
     if not Path(shards).is_dir():
         raise UserError(f"{shards}: shard directory not found")
 
+    skipped: list[dict] = []
+
     def windows(split: str):
-        scenes = scenes_in_split(shards, split)
+        listed = scenes_in_split(shards, split)
+        scenes, bad = readable_scenes(shards, listed, split)
+        skipped.extend(bad)
         if not scenes:
-            return None, scenes
+            return None, listed
         ds = WindowDataset(shards, scenes, context=cfg.data.context, horizon=cfg.data.horizon,
                            stride=cfg.data.stride, cameras=cfg.data.cameras)
         return (ds if len(ds) else None), scenes
@@ -98,15 +138,19 @@ def _windows_datasets(cfg: TrainConfig):
         if val_ds is None:
             log.warning("%s: split '%s' (%d scenes) has no window; validation is skipped", shards,
                         cfg.data.val_split, len(val_scenes))
-    return train_ds, val_ds
+    return train_ds, val_ds, skipped
 
 
 class _Run:
-    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, progress: bool):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, info: DistInfo, progress: bool,
+                 allow_other_shards: bool = False):
         from drivejepa.data.dataset import collate_windows
         from drivejepa.models.world_model import build_world_model
 
+        # The architecture as built is what config.yaml and every checkpoint record (no preset re-resolved later).
+        cfg = resolve_train_config(cfg)
         self.cfg, self.run_dir, self.info, self.progress = cfg, run_dir, info, progress
+        self.allow_other_shards = allow_other_shards
         self.ckpt_dir = ckpt_mod.checkpoint_dir(run_dir)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
@@ -116,14 +160,17 @@ class _Run:
         self.local_batch = cfg.data.batch_size // info.world_size
         seed_everything(cfg.seed, cfg.deterministic)
 
-        self.train_ds, self.val_ds = _windows_datasets(cfg)
+        self.train_ds, self.val_ds, self.skipped_shards = _windows_datasets(cfg)
+        self.shards = ckpt_mod.shards_provenance(cfg.data.shards)
         self.sampler = ResumableSampler(self.train_ds, info, shuffle=True, seed=cfg.seed)
         loader_kwargs = dict(collate_fn=collate_windows, num_workers=cfg.data.num_workers,
                              pin_memory=info.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
         # Own generators: creating a DataLoader iterator must not draw from the global torch RNG, or a resumed run
-        # (which starts its iterator mid-epoch) would drift from an uninterrupted one.
+        # (which starts its iterator mid-epoch) would drift from an uninterrupted one. Each epoch reseeds it from
+        # (seed, rank, epoch) (``_train_epoch``), so the workers of different ranks get different seeds, and so do
+        # those of each epoch unless workers are persistent (they then keep the seeds of the first epoch they run).
         self.loader = DataLoader(self.train_ds, batch_size=self.local_batch, sampler=self.sampler,
-                                 generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
+                                 generator=torch.Generator(), **loader_kwargs)
         self.val_loader = None
         if self.val_ds is not None:
             # A fixed shuffled order: each batch mixes scenes, so validation's shuffled-action rollout (the next
@@ -163,6 +210,7 @@ class _Run:
         self.last_val: dict = {}
         self.last_val_step = -1
         self.logger: Optional[MetricsLogger] = None
+        self.stop_signal: Optional[int] = None
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -173,28 +221,27 @@ class _Run:
             "rng": gather_objects(ckpt_mod.capture_rng(), self.info),
             "step": self.step, "epoch": self.epoch, "position": self.position, "best_error": self.best_error,
             "bad_in_row": self.bad_in_row, "bad_total": self.bad_total, "world_size": self.info.world_size,
-            "val": self.last_val,
+            "val": self.last_val, "val_step": self.last_val_step,
+            "constants": ckpt_mod.model_constants(self.model), "shards": self.shards,
         }
 
-    def _save(self, *, keep_step_file: bool = False, best: bool = False) -> None:
+    def _save(self, *, best: bool = False) -> None:
         state = self._state()  # collective (RNG states of every rank): every rank calls it
         self.last_saved_step = self.step
         if not self.info.is_main:
             return
-        last = ckpt_mod.save_checkpoint(self.ckpt_dir / "last.pt", state)
-        if keep_step_file:
-            with atomic_path(self.ckpt_dir / f"step_{self.step:07d}.pt") as tmp:
-                shutil.copyfile(last, tmp)
-            for old in sorted(self.ckpt_dir.glob("step_*.pt"))[:-max(1, self.cfg.keep_checkpoints)]:
-                old.unlink(missing_ok=True)
+        ckpt_mod.save_rotated(self.run_dir, state, self.step, self.cfg.keep_checkpoints)
         if best:
             # best.pt is for evaluation: the weights and how they scored, not the optimiser state.
             ckpt_mod.save_checkpoint(self.ckpt_dir / "best.pt", {
-                k: state[k] for k in ("config", "cameras", "model", "step", "epoch", "best_error", "val")})
+                k: state[k] for k in ("config", "cameras", "model", "constants", "shards", "step", "epoch",
+                                      "best_error", "val")})
 
     def _resume(self, resume: Optional[str | Path]) -> bool:
+        if self.info.is_main:
+            remove_stale_temps(self.ckpt_dir)
         if resume is None:
-            if ckpt_mod.find_latest(self.run_dir) is not None:
+            if ckpt_mod.checkpoint_files(self.run_dir):
                 raise UserError(f"{self.run_dir}: already holds checkpoints; pass --resume auto to continue that run "
                                 "or choose another --out")
             return False
@@ -203,30 +250,69 @@ class _Run:
             log.info("%s: no checkpoint to resume from; starting a new run", self.run_dir)
             return False
         ckpt = ckpt_mod.load_checkpoint(path, "cpu")
-        for key in ("optimizer", "scheduler", "rng", "step"):
+        for key in ckpt_mod.RESUME_KEYS:
             if key not in ckpt:
                 raise UserError(f"{path}: holds no '{key}' (best.pt keeps weights only); resume from last.pt")
         saved_cfg = ckpt_mod.config_of(ckpt, f"{path} (config)")
-        if config_hash(saved_cfg) != config_hash(self.cfg):
-            log.warning("resuming %s with a config that differs from the checkpoint's: %s", path,
-                        ", ".join(_differences(config_to_dict(saved_cfg), config_to_dict(self.cfg))) or "?")
-        self.model.load_state_dict(ckpt["model"])
+        saved_cfg = resolve_train_config(saved_cfg)
+        changes = _differences(config_to_dict(saved_cfg), config_to_dict(self.cfg))
+        refused = [c for c in changes if c.split(":")[0] in {f"model.{k}" for k in ARCHITECTURE_KEYS}]
+        if refused:
+            raise UserError(f"{path}: cannot resume with another model architecture ({'; '.join(refused)}); "
+                            "start a new run in another --out")
+        refused = [c for c in changes if c.split(":")[0] in DATA_ORDER_KEYS]
+        if refused:
+            raise UserError(f"{path}: cannot resume with another data order ({'; '.join(refused)}): the checkpoint's "
+                            "position in the epoch would point at other windows; start a new run in another --out")
+        if ckpt.get("shards"):
+            ckpt_mod.check_shards(ckpt, self.cfg.data.shards, path, allow_other=self.allow_other_shards)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise UserError(f"{path}: weights do not fit the model its config describes "
+                            f"({str(exc).strip().splitlines()[-1][:300]})") from None
+        ckpt_mod.check_constants(self.model, ckpt, path)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.position = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["position"])
+        optim_changes = [c for c in changes if c.split(":")[0] in {f"optim.{k}" for k in OPTIM_KEYS}]
+        if optim_changes:
+            self._apply_optim_settings()
         self.best_error = float(ckpt.get("best_error", math.inf))
         self.bad_in_row, self.bad_total = int(ckpt.get("bad_in_row", 0)), int(ckpt.get("bad_total", 0))
         self.last_val = dict(ckpt.get("val") or {})
+        self.last_val_step = int(ckpt.get("val_step", -1))
         rng = ckpt["rng"]
         if int(ckpt.get("world_size", 1)) != self.info.world_size:
             log.warning("%s was written by %s processes, this run has %d: the rest of epoch %d sees a different "
                         "window order", path, ckpt.get("world_size"), self.info.world_size, self.epoch)
-        ckpt_mod.restore_rng(rng[self.info.rank] if self.info.rank < len(rng) else rng[0])
+        if self.info.rank < len(rng):
+            ckpt_mod.restore_rng(rng[self.info.rank])
+        else:  # a rank the checkpoint did not have: its own stream, not a copy of rank 0's
+            seed_everything(derived_seed(self.cfg.seed, self.info.rank, self.step) % 2 ** 32, self.cfg.deterministic)
         self.last_saved_step = self.step
+        self.resume_changes = changes
+        if changes and self.info.is_main:
+            log.warning("resuming %s with settings that differ from the checkpoint's, applied from step %d on: %s",
+                        path, self.step, "; ".join(changes))
         log.info("resumed %s at step %d (epoch %d, batch %d of %d)", path, self.step, self.epoch, self.position,
                  self.steps_per_epoch)
         return True
+
+    def _apply_optim_settings(self) -> None:
+        """Give the restored optimiser this config's lr and weight decay and a schedule built from this config,
+        positioned at the current step (Adam's moments are kept)."""
+        from drivejepa.training.optim import build_scheduler, step_scheduler
+
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = o.lr
+        self.optimizer.param_groups[0]["weight_decay"] = o.weight_decay  # optim.param_groups: [decay, no decay]
+        self.scheduler = build_scheduler(self.optimizer, o)
+        for _ in range(self.step):
+            step_scheduler(self.scheduler)
 
     # ------------------------------------------------------------------------------------------------ one step
     def _train_step(self, batch: dict) -> Optional[dict]:
@@ -286,11 +372,16 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self, resume: Optional[str | Path]) -> dict:
+        self.resume_changes: list[str] = []
         resumed = self._resume(resume)
         info, cfg = self.info, self.cfg
         if info.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
         self.logger = MetricsLogger(self.run_dir, enabled=info.is_main, resume_step=self.step if resumed else None)
+        if self.resume_changes:
+            self.logger.event("resume_changes", self.step, applied=self.resume_changes)
+        if self.skipped_shards:
+            self.logger.event("skipped_shards", self.step, shards=self.skipped_shards)
         n_params = sum(p.numel() for p in self.params)
         if info.is_main:
             log.info("training %.2fM parameters on %s x %d: %d train windows, %d val windows, global batch %d, "
@@ -306,23 +397,54 @@ class _Run:
         self.start_step = self.step
         self.clock = {"wait": 0.0, "total": 0.0}
         started = time.perf_counter()
+        previous = self._catch_signals()
         try:
             while self.step < self.total_steps and self.epoch < cfg.optim.epochs:
                 self._train_epoch()
                 if self.position < self.steps_per_epoch:
-                    break  # max_steps reached inside the epoch
+                    break  # max_steps reached inside the epoch, or a signal
                 self._end_epoch()
+                self._stop_if_signalled()
             if self.last_val_step != self.step:
                 self._validate()
             if self.last_saved_step != self.step:
-                self._save(keep_step_file=True, best=self._improved())
+                self._save(best=self._improved())
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.bar.close()
             self.logger.close()
         elapsed = time.perf_counter() - started
         return self._summary(elapsed, n_params)
 
+    def _catch_signals(self) -> dict:
+        """SIGTERM / SIGINT set ``stop_signal`` (the step in progress finishes); a second signal acts as before."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread (Ray Train runs loops in threads)
+        previous = {}
+
+        def handler(signum, frame):
+            self.stop_signal = signum
+            for s, h in previous.items():
+                signal.signal(s, h)
+            log.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.signal(signum, handler)
+        return previous
+
+    def _stop_if_signalled(self) -> None:
+        """Collective: when any rank got a signal, every rank saves the current step and the run stops."""
+        if all_true(self.stop_signal is None, self.info):
+            return
+        signum = self.stop_signal or signal.SIGTERM
+        if self.last_saved_step != self.step:
+            self._save()
+        self.bar.close()
+        raise TrainingInterrupted(int(signum), self.step, self.ckpt_dir / "last.pt")
+
     def _train_epoch(self) -> None:
+        self.loader.generator.manual_seed(derived_seed(self.cfg.seed, self.info.rank, self.epoch))
         self.sampler.set_position(self.epoch, self.position * self.local_batch)
         self.model.train()
         window = {"t": time.perf_counter(), "wait": 0.0, "windows": 0, "stats": {}, "n": 0}
@@ -349,6 +471,8 @@ class _Run:
             if self.cfg.ckpt_every > 0 and self.step % self.cfg.ckpt_every == 0 \
                     and self.position < self.steps_per_epoch:
                 self._save()
+            if self.position < self.steps_per_epoch:
+                self._stop_if_signalled()
         if window["windows"]:
             self._log_window(window)
 
@@ -369,9 +493,13 @@ class _Run:
     def _validate(self) -> None:
         if self.val_loader is None:
             return
+        self.val_loader.generator.manual_seed(derived_seed(self.cfg.seed, self.info.rank))
         self.last_val = validate(self.model, self.val_loader, self.cfg, self.info, self.autocast)
         self.last_val_step = self.step
         self.logger.scalars("val", self.step, self.last_val, epoch=self.epoch)
+        if self.info.is_main and self.last_val.get("nonfinite_windows"):
+            log.warning("val step %d: %d windows with non-finite latents left out (check the shards of split '%s')",
+                        self.step, int(self.last_val["nonfinite_windows"]), self.cfg.data.val_split)
         if self.info.is_main and self.last_val.get("windows"):
             h = self.cfg.data.horizon
             log.info("val step %d: latent error %.4f vs copy-last %.4f (ratio %.3f; horizon %d ratio %.3f), "
@@ -394,7 +522,7 @@ class _Run:
         self._validate()
         self.epoch += 1
         self.position = 0
-        self._save(keep_step_file=True, best=self._improved())
+        self._save(best=self._improved())
 
     def _summary(self, elapsed: float, n_params: int) -> dict:
         records_loss = self.last_loss()

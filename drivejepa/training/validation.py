@@ -8,6 +8,8 @@ horizon. An error ratio below 1 at horizon h means the predictor knows more abou
 The same rollout with the future actions of the next window of the batch (the loader mixes scenes in a fixed order)
 measures the action sensitivity: its error over the true-action error is 1 when the predictions ignore the action.
 Collapse diagnostics (drivejepa.diagnostics) are computed on the target latents and the first-step predictions.
+A window whose latents or predictions are not finite (a NaN in a shard) is left out and counted
+(``nonfinite_windows``), so one bad window cannot stop training at an epoch end.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
     model.eval()
     device = info.device
     sums = torch.zeros(4, horizon, dtype=torch.float64, device=device)
-    count = torch.zeros(2, dtype=torch.float64, device=device)  # windows, windows with shuffled actions
+    count = torch.zeros(3, dtype=torch.float64, device=device)  # windows, windows with shuffled actions, non-finite
     latents, first_pred, first_target, last_context = [], [], [], []
     normalise = cfg.loss.objective == "jepa" and cfg.loss.normalize_targets
     for batch in batches:
@@ -59,6 +61,15 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
         if normalise:
             target = normalise_targets(target)
         pred = pred.float()
+        finite = torch.isfinite(pred).flatten(1).all(1) & torch.isfinite(target).flatten(1).all(1)
+        if shuffled is not None:
+            finite &= torch.isfinite(shuffled).flatten(1).all(1)
+        if not bool(finite.all()):
+            count[2] += float((~finite).sum())
+            pred, target = pred[finite], target[finite]
+            shuffled = shuffled[finite] if shuffled is not None and int(finite.sum()) > 1 else None
+            if not bool(finite.any()):
+                continue
         future = target[:, context : context + horizon]
         last = target[:, context - 1 : context]
         err = (pred - future).pow(2).mean(dim=-1).sum(dim=0).double()
@@ -77,11 +88,11 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
     all_reduce_sum(sums, info)
     all_reduce_sum(count, info)
     model.train(was_training)
-    n, n_shuffled = count.tolist()
+    n, n_shuffled, nonfinite = count.tolist()
     if n == 0:
-        return {"windows": 0.0}
+        return {"windows": 0.0, "nonfinite_windows": nonfinite}
     err, copy = (sums[:2] / n).tolist()
-    out: dict[str, float] = {"windows": n}
+    out: dict[str, float] = {"windows": n, "nonfinite_windows": nonfinite}
     for k in range(horizon):
         out[f"err_h{k + 1}"] = err[k]
         out[f"copy_last_h{k + 1}"] = copy[k]

@@ -82,12 +82,12 @@ def collect_pairs(model, shard_dir: str | Path, scenes: list[str], spec: Decoder
 
 
 def _split_scenes(shard_dir: str | Path, cfg) -> tuple[list[str], list[str]]:
-    from drivejepa.data.shards import scenes_in_split
+    from drivejepa.data.shards import readable_scenes, scenes_in_split
 
-    every = scenes_in_split(shard_dir, None)
+    every, _ = readable_scenes(shard_dir, scenes_in_split(shard_dir, None), "visualisation")
     try:
-        train = scenes_in_split(shard_dir, cfg.data.train_split)
-        held = scenes_in_split(shard_dir, cfg.data.val_split)
+        train = [s for s in scenes_in_split(shard_dir, cfg.data.train_split) if s in every]
+        held = [s for s in scenes_in_split(shard_dir, cfg.data.val_split) if s in every]
     except UserError:
         train, held = [], []
     if not train:
