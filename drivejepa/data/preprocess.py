@@ -226,13 +226,20 @@ def _run_ray(nusc, todo, cfg, chash, out, num_workers, address, finish) -> None:
     cfg_ref = ray.put(cfg)
     pending: dict = {}
     queue = list(todo)
-    while queue or pending:
+
+    def refill() -> None:
         while queue and len(pending) < limit:
             scene = queue.pop(0)
             ref = remote.remote(scene_task(nusc, scene, cfg), cfg_ref, chash, str(shard_path(out, scene["name"])))
             pending[ref] = scene["name"]
+
+    refill()
+    while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         name = pending.pop(done[0])
+        # The freed worker gets its next scene before the driver records this one (manifest merge under a lock,
+        # header read), so it does not wait for the driver's serial work.
+        refill()
         try:
             report = ray.get(done[0])
         except ray.exceptions.RayError as exc:  # a crashed worker costs its scene, not the run
