@@ -8,11 +8,6 @@ import torch.nn.functional as F
 from drivejepa.config import LossConfig
 
 
-def normalise_targets(targets: torch.Tensor) -> torch.Tensor:
-    """Layer-norm (no affine) over the latent dimension: the regression cannot shrink the targets to reach zero."""
-    return F.layer_norm(targets, targets.shape[-1:])
-
-
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target)
@@ -52,10 +47,9 @@ def inverse_dynamics_loss(pred_motion: torch.Tensor, motion: torch.Tensor, valid
 
 
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The configured objective between predicted and target latents (targets already stop-gradient)."""
+    """The configured objective between predicted and target latents; the targets are stop-gradient and already in
+    the objective's latent space (``latent_space.targets``), the one validation and evaluation compare in."""
     if cfg.objective == "jepa":
-        if cfg.normalize_targets:
-            target = normalise_targets(target)
         return regression_loss(pred, target, cfg.regression)
     if cfg.objective == "infonce":
         return infonce_loss(pred, target, cfg.temperature)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
-from drivejepa.losses import normalise_targets
+from drivejepa.latent_space import layer_norm
 from drivejepa.models.world_model import SIZE_PRESETS, WorldModel, build_world_model, ema_momentum
 
 
@@ -242,7 +242,7 @@ def test_predictor_is_causal_and_uses_the_action(model):
         straight = model.rollout(states[:, :2], torch.tensor([[5.0, 0.0, 0.0, 10.0, 0.0]]).expand(B, 1, 5))
     torch.testing.assert_close(changed[:, :3], ref[:, :3])
     # The prediction is the normalised state plus a gated change; the action must move that change substantially.
-    change = (ref - normalise_targets(states)).abs().max()
+    change = (ref - layer_norm(states)).abs().max()
     assert (changed[:, 3] - ref[:, 3]).abs().max() > 0.05 * change
     assert (turned - straight).abs().max() > 0.05 * change
 

@@ -210,6 +210,8 @@ def test_validation_reports_how_much_the_predictions_depend_on_the_actions():
         "actions": torch.randn(b, length, 5, generator=g) * torch.tensor([3.0, 0.3, 0.05, 5.0, 0.1]),
         "action_valid": torch.ones(b, length, dtype=torch.bool),
     } for _ in range(2)]
+    for batch in batches:       # the partner's past and future actions, as WindowDataset(shuffle_actions_seed) adds
+        batch["shuffled_actions"] = batch["actions"].roll(1, dims=0)
     info = DistInfo()
     uses = validate(model, batches, cfg, info, contextlib.nullcontext)
     assert {"shuffled_h1", "action_ratio_h3", "action_ratio"} <= set(uses)

@@ -44,7 +44,7 @@ def visualized(checkpoint, shard_dir, tmp_path_factory):
     import io
     from contextlib import redirect_stdout
 
-    from drivejepa.visualization.decoder import file_sha256
+    from drivejepa.io import file_sha256
 
     before = file_sha256(checkpoint)
     buf = io.StringIO()
@@ -245,7 +245,8 @@ def test_action_paths_follow_the_manoeuvre():
 
 
 def test_saved_decoder_is_reused_only_for_the_checkpoint_it_was_trained_for(tmp_path):
-    from drivejepa.visualization.decoder import (DecoderSpec, LatentDecoder, decoder_path, file_sha256,
+    from drivejepa.io import file_sha256
+    from drivejepa.visualization.decoder import (DecoderSpec, LatentDecoder, decoder_path,
                                                  find_decoder, save_decoder)
 
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"

@@ -78,6 +78,8 @@ LIDAR_CHANNELS = ("x", "y", "z", "intensity", "time_lag")
 # Arrays with one row per camera, not per frame.
 PER_CAMERA = ("cam_intrinsics",)
 
+SENSOR_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")  # what the encoder reads
+
 
 def category_to_class(category: str) -> Optional[int]:
     """Index into :data:`CLASSES` of a nuScenes category name, or None when the category is not a detection class."""

@@ -1,7 +1,7 @@
 """Running the evaluation: plan the windows, encode and roll out scenes (in Ray actors or in this process), score.
 
-The driver reads only small arrays (actions, validity, frame indices) to plan every window and the seeded action
-permutation of the shuffled baseline, so that permutation spans every evaluated window whatever the grouping. Each
+The driver reads only small arrays (actions, validity, frame indices) to plan every window and the shuffled-action
+baseline's partners (drivejepa/baselines.py: a seeded derangement of every evaluated window, whatever the grouping). Each
 worker (a Ray actor, or this process with ``num_workers=0``) loads the checkpoint once and turns whole scenes into
 latents, rollouts and labels; scoring (retrieval against the gallery of every evaluated frame, probes, scenario
 breakdown) happens once on the driver. Results are put back in scene-name order, so the grouping of scenes over
@@ -16,9 +16,12 @@ from typing import Optional
 
 import numpy as np
 
+from drivejepa import latent_space
 from drivejepa.config import EvalConfig
 from drivejepa.errors import UserError
-from drivejepa.evaluation.latents import derangement, window_starts
+from drivejepa.io import file_sha256
+from drivejepa.baselines import shuffled_sources
+from drivejepa.evaluation.latents import window_starts
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ class SceneJob:
     path: str
     role: str                                   # "eval": latents, rollouts and labels; "train": latents and labels
     starts: Optional[np.ndarray] = None         # window starts (eval scenes)
-    shuffled_actions: Optional[np.ndarray] = None  # [W, H, 5] future actions of other windows (eval scenes)
+    shuffled_actions: Optional[np.ndarray] = None  # [W, Tc-1+H, 5] past and future actions of other windows
 
 
 def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[str], context: int, horizon: int,
@@ -39,7 +42,7 @@ def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[
     A shard that cannot be read is skipped and listed in ``plan["skipped"]`` with the reason."""
     from drivejepa.data.shards import read_shard, read_shard_meta, shard_path
 
-    jobs, window_ids, future_actions, skipped, descriptions = [], [], [], [], {}
+    jobs, window_ids, window_actions, skipped, descriptions = [], [], [], [], {}
     for scene in eval_scenes:
         path = shard_path(shard_dir, scene)
         try:
@@ -54,14 +57,14 @@ def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[
         actions = np.asarray(shard.arrays["actions"], dtype=np.float32)
         for s in starts:
             window_ids.append((scene, int(s)))
-            future_actions.append(actions[s:s + horizon])
+            window_actions.append(actions[s - context + 1:s + horizon])
         descriptions[scene] = shard.meta.get("description", "")
         jobs.append(SceneJob(scene, str(path), "eval", starts))
     if not window_ids:
         raise UserError(f"{shard_dir}: no evaluation window of {context} context + {horizon} future consecutive key "
                         f"frames in scenes {eval_scenes[:5]}{'...' if len(eval_scenes) > 5 else ''}")
-    perm = derangement(len(window_ids), shuffle_seed)
-    shuffled = np.stack(future_actions)[perm]
+    perm = shuffled_sources(len(window_ids), shuffle_seed)
+    shuffled = np.stack(window_actions)[perm]
     pos = 0
     for job in jobs:
         n = len(job.starts)
@@ -114,8 +117,8 @@ class SceneWorker:
         if missing:
             raise UserError(f"{job.path}: shard lacks cameras {missing} that the checkpoint was trained with")
         camera_index = [cameras.index(c) for c in self.model.cameras]
-        online, target = encode_frames(self.model, arrays, shard.frames, s["batch_size"], self.device, camera_index)
-        target = to_metric_space(target, s["space"])
+        online, raw = encode_frames(self.model, arrays, shard.frames, s["batch_size"], self.device, camera_index)
+        target = latent_space.targets(raw, self.model.space)
         labels = frame_labels(arrays, self.agent_ids, s["grid_size"], s["grid_range"], s["count_radius"])
         out = {"scene": job.scene, "role": job.role, "description": shard.meta.get("description", ""),
                "target": target, "online": online, "labels": labels}
@@ -128,41 +131,19 @@ class SceneWorker:
             np.zeros((0, horizon, actions.shape[1]), np.float32)
         past = np.stack([actions[t - context + 1:t] for t in starts]) if len(starts) else \
             np.zeros((0, context - 1, actions.shape[1]), np.float32)
-        model_pred = rollout_windows(self.model, target, starts, context, true_future, past, s["batch_size"],
+        model_pred = rollout_windows(self.model, raw, starts, context, true_future, past, s["batch_size"],
                                      self.device)
-        shuffled_pred = rollout_windows(self.model, target, starts, context, job.shuffled_actions, past,
-                                        s["batch_size"], self.device)
+        other = job.shuffled_actions
+        shuffled_pred = rollout_windows(self.model, raw, starts, context, other[:, context - 1:],
+                                        other[:, :context - 1], s["batch_size"], self.device)
         out.update(
             starts=starts,
-            model=to_metric_space(model_pred, s["space"], prediction=True),
-            shuffled_actions=to_metric_space(shuffled_pred, s["space"], prediction=True),
+            model=latent_space.predictions(model_pred, self.model.space),
+            shuffled_actions=latent_space.predictions(shuffled_pred, self.model.space),
             cv_box_grids=box_baseline_grids(arrays, starts, horizon, np.asarray(arrays["timestamps"]),
                                             self.agent_ids, s["grid_size"], s["grid_range"]),
         )
         return out
-
-
-def metric_space(loss_cfg) -> str:
-    """The space the model's predictions are compared in, following its training objective: layer-normalised
-    targets ("layer_norm"), unit vectors for InfoNCE ("unit"), or raw target latents ("raw")."""
-    if loss_cfg.objective == "infonce":
-        return "unit"
-    return "layer_norm" if loss_cfg.normalize_targets else "raw"
-
-
-def to_metric_space(latents: np.ndarray, space: str, prediction: bool = False) -> np.ndarray:
-    """Target latents (or, with ``prediction``, predicted ones) in the space named by :func:`metric_space`."""
-    import torch
-    import torch.nn.functional as F
-
-    from drivejepa.losses import normalise_targets
-
-    x = torch.from_numpy(np.asarray(latents, dtype=np.float32))
-    if space == "unit":
-        x = F.normalize(x, dim=-1)
-    elif space == "layer_norm" and not prediction:
-        x = normalise_targets(x)
-    return x.numpy()
 
 
 def _groups(items: list[int], k: int) -> list[list[int]]:
@@ -228,16 +209,6 @@ def default_suite() -> Path:
     return Path(__file__).resolve().parents[2] / "eval" / "scenarios" / "default.yaml"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, split: str = "val",
              suite: Optional[str | Path] = None, overrides=(), address: Optional[str] = None,
              num_workers: Optional[int] = None, progress: bool = True) -> dict:
@@ -288,16 +259,16 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
              cfg.train_split)
     settings = {"device": cfg.device, "batch_size": cfg.batch_size, "horizon": horizon, "context": context,
                 "grid_size": cfg.grid_size, "grid_range": cfg.grid_range, "count_radius": cfg.count_radius,
-                "agent_classes": list(cfg.agent_classes), "space": metric_space(train_cfg.loss)}
+                "agent_classes": list(cfg.agent_classes), "space": latent_space.space_of(train_cfg.loss)}
     results = run_jobs(str(checkpoint), jobs, settings, num_workers=num_workers, address=address, progress=progress)
     eval_results = [r for r in results if r["role"] == "eval"]
     train_results = [r for r in results if r["role"] == "train"]
     log.info("scoring: retrieval, baselines, %d probes, %d scenarios", 8 if train_results else 0, len(scenarios))
-    metrics, fitted = score(eval_results, train_results, cfg, horizon, scenario_scenes)
+    metrics, fitted = score(eval_results, train_results, cfg, horizon, context, scenario_scenes)
     metrics["settings"]["headline_seconds"] = list(cfg.headline_seconds)
     metrics["headline"] = headline_rows(metrics, cfg.headline_seconds)
     metrics["provenance"] = {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(checkpoint), "step": step,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "step": step,
         "config": config_to_dict(train_cfg), "config_hash": config_hash(train_cfg),
         "shards": str(Path(shards).resolve()), "shards_config_hash": manifest.get("config_hash"),
         "dataset_version": manifest.get("version"), "split": split, "train_split": cfg.train_split,

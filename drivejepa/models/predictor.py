@@ -3,10 +3,11 @@
 Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw, yaw_rate), in that order;
 the output read at the motion token of step t is the prediction of s_{t+1}. A token-level causal mask makes output t
 depend only on steps <= t, so teacher-forced prediction of a whole sequence and step-by-step rollout agree.
-The prediction is residual: the layer-normalised current state plus a learned change scaled by a per-channel gate
-(LayerScale) that starts at 0.01. Consecutive latents are close, so the untrained predictor starts at the
-copy-last-latent baseline (in the normalised space the JEPA targets live in) and training only has to learn what
-the action and the scene change.
+The prediction is residual: the current state in the model's latent space (``latent_space.targets``) plus a learned
+change scaled by a per-channel gate (LayerScale) that starts at 0.01 and by the state's RMS (1 for layer-normed
+states), so the change is equally small in every space. Consecutive latents are close, so the untrained
+predictor starts at the copy-last-latent baseline in the space its predictions are compared in, and training only has
+to learn what the action and the scene change.
 Actions are normalised inside with fixed scales (raw metres, radians, m/s go in). An action that is not known (for
 instance the frames before the last context frame when the caller has no actions for them) is replaced by a learned
 'unknown' token, trained by dropping actions at random during training.
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from drivejepa.config import ModelConfig
-from drivejepa.losses import normalise_targets
+from drivejepa import latent_space
 from drivejepa.models.fusion import Block, drop_path_rates
 
 ACTION_SCALES = (10.0, 2.0, 0.5, 15.0, 1.0)   # dx (m), dy (m), dyaw (rad), speed (m/s), yaw_rate (rad/s)
@@ -29,8 +30,9 @@ TOKENS_PER_STEP = 3
 
 
 class Predictor(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, space: str = "layer_norm"):
         super().__init__()
+        self.space = latent_space.check(space)
         if cfg.action_dim != len(ACTION_SCALES):
             raise ValueError(f"model.action_dim must be {len(ACTION_SCALES)} (dx, dy, dyaw, speed, yaw_rate), "
                              f"got {cfg.action_dim}")
@@ -80,7 +82,9 @@ class Predictor(nn.Module):
         for block in self.blocks:
             x = block(x, causal)
         change = self.out(x.view(b, t, TOKENS_PER_STEP, d)[:, :, -1])
-        return normalise_targets(states) + self.change_gate * change
+        base = latent_space.targets(states, self.space)
+        scale = base.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()           # the change is relative to it
+        return base + self.change_gate * scale * change
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
                 past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from drivejepa.config import TrainConfig, config_hash, config_to_dict, save_config
+from drivejepa.data.shards import SENSOR_KEYS
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_path, atomic_write_json
 from drivejepa.runtime import seed_everything
@@ -38,7 +39,7 @@ from drivejepa.training.validation import beats_copy_last, to_device, validate
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask", "actions", "action_valid")
+MODEL_KEYS = SENSOR_KEYS + ("actions", "action_valid")
 
 
 class TrainingStopped(RuntimeError):
@@ -87,12 +88,13 @@ def _windows_datasets(cfg: TrainConfig):
     if not Path(shards).is_dir():
         raise UserError(f"{shards}: shard directory not found")
 
-    def windows(split: str):
+    def windows(split: str, shuffle_actions_seed=None):
         scenes = scenes_in_split(shards, split)
         if not scenes:
             return None, scenes
         ds = WindowDataset(shards, scenes, context=cfg.data.context, horizon=cfg.data.horizon,
-                           stride=cfg.data.stride, cameras=cfg.data.cameras)
+                           stride=cfg.data.stride, cameras=cfg.data.cameras,
+                           shuffle_actions_seed=shuffle_actions_seed)
         return (ds if len(ds) else None), scenes
 
     train_ds, train_scenes = windows(cfg.data.train_split)
@@ -101,7 +103,7 @@ def _windows_datasets(cfg: TrainConfig):
                         f"{cfg.data.context + cfg.data.horizon} consecutive key frames")
     val_ds = None
     if cfg.data.val_split:
-        val_ds, val_scenes = windows(cfg.data.val_split)
+        val_ds, val_scenes = windows(cfg.data.val_split, shuffle_actions_seed=cfg.seed)
         if val_ds is None:
             log.warning("%s: split '%s' (%d scenes) has no window; validation is skipped", shards,
                         cfg.data.val_split, len(val_scenes))
@@ -133,8 +135,7 @@ class _Run:
                                  generator=torch.Generator().manual_seed(cfg.seed), **loader_kwargs)
         self.val_loader = None
         if self.val_ds is not None:
-            # A fixed shuffled order: each batch mixes scenes, so validation's shuffled-action rollout (the next
-            # window's actions) gets another scene's driving, not its neighbour's nearly equal actions.
+            # A fixed shuffled order, split over the ranks.
             order = torch.randperm(len(self.val_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             self.val_loader = DataLoader(self.val_ds, batch_size=self.local_batch,
                                          sampler=order[info.rank::info.world_size],

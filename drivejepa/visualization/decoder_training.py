@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from drivejepa.errors import UserError
+from drivejepa.io import file_sha256
 from drivejepa.visualization.decoder import (DecoderSpec, LatentDecoder, bev_targets, decode, decoder_path,
-                                             file_sha256, find_decoder, grid_scores, save_decoder, train_decoder)
+                                             find_decoder, grid_scores, save_decoder, train_decoder)
 
 log = logging.getLogger(__name__)
 
