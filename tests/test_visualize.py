@@ -244,6 +244,23 @@ def test_action_paths_follow_the_manoeuvre():
     assert end["left"][1] > 1.0 and end["right"][1] < -1.0 and end["left"][2] > 0 > end["right"][2]
 
 
+def test_counterfactual_actions_are_the_actions_preprocessing_would_write_for_that_drive():
+    """Driven through poses and back through the shards' action builder, a manoeuvre gives the same numbers: the
+    predictor is fed what training saw (chord speed on a turn, not arc speed)."""
+    from drivejepa.data.frames import compute_actions
+    from drivejepa.visualization.actions import preset_actions
+    from drivejepa.visualization.geometry import integrate_actions, pose2d_matrix
+
+    for name in ("left", "accelerate"):
+        acts = preset_actions(name, 10.0, 0.0, 4, 0.5)
+        poses = [pose2d_matrix(*p) for p in integrate_actions(acts)]
+        rebuilt, valid = compute_actions(poses, [k * 500_000 for k in range(len(poses))])
+        assert valid[:4].all()
+        np.testing.assert_allclose(rebuilt[:4], acts, atol=1e-4)
+    turn = preset_actions("left", 10.0, 0.0, 1, 0.5)[0]
+    assert turn[3] == pytest.approx(np.hypot(turn[0], turn[1]) / 0.5) and turn[3] < 10.0
+
+
 def test_saved_decoder_is_reused_only_for_the_checkpoint_it_was_trained_for(tmp_path):
     from drivejepa.io import file_sha256
     from drivejepa.visualization.decoder import (DecoderSpec, LatentDecoder, decoder_path,

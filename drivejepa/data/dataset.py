@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from drivejepa.baselines import shuffled_sources
-from drivejepa.data.shards import PER_CAMERA, Shard, load_manifest, read_shard, read_shard_meta, shard_path
+from drivejepa.data.shards import (PER_CAMERA, Shard, camera_positions, load_manifest, read_shard, read_shard_meta,
+                                   shard_path)
 from drivejepa.errors import UserError
 
 CAMERA_AXIS = {"images": 1, "image_mask": 1, "cam_to_key_ego": 1, "cam_timestamps": 1}  # per-frame camera axis
@@ -61,11 +62,7 @@ class WindowDataset(Dataset):
     def _select_cameras(self, scene: str, shard_cameras: list[str]) -> Optional[list[int]]:
         if self.cameras is None or list(self.cameras) == list(shard_cameras):
             return None
-        missing = [c for c in self.cameras if c not in shard_cameras]
-        if missing:
-            raise UserError(f"{shard_path(self.shard_dir, scene)}: cameras {missing} not in the shard "
-                            f"(it holds {shard_cameras}); preprocess with them")
-        return [shard_cameras.index(c) for c in self.cameras]
+        return camera_positions(shard_cameras, self.cameras, shard_path(self.shard_dir, scene))
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -105,18 +105,14 @@ class SceneWorker:
         self.agent_ids = np.array([CLASSES.index(c) for c in settings["agent_classes"]])
 
     def run(self, job: SceneJob) -> dict:
-        from drivejepa.data.shards import read_shard
+        from drivejepa.data.shards import camera_positions, read_shard
         from drivejepa.evaluation.latents import encode_frames, rollout_windows
         from drivejepa.evaluation.probes import box_baseline_grids, frame_labels
 
         s = self.settings
         shard = read_shard(job.path)
         arrays = shard.arrays
-        cameras = shard.meta.get("cameras", [])
-        missing = [c for c in self.model.cameras if c not in cameras]
-        if missing:
-            raise UserError(f"{job.path}: shard lacks cameras {missing} that the checkpoint was trained with")
-        camera_index = [cameras.index(c) for c in self.model.cameras]
+        camera_index = camera_positions(shard.meta.get("cameras", []), self.model.cameras, job.path)
         online, raw = encode_frames(self.model, arrays, shard.frames, s["batch_size"], self.device, camera_index)
         target = latent_space.targets(raw, self.model.space)
         labels = frame_labels(arrays, self.agent_ids, s["grid_size"], s["grid_range"], s["count_radius"])

@@ -118,7 +118,7 @@ class MultimodalEncoder(nn.Module):
             parts[i][2][:, sl] &= keep[:, u : u + 1]
         return parts
 
-    def forward(self, obs: Mapping[str, torch.Tensor], return_tokens: bool = False):
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         parts = self.branch_tokens(obs)
         if self.training and self.modality_dropout > 0:
             parts = self.drop_modalities(parts, obs)
@@ -131,7 +131,4 @@ class MultimodalEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.norm(x)
-        state = self.head(x[:, 0])
-        if return_tokens:
-            return state, x[:, 1:], valid[:, 1:]
-        return state
+        return self.head(x[:, 0])

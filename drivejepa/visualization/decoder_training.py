@@ -24,11 +24,9 @@ log = logging.getLogger(__name__)
 
 def camera_index(shard, model) -> list[int]:
     """Positions of the model's cameras in a shard's camera axis."""
-    cameras = shard.meta.get("cameras", [])
-    missing = [c for c in model.cameras if c not in cameras]
-    if missing:
-        raise UserError(f"{shard.path}: shard lacks cameras {missing} that the checkpoint was trained with")
-    return [cameras.index(c) for c in model.cameras]
+    from drivejepa.data.shards import camera_positions
+
+    return camera_positions(shard.meta.get("cameras", []), model.cameras, shard.path)
 
 
 @torch.no_grad()
