@@ -185,6 +185,13 @@ def test_ema_update_matches_formula():
     model.update_target(0.9)
     for o, t, new in zip(online, target, model.target_encoder.parameters()):
         torch.testing.assert_close(new, 0.9 * t + 0.1 * o)
+        assert torch.equal(new, t.mul(0.9).add_(o, alpha=0.1))     # the numbers of the in-place per-tensor update
+    with torch.no_grad():
+        for b in model.encoder.buffers():
+            b.add_(1)
+    model.update_target(0.5)
+    for b, t in zip(model.encoder.buffers(), model.target_encoder.buffers()):
+        assert torch.equal(b, t)
     model.update_target(0.0)
     for o, new in zip(online, model.target_encoder.parameters()):
         torch.testing.assert_close(new, o)

@@ -224,3 +224,43 @@ def test_validation_reports_how_much_the_predictions_depend_on_the_actions():
     assert ignores["action_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert all(ignores[f"action_ratio_h{k}"] == pytest.approx(1.0, abs=1e-6) for k in (1, 2, 3))
     assert ignores["err"] == pytest.approx(ignores["shuffled"], abs=1e-7)
+
+
+def test_weight_decay_spares_embeddings_tokens_gates_biases_and_norms():
+    from drivejepa.config import ModelConfig
+    from drivejepa.models.world_model import WorldModel
+    from drivejepa.training.optim import param_groups
+
+    model = WorldModel(ModelConfig(size="tiny", image_backbone="test_resnet"), ["CAM_FRONT"])
+    decay, spared = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name_of[id(p)] for p in decay["params"]}
+    not_decayed = {name_of[id(p)] for p in spared["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | not_decayed == trainable and not decayed & not_decayed
+    assert not any(n.startswith("target_encoder.") for n in decayed | not_decayed)
+    embeddings = ("pos_embed", "time_embed", "type_embed", "camera_embed", "sector_embed", "modality_embed",
+                  "cls_token", "empty_token", "unknown_speed", "unknown_motion", "change_gate")
+    for suffix in embeddings:
+        found = [n for n in trainable if n.endswith(suffix)]
+        assert found and all(n in not_decayed for n in found), suffix
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert {"predictor.out.1.weight", "encoder.head.weight", "encoder.lidar.mlp.0.weight"} <= decayed
+
+
+def test_a_step_the_grad_scaler_skips_is_reported_as_skipped():
+    from drivejepa.training.optim import scaler_step
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(p.sum() * float("inf")).backward()
+    assert not scaler_step(scaler, opt)                    # inf gradient: no update, scale lowered
+    assert torch.equal(p.detach(), torch.ones(3))
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    assert scaler_step(scaler, opt) and not torch.equal(p.detach(), torch.ones(3))
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    p.sum().backward()
+    assert scaler_step(off, opt)

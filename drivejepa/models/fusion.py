@@ -79,6 +79,10 @@ class MultimodalEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, dim)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
+        return {"modality_embed", "cls_token"}
+
     def branch_tokens(self, obs: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(modality, tokens [B, T, D], valid [B, T]) for each modality present in ``obs``."""
         out = []

@@ -59,6 +59,10 @@ class Predictor(nn.Module):
         n = cfg.max_context * TOKENS_PER_STEP
         self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
+        return {"unknown_speed", "unknown_motion", "time_embed", "type_embed", "change_gate"}
+
     def forward(self, states: torch.Tensor, actions: torch.Tensor,
                 action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
         """states [B, T, D], actions [B, T, 5] -> predictions [B, T, D] (output t predicts s_{t+1})."""

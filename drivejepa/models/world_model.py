@@ -175,11 +175,12 @@ class WorldModel(nn.Module):
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """target = m * target + (1 - m) * online, parameter by parameter; buffers (BatchNorm statistics) copied."""
-        for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters()):
-            t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
-        for t, o in zip(self.target_encoder.buffers(), self.encoder.buffers()):
-            t.copy_(o)
+        """target = m * target + (1 - m) * online for every parameter (one fused ``torch._foreach_*`` call each, not a
+        Python loop of kernels); buffers (BatchNorm statistics) copied."""
+        target = list(self.target_encoder.parameters())
+        torch._foreach_mul_(target, momentum)
+        torch._foreach_add_(target, [p.detach() for p in self.encoder.parameters()], alpha=1.0 - momentum)
+        torch._foreach_copy_(list(self.target_encoder.buffers()), list(self.encoder.buffers()))
 
 
 def build_world_model(cfg: TrainConfig) -> WorldModel:

@@ -34,7 +34,7 @@ from drivejepa.training import checkpoint as ckpt_mod
 from drivejepa.training.distributed import (DistInfo, ResumableSampler, all_true, gather_objects, init_distributed,
                                             shutdown)
 from drivejepa.training.metrics_log import MetricsLogger
-from drivejepa.training.optim import build_optimizer, build_scheduler, step_scheduler
+from drivejepa.training.optim import build_optimizer, build_scheduler, scaler_step, step_scheduler
 from drivejepa.training.validation import beats_copy_last, to_device, validate
 
 log = logging.getLogger(__name__)
@@ -260,16 +260,17 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             self._bad_step(batch, f"gradient norm {float(grad_norm)}")
             return None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        stepped = scaler_step(self.scaler, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        step_scheduler(self.scheduler)
         from drivejepa.models.world_model import ema_momentum
 
         momentum = ema_momentum(self.step, self.total_steps, self.cfg.loss.ema_start, self.cfg.loss.ema_end)
-        self.model.update_target(momentum)
+        if stepped:             # a step the GradScaler skipped moves neither the schedule nor the target encoder
+            step_scheduler(self.scheduler)
+            self.model.update_target(momentum)
         self.bad_in_row = 0
-        return {**stats, "loss": float(loss.detach()), "grad_norm": float(grad_norm), "ema_momentum": momentum}
+        return {**stats, "loss": float(loss.detach()), "grad_norm": float(grad_norm), "ema_momentum": momentum,
+                "scaler_skipped": float(not stepped)}
 
     def _bad_step(self, batch: dict, what: str) -> None:
         self.bad_in_row += 1
