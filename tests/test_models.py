@@ -297,3 +297,17 @@ def test_modality_dropout_hides_sensors_only_in_training():
         c = model.encode(obs)
     assert torch.isfinite(c).all()
     assert not torch.allclose(a, c)
+
+
+def test_the_motion_token_has_three_degrees_of_freedom(model):
+    """yaw_rate is dyaw / dt at a fixed interval: the predictor reads dx, dy, dyaw (and speed), not the copy."""
+    g = torch.Generator().manual_seed(5)
+    states = torch.randn(B, 3, model.latent_dim, generator=g)
+    actions = torch.randn(B, 3, 5, generator=g)
+    other = actions.clone()
+    other[..., 4] += 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(states, other), model.predict(states, actions))
+        turned = actions.clone()
+        turned[..., 2] += 0.2
+        assert (model.predict(states, turned) - model.predict(states, actions)).abs().max() > 1e-4

@@ -1,7 +1,12 @@
 """Action-conditioned predictor: a causal transformer over time, three tokens a step.
 
-Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw, yaw_rate), in that order;
-the output read at the motion token of step t is the prediction of s_{t+1}. A token-level causal mask makes output t
+Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw), in that order; the output
+read at the motion token of step t is the prediction of s_{t+1}. The motion token has the action's 3 degrees of
+freedom: the shards' yaw_rate is dyaw / dt at a fixed key-frame interval (0.5 s), a copy of dyaw, so it is not an
+input. The speed token is the action's speed, the chord of the same interval over dt (``frames.action_from_motion``),
+so it is the action again (|dx, dy| / dt), not a state of the ego at t; the ego's speed so far reaches the predictor
+through the previous steps' tokens. A "speed now" state token (the previous interval's speed, unknown at the first
+step of a window) is a model change to measure, not assume (issue 16's action-sensitivity work). A token-level causal mask makes output t
 depend only on steps <= t, so teacher-forced prediction of a whole sequence and step-by-step rollout agree.
 The prediction is residual: the current state in the model's latent space (``latent_space.targets``) plus a learned
 change scaled by a per-channel gate (LayerScale) that starts at 0.01 and by the state's RMS (1 for layer-normed
@@ -25,7 +30,7 @@ from drivejepa.models.fusion import Block, drop_path_rates
 
 ACTION_SCALES = (10.0, 2.0, 0.5, 15.0, 1.0)   # dx (m), dy (m), dyaw (rad), speed (m/s), yaw_rate (rad/s)
 SPEED_INDEX = 3
-MOTION_INDEX = (0, 1, 2, 4)
+MOTION_INDEX = (0, 1, 2)                      # dx, dy, dyaw; yaw_rate (index 4) = dyaw / dt duplicates dyaw
 TOKENS_PER_STEP = 3
 
 
