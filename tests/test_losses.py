@@ -63,6 +63,16 @@ def test_infonce_prefers_matching_pairs():
     assert matched < 0.1 < shuffled
 
 
+def test_infonce_does_not_take_the_other_frames_of_a_window_as_negatives():
+    """Consecutive frames of a window are nearly the same latent: a perfect prediction must not be penalised for
+    also being close to its neighbours, while the other windows stay negatives."""
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randn(8, 1, 16, generator=g)
+    target = windows + 1e-3 * torch.randn(8, 3, 16, generator=g)           # 3 nearly identical frames a window
+    assert infonce_loss(target, target, temperature=0.1) < 0.05
+    assert infonce_loss(target, target[torch.roll(torch.arange(8), 1)], temperature=0.1) > 3.0
+
+
 def test_vicreg_penalises_collapse_only():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(256, 16, generator=g) * 2

@@ -52,10 +52,11 @@ def test_two_process_gloo_step_equals_one_process(shard_dir, tmp_path):
     from drivejepa.training.trainer import train
 
     # No BatchNorm (per-replica statistics by design of DDP) and no random dropping, so the two runs see the same
-    # function of the same four windows: one process takes all four, each of two ranks takes two.
+    # function of the same four windows: one process takes all four, each of two ranks takes two. The VICReg term's
+    # statistics are over the whole batch (gathered over ranks), so it too must give the one-process step.
     cfg = _cfg(shard_dir, "model.image_backbone=test_efficientnet_gn", "model.modality_dropout=0.0",
                "model.action_dropout=0.0", "optim.amp=false", "optim.warmup_steps=0", "optim.max_steps=1",
-               "data.batch_size=4")
+               "data.batch_size=4", "loss.vicreg_weight=1.0")
     config = save_config(cfg, tmp_path / "ddp.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),

@@ -49,7 +49,7 @@ class TrainingStopped(RuntimeError):
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: Optional[str | Path] = None,
           progress: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``; ``resume`` = None (fresh run), "auto" (latest checkpoint in run_dir, fresh
-    when there is none) or a checkpoint path. Returns the final summary (see :func:`format_summary`)."""
+    when there is none) or a checkpoint path. Returns the final summary (see ``training.summary.format_summary``)."""
     info = init_distributed(cfg.device)
     try:
         return _Run(cfg, Path(run_dir), info, progress).fit(resume)
@@ -439,35 +439,3 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(f"{prefix}{key}: {x!r} -> {y!r}")
     return out
-
-
-def format_summary(summary: dict, horizon: int) -> str:
-    """The one-screen report printed at the end of ``drivejepa train``."""
-    lines = [
-        f"run            {summary['run_dir']}",
-        f"steps          {summary['steps']} ({summary['epochs']:.1f} epochs) in {summary['seconds']:.0f} s on "
-        f"{summary['device']} x {summary['processes']}, {summary['parameters'] / 1e6:.2f}M parameters",
-        f"throughput     {summary['windows_per_s']:.1f} windows/s, {100 * summary['data_wait_share']:.1f}% of step "
-        "time waiting for data",
-        f"train loss     {summary['train_loss']:.4f}" if summary["train_loss"] is not None else "train loss     -",
-        f"skipped steps  {summary['bad_steps']} (non-finite)",
-    ]
-    val = summary["val"]
-    if val.get("windows"):
-        lines.append(f"validation     {int(val['windows'])} windows; latent error (model / copy-last / ratio), "
-                     "action ratio (shuffled / true actions):")
-        nan = float("nan")
-        for k in range(1, horizon + 1):
-            lines.append(f"  +{k} frames    {val[f'err_h{k}']:.4f} / {val[f'copy_last_h{k}']:.4f} / "
-                         f"{val[f'ratio_h{k}']:.3f}   {val.get(f'action_ratio_h{k}', nan):.3f}")
-        lines.append(f"  mean         {val['err']:.4f} / {val['copy_last']:.4f} / {val['ratio']:.3f}   "
-                     f"{val.get('action_ratio', nan):.3f}  "
-                     f"({'beats' if summary['beats_copy_last'] else 'does NOT beat'} copy-last at every horizon)")
-        lines.append(f"collapse       std_mean {val.get('diag_std_mean', float('nan')):.3f}, effective rank "
-                     f"{val.get('diag_effective_rank', float('nan')):.1f}")
-    else:
-        lines.append("validation     none (no held-out windows)")
-    lines += [f"checkpoints    {summary['last_checkpoint']}", f"               {summary['best_checkpoint']}"
-              + (f" (best val error / copy-last {summary['best_error']:.3f})" if summary["best_error"] is not None
-                 else "")]
-    return "\n".join(lines)
