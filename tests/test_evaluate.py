@@ -212,7 +212,7 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
 
 def test_shuffled_actions_baseline_uses_the_same_frames(evaluated, shard_dir):
     from drivejepa.data.shards import read_shard, shard_path
-    from drivejepa.evaluation.runner import plan_jobs
+    from drivejepa.evaluation.plan import plan_jobs
 
     metrics = evaluated["local"]
     windows = list(zip(metrics["windows"]["scene"], metrics["windows"]["start"]))

@@ -59,7 +59,8 @@ def run(args) -> int:
     if args.decoder_steps < 1:
         raise UserError(f"--decoder-steps must be >= 1, got {args.decoder_steps}")
     summary = visualize(args.checkpoint, args.shards, args.scene, args.out, frame=args.frame, horizon=args.horizon,
-                        actions=args.actions, interactive=args.interactive, size=parse_image_size(args.size, "--size", minimum=64),
+                        actions=args.actions, interactive=args.interactive,
+                        size=parse_image_size(args.size, "--size", minimum=64),
                         decoder_steps=args.decoder_steps, retrain_decoder=args.retrain_decoder,
                         progress=not (args.no_progress or args.quiet))
     print(format_summary(summary))

@@ -6,8 +6,9 @@ freedom: the shards' yaw_rate is dyaw / dt at a fixed key-frame interval (0.5 s)
 input. The speed token is the action's speed, the chord of the same interval over dt (``frames.action_from_motion``),
 so it is the action again (|dx, dy| / dt), not a state of the ego at t; the ego's speed so far reaches the predictor
 through the previous steps' tokens. A "speed now" state token (the previous interval's speed, unknown at the first
-step of a window) is a model change to measure, not assume (issue 16's action-sensitivity work). A token-level causal mask makes output t
-depend only on steps <= t, so teacher-forced prediction of a whole sequence and step-by-step rollout agree.
+step of a window) is a model change to measure, not assume (issue 16's action-sensitivity work).
+A token-level causal mask makes output t depend only on steps <= t, so teacher-forced prediction of a whole sequence
+and step-by-step rollout agree.
 The prediction is residual: the current state in the model's latent space (``latent_space.targets``) plus a learned
 change scaled by a per-channel gate (LayerScale) that starts at 0.01 and by the state's RMS (1 for layer-normed
 states), so the change is equally small in every space. Consecutive latents are close, so the untrained
