@@ -189,6 +189,9 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
                     "## Occupancy forecasts", "## Scenarios", "## Probes", "## Collapse diagnostics", "## Scenes",
                     "## Plots"):
         assert section in report
+    bodies = {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in report.split("\n## ")[1:]}
+    for title, body in bodies.items():            # every section holds numbers (or, Plots, its figures)
+        assert any(ch.isdigit() for ch in body) or ".png" in body, title
     metrics = json.loads((out / "metrics.json").read_text())
     prov = metrics["provenance"]
     assert prov["checkpoint_sha256"] and prov["config"]["data"]["horizon"] and prov["shards_config_hash"]
@@ -200,7 +203,13 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
         assert "all" in plotted["series"]
     overall = metrics["overall"]
     for method in ("model", "shuffled_actions", "copy_last", "const_velocity", "mean_of_context"):
-        assert len(overall["latent_mse"][method]) == 6 and all(v >= 0 for v in overall["latent_mse"][method])
+        values = overall["latent_mse"][method]
+        assert len(values) == 6 and all(math.isfinite(v) and v > 0 for v in values), (method, values)
+    # the scene moves away from the last context frame: copy-last gets worse with the horizon
+    copy = overall["latent_mse"]["copy_last"]
+    assert copy[-1] > copy[0], copy
+    # the report's per-horizon table shows the metrics.json numbers
+    assert f"{overall['latent_mse']['copy_last'][0]:.4f}" in report
     assert set(overall["occupancy_iou"]) == {"model", "probe_on_true_future", "const_velocity_boxes",
                                              "copy_last_boxes"}
     assert metrics["probes"]["mlp"]["speed"]["n"] > 0
