@@ -32,10 +32,10 @@ class Windows:
     """Every evaluated window, stacked: per method predictions and per-step errors and retrieval ranks."""
 
     def __init__(self, eval_results: list[dict], horizon: int, context: int, retrieval_k: list[int]):
-        self.horizon = horizon
-        self.retrieval_k = retrieval_k
         import torch
 
+        self.horizon = horizon
+        self.retrieval_k = retrieval_k
         offsets = np.cumsum([0] + [len(r["target"]) for r in eval_results])
         self.gallery = np.concatenate([r["target"] for r in eval_results])
         self.online = np.concatenate([r["online"] for r in eval_results])
