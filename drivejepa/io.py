@@ -143,3 +143,14 @@ def is_resource_error(exc: BaseException) -> bool:
     """An OS error about the storage or permissions (full disk, quota, read-only, denied), which no retry or skip of
     one item fixes: the job must stop and say so."""
     return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (provenance of checkpoints and decoders)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

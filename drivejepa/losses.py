@@ -8,11 +8,6 @@ import torch.nn.functional as F
 from drivejepa.config import LossConfig
 
 
-def normalise_targets(targets: torch.Tensor) -> torch.Tensor:
-    """Layer-norm (no affine) over the latent dimension: the regression cannot shrink the targets to reach zero."""
-    return F.layer_norm(targets, targets.shape[-1:])
-
-
 def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1") -> torch.Tensor:
     if kind == "smooth_l1":
         return F.smooth_l1_loss(pred, target)
@@ -21,20 +16,51 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
     raise ValueError(f"unknown regression loss '{kind}' (smooth_l1 or mse)")
 
 
-def infonce_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Contrastive prediction: each prediction must pick its own target among all targets of the batch.
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(rows ``[N, D]`` of every rank concatenated in rank order, offset of this rank's rows); gradients flow back to
+    each rank's own rows. In a single process: ``(x, 0)``. Batch-level terms (InfoNCE's negatives, VICReg's
+    statistics) are computed on the gathered rows, so with DDP averaging the gradients the same config trains the
+    same way on N processes as on one with the whole batch."""
+    import torch.distributed as dist
 
-    Every (sample, time) pair is one row; the cosine similarity matrix over the rows, divided by ``temperature``,
-    goes through cross-entropy with the matching target as the class."""
-    p = F.normalize(pred.reshape(-1, pred.shape[-1]).float(), dim=-1)
-    t = F.normalize(target.reshape(-1, target.shape[-1]).float(), dim=-1)
-    logits = p @ t.T / temperature
-    return F.cross_entropy(logits, torch.arange(p.shape[0], device=p.device))
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    counts = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor(x.shape[0], device=x.device))
+    if len({int(c) for c in counts}) != 1:
+        raise ValueError(f"every rank must hold the same number of rows to gather, got {[int(c) for c in counts]}")
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+def infonce_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Contrastive prediction: each prediction must pick its own target among the targets of the whole batch (every
+    rank's), except the other frames of its own window.
+
+    ``pred`` and ``target`` are ``[B, T, D]`` (or ``[N, D]``: one frame per window). Every (window, time) pair is a
+    row; the cosine similarity of each prediction to every target, divided by ``temperature``, goes through
+    cross-entropy with the matching target as the class. The adjacent frames of the same window are nearly
+    identical to the target, so they are not negatives (their logits are masked out)."""
+    if pred.dim() == 2:
+        pred, target = pred.unsqueeze(1), target.unsqueeze(1)
+    b, t, d = pred.shape
+    p = F.normalize(pred.reshape(b * t, d).float(), dim=-1)
+    targets, offset = gather_rows(F.normalize(target.reshape(b * t, d).float(), dim=-1))
+    logits = p @ targets.T / temperature
+    rows = torch.arange(b * t, device=p.device)
+    labels = rows + offset
+    window = (labels // t)[:, None] == (torch.arange(targets.shape[0], device=p.device) // t)[None, :]
+    own = torch.zeros_like(window)
+    own[rows, labels] = True
+    logits = logits.masked_fill(window & ~own, float("-inf"))
+    return F.cross_entropy(logits, labels)
 
 
 def vicreg_terms(z: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(variance hinge, off-diagonal covariance) of latents ``[..., D]`` flattened to rows, as in VICReg."""
-    z = z.reshape(-1, z.shape[-1]).float()
+    """(variance hinge, off-diagonal covariance) of latents ``[..., D]`` flattened to rows, as in VICReg; the
+    statistics are over the rows of every rank (:func:`gather_rows`)."""
+    z, _ = gather_rows(z.reshape(-1, z.shape[-1]).float())
     n, d = z.shape
     z = z - z.mean(dim=0)
     std = torch.sqrt(z.var(dim=0, unbiased=n > 1) + eps)
@@ -52,10 +78,9 @@ def inverse_dynamics_loss(pred_motion: torch.Tensor, motion: torch.Tensor, valid
 
 
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
-    """The configured objective between predicted and target latents (targets already stop-gradient)."""
+    """The configured objective between predicted and target latents; the targets are stop-gradient and already in
+    the objective's latent space (``latent_space.targets``), the one validation and evaluation compare in."""
     if cfg.objective == "jepa":
-        if cfg.normalize_targets:
-            target = normalise_targets(target)
         return regression_loss(pred, target, cfg.regression)
     if cfg.objective == "infonce":
         return infonce_loss(pred, target, cfg.temperature)

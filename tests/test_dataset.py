@@ -85,6 +85,19 @@ def test_camera_subset_follows_the_requested_order(fake_shards):
         WindowDataset(fake_shards, cameras=["CAM_SIDE"])
 
 
+def test_each_window_carries_the_actions_of_its_shuffled_action_partner(fake_shards):
+    """The shuffled-action baseline's partner of window i is window shuffled_sources(n, seed)[i] (past and future
+    actions alike), whatever order the items are read in: validation over any number of ranks means one thing."""
+    from drivejepa.baselines import shuffled_sources
+
+    ds = WindowDataset(fake_shards, context=2, horizon=1, shuffle_actions_seed=3)
+    perm = shuffled_sources(len(ds), 3)
+    assert not np.any(perm == np.arange(len(ds)))
+    for i in reversed(range(len(ds))):
+        assert torch.equal(ds[i]["shuffled_actions"], ds[int(perm[i])]["actions"])
+    assert "shuffled_actions" not in WindowDataset(fake_shards, context=2, horizon=1)[0]
+
+
 def test_collate_pads_boxes_and_keeps_masks(fake_shards):
     ds = WindowDataset(fake_shards, context=2, horizon=1)
     a, b = ds[0], ds[3]  # 3 and 5 boxes

@@ -10,7 +10,9 @@ import pytest
 from drivejepa.config import ConfigError, EvalConfig, load_config
 from drivejepa.evaluation import metrics as M
 from drivejepa.evaluation import probes as P
-from drivejepa.evaluation.latents import constant_velocity, copy_last, derangement, window_starts
+from drivejepa import baselines as B
+from drivejepa import latent_space
+from drivejepa.evaluation.latents import window_starts
 from drivejepa.evaluation.scenarios import assign_scenes, parse_scenarios
 
 
@@ -36,13 +38,18 @@ def test_retrieval_ties_count_against_the_prediction():
 
 # ------------------------------------------------------------------------------------------------- baselines
 def test_constant_velocity_is_exact_on_a_linear_trajectory_and_copy_last_is_not():
-    t = np.arange(12, dtype=np.float32)[:, None]
-    latents = np.concatenate([2.0 * t, -t + 3.0], axis=1)
-    starts = np.array([1, 4, 5])
-    target = latents[starts[:, None] + np.arange(1, 5)[None]]
-    assert np.allclose(constant_velocity(latents, starts, 4), target)
-    err = M.squared_error(copy_last(latents, starts, 4), target)
-    assert np.allclose(err, (np.arange(1, 5) ** 2 * 2.5)[None].repeat(3, 0))  # (2k)^2 + k^2 over 2 dims
+    import torch
+
+    t = torch.arange(12, dtype=torch.float64)[:, None]
+    latents = torch.cat([2.0 * t, -t + 3.0], dim=1)
+    starts = torch.tensor([1, 4, 5])
+    context = latents[starts[:, None] + torch.arange(-1, 1)[None]]              # frames s-1, s
+    target = latents[starts[:, None] + torch.arange(1, 5)[None]]
+    torch.testing.assert_close(B.constant_velocity(context, 4), target)
+    err = latent_space.distance(B.copy_last(context, 4), target)
+    torch.testing.assert_close(err, (torch.arange(1, 5, dtype=torch.float64) ** 2 * 2.5)[None].expand(3, 4))
+    # mean of the context frames s-1, s: half a step behind the last one
+    torch.testing.assert_close(B.mean_of_context(context, 4)[:, 0], latents[starts] - 0.5 * (latents[1] - latents[0]))
 
 
 def test_windows_skip_gaps_and_unknown_actions():
@@ -57,9 +64,9 @@ def test_windows_skip_gaps_and_unknown_actions():
 
 def test_shuffle_permutation_is_seeded_and_moves_every_window():
     for n in (2, 3, 17, 100):
-        perm = derangement(n, seed=5)
+        perm = B.shuffled_sources(n, seed=5)
         assert sorted(perm.tolist()) == list(range(n)) and not np.any(perm == np.arange(n))
-        assert np.array_equal(perm, derangement(n, seed=5))
+        assert np.array_equal(perm, B.shuffled_sources(n, seed=5))
 
 
 # ------------------------------------------------------------------------------------------------- probes
@@ -187,6 +194,9 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
                     "## Occupancy forecasts", "## Scenarios", "## Probes", "## Collapse diagnostics", "## Scenes",
                     "## Plots"):
         assert section in report
+    bodies = {part.split("\n", 1)[0]: part.split("\n", 1)[1] for part in report.split("\n## ")[1:]}
+    for title, body in bodies.items():            # every section holds numbers (or, Plots, its figures)
+        assert any(ch.isdigit() for ch in body) or ".png" in body, title
     metrics = json.loads((out / "metrics.json").read_text())
     prov = metrics["provenance"]
     assert prov["checkpoint_sha256"] and prov["config"]["data"]["horizon"] and prov["shards_config_hash"]
@@ -197,8 +207,14 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
         plotted = json.loads((out / f"{name}.json").read_text())
         assert "all" in plotted["series"]
     overall = metrics["overall"]
-    for method in ("model", "shuffled_actions", "copy_last", "const_velocity"):
-        assert len(overall["latent_mse"][method]) == 6 and all(v >= 0 for v in overall["latent_mse"][method])
+    for method in ("model", "shuffled_actions", "copy_last", "const_velocity", "mean_of_context"):
+        values = overall["latent_mse"][method]
+        assert len(values) == 6 and all(math.isfinite(v) and v > 0 for v in values), (method, values)
+    # the scene moves away from the last context frame: copy-last gets worse with the horizon
+    copy = overall["latent_mse"]["copy_last"]
+    assert copy[-1] > copy[0], copy
+    # the report's per-horizon table shows the metrics.json numbers
+    assert f"{overall['latent_mse']['copy_last'][0]:.4f}" in report
     assert set(overall["occupancy_iou"]) == {"model", "probe_on_true_future", "const_velocity_boxes",
                                              "copy_last_boxes"}
     assert metrics["probes"]["mlp"]["speed"]["n"] > 0
@@ -210,25 +226,25 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
 
 def test_shuffled_actions_baseline_uses_the_same_frames(evaluated, shard_dir):
     from drivejepa.data.shards import read_shard, shard_path
-    from drivejepa.evaluation.runner import plan_jobs
+    from drivejepa.evaluation.plan import plan_jobs
 
     metrics = evaluated["local"]
     windows = list(zip(metrics["windows"]["scene"], metrics["windows"]["start"]))
     sources = [tuple(w) for w in metrics["provenance"]["shuffled_actions"]["shuffled_source"]]
     assert sorted(sources) == sorted(windows) and all(s != w for s, w in zip(sources, windows))
-    # The plan gives each window another window's future actions, and rolls it out from its own frames.
+    # The plan gives each window another window's past and future actions, and rolls it out from its own frames.
     scenes = sorted(set(metrics["windows"]["scene"]))
-    jobs, plan = plan_jobs(shard_dir, scenes, [], context=metrics["provenance"]["context"], horizon=6,
-                           shuffle_seed=0)
+    context = metrics["provenance"]["context"]
+    jobs, plan = plan_jobs(shard_dir, scenes, [], context=context, horizon=6, shuffle_seed=0)
     assert plan["shuffled_source"] == [list(s) for s in sources]
     i = 0
     for job in jobs:
-        assert job.shuffled_actions.shape == (len(job.starts), 6, 5)
+        assert job.shuffled_actions.shape == (len(job.starts), context - 1 + 6, 5)
         for w, start in enumerate(job.starts):
             assert (job.scene, int(start)) == windows[i]
             src_scene, src_start = sources[i]
-            src_actions = read_shard(shard_path(shard_dir, src_scene)).arrays["actions"][src_start:src_start + 6]
-            assert np.array_equal(job.shuffled_actions[w], src_actions)
+            src_actions = read_shard(shard_path(shard_dir, src_scene)).arrays["actions"]
+            assert np.array_equal(job.shuffled_actions[w], src_actions[src_start - context + 1:src_start + 6])
             i += 1
 
 

@@ -6,6 +6,7 @@ import torch
 
 from drivejepa.config import LossConfig, ModelConfig
 from drivejepa.diagnostics import collapse_diagnostics, effective_rank
+from drivejepa.latent_space import space_of
 from drivejepa.losses import infonce_loss, prediction_loss, vicreg_terms
 from drivejepa.models.world_model import WorldModel
 
@@ -36,8 +37,8 @@ def fixed_batch(b=4, length=3, seed=0) -> dict:
 def test_objective_decreases_on_a_fixed_batch(name):
     torch.manual_seed(0)
     cfg = ModelConfig(size="tiny", modality_dropout=0.0, action_dropout=0.0, drop_path=0.0)
-    model = WorldModel(cfg, ["CAM_FRONT"]).train()
     loss_cfg = OBJECTIVES[name]
+    model = WorldModel(cfg, ["CAM_FRONT"], space_of(loss_cfg)).train()
     loss_cfg.rollout_steps = 2
     batch = fixed_batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -62,6 +63,16 @@ def test_infonce_prefers_matching_pairs():
     assert matched < 0.1 < shuffled
 
 
+def test_infonce_does_not_take_the_other_frames_of_a_window_as_negatives():
+    """Consecutive frames of a window are nearly the same latent: a perfect prediction must not be penalised for
+    also being close to its neighbours, while the other windows stay negatives."""
+    g = torch.Generator().manual_seed(0)
+    windows = torch.randn(8, 1, 16, generator=g)
+    target = windows + 1e-3 * torch.randn(8, 3, 16, generator=g)           # 3 nearly identical frames a window
+    assert infonce_loss(target, target, temperature=0.1) < 0.05
+    assert infonce_loss(target, target[torch.roll(torch.arange(8), 1)], temperature=0.1) > 3.0
+
+
 def test_vicreg_penalises_collapse_only():
     g = torch.Generator().manual_seed(0)
     spread = torch.randn(256, 16, generator=g) * 2
@@ -73,10 +84,18 @@ def test_vicreg_penalises_collapse_only():
 
 
 def test_jepa_regression_is_on_normalised_targets():
+    from drivejepa import latent_space
+
     target = torch.randn(4, 3, 8) * 50 + 7
     normed = torch.nn.functional.layer_norm(target, (8,))
-    assert prediction_loss(normed, target, LossConfig(regression="mse")) == pytest.approx(0.0, abs=1e-6)
-    assert prediction_loss(target, target, LossConfig(regression="mse", normalize_targets=False)) == 0
+    cfg = LossConfig(regression="mse")
+    assert space_of(cfg) == "layer_norm"
+    in_space = latent_space.targets(target, space_of(cfg))
+    assert prediction_loss(normed, in_space, cfg) == pytest.approx(0.0, abs=1e-6)
+    raw = LossConfig(regression="mse", normalize_targets=False)
+    assert space_of(raw) == "raw"
+    assert prediction_loss(target, latent_space.targets(target, space_of(raw)), raw) == 0
+    assert space_of(LossConfig(objective="infonce")) == "unit"
 
 
 def test_effective_rank_of_collapsed_and_random_latents():

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from drivejepa.config import ConfigError, LossConfig, ModelConfig, TrainConfig
-from drivejepa.losses import normalise_targets
-from drivejepa.models.world_model import SIZE_PRESETS, WorldModel, build_world_model, ema_momentum
+from drivejepa.config import SIZE_PRESETS, ConfigError, LossConfig, ModelConfig, TrainConfig
+from drivejepa.latent_space import layer_norm
+from drivejepa.models.world_model import WorldModel, build_world_model, ema_momentum
 
 
 CAMERAS = ["CAM_FRONT", "CAM_BACK"]
@@ -185,6 +185,13 @@ def test_ema_update_matches_formula():
     model.update_target(0.9)
     for o, t, new in zip(online, target, model.target_encoder.parameters()):
         torch.testing.assert_close(new, 0.9 * t + 0.1 * o)
+        assert torch.equal(new, t.mul(0.9).add_(o, alpha=0.1))     # the numbers of the in-place per-tensor update
+    with torch.no_grad():
+        for b in model.encoder.buffers():
+            b.add_(1)
+    model.update_target(0.5)
+    for b, t in zip(model.encoder.buffers(), model.target_encoder.buffers()):
+        assert torch.equal(b, t)
     model.update_target(0.0)
     for o, new in zip(online, model.target_encoder.parameters()):
         torch.testing.assert_close(new, o)
@@ -242,7 +249,7 @@ def test_predictor_is_causal_and_uses_the_action(model):
         straight = model.rollout(states[:, :2], torch.tensor([[5.0, 0.0, 0.0, 10.0, 0.0]]).expand(B, 1, 5))
     torch.testing.assert_close(changed[:, :3], ref[:, :3])
     # The prediction is the normalised state plus a gated change; the action must move that change substantially.
-    change = (ref - normalise_targets(states)).abs().max()
+    change = (ref - layer_norm(states)).abs().max()
     assert (changed[:, 3] - ref[:, 3]).abs().max() > 0.05 * change
     assert (turned - straight).abs().max() > 0.05 * change
 
@@ -335,3 +342,17 @@ def test_modality_dropout_hides_sensors_only_in_training():
         c = model.encode(obs)
     assert torch.isfinite(c).all()
     assert not torch.allclose(a, c)
+
+
+def test_the_motion_token_has_three_degrees_of_freedom(model):
+    """yaw_rate is dyaw / dt at a fixed interval: the predictor reads dx, dy, dyaw (and speed), not the copy."""
+    g = torch.Generator().manual_seed(5)
+    states = torch.randn(B, 3, model.latent_dim, generator=g)
+    actions = torch.randn(B, 3, 5, generator=g)
+    other = actions.clone()
+    other[..., 4] += 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(states, other), model.predict(states, actions))
+        turned = actions.clone()
+        turned[..., 2] += 0.2
+        assert (model.predict(states, turned) - model.predict(states, actions)).abs().max() > 1e-4

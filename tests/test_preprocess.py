@@ -86,7 +86,6 @@ def test_shards_match_devkit(nusc, shard_dir):
             pose = nusc.get("ego_pose", lidar_sd["ego_pose_token"])
             ego_to_global = transform_matrix(pose["translation"], Quaternion(pose["rotation"]))
             np.testing.assert_allclose(a["ego_pose"][t], ego_to_global, atol=1e-9)
-            global_to_ego = np.linalg.inv(ego_to_global)
 
             # lidar: devkit read -> ego frame -> crop; the shard holds a subset of exactly min(N, kept) points
             pc = LidarPointCloud.from_file(str(Path(nusc.dataroot) / lidar_sd["filename"]))

@@ -52,10 +52,11 @@ def test_two_process_gloo_step_equals_one_process(shard_dir, tmp_path):
     from drivejepa.training.trainer import train
 
     # No BatchNorm (per-replica statistics by design of DDP) and no random dropping, so the two runs see the same
-    # function of the same four windows: one process takes all four, each of two ranks takes two.
+    # function of the same four windows: one process takes all four, each of two ranks takes two. The VICReg term's
+    # statistics are over the whole batch (gathered over ranks), so it too must give the one-process step.
     cfg = _cfg(shard_dir, "model.image_backbone=test_efficientnet_gn", "model.modality_dropout=0.0",
                "model.action_dropout=0.0", "optim.amp=false", "optim.warmup_steps=0", "optim.max_steps=1",
-               "data.batch_size=4")
+               "data.batch_size=4", "loss.vicreg_weight=1.0")
     config = save_config(cfg, tmp_path / "ddp.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
@@ -172,7 +173,12 @@ def test_smoke_run_learns_and_writes_a_complete_run(smoke_run):
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
     val = [r for r in records if r["split"] == "val"]
     assert val and all(f"err_h{k}" in val[-1] and f"copy_last_h{k}" in val[-1] for k in (1, 2, 3, 4))
-    assert "diag_effective_rank" in val[-1]
+    # Learning, not collapsing: a collapsed encoder drives every latent to one point (copy-last error 0, ratio NaN)
+    # or onto a line (effective rank 1, per-dimension spread 0). The held-out latents keep spread and more than one
+    # direction, and the predictor beats copy-last on them.
+    last = val[-1]
+    assert last["copy_last"] > 0 and last["ratio"] < 1.0, last
+    assert last["diag_effective_rank"] > 1.5 and last["diag_std_min"] > 0.01, last
     assert list((smoke_run / "tb").glob("events.out.tfevents.*"))
     cfg = load_config(TrainConfig, smoke_run / "config.yaml")
     model, loaded = load_world_model(smoke_run / "checkpoints/best.pt")
@@ -210,6 +216,8 @@ def test_validation_reports_how_much_the_predictions_depend_on_the_actions():
         "actions": torch.randn(b, length, 5, generator=g) * torch.tensor([3.0, 0.3, 0.05, 5.0, 0.1]),
         "action_valid": torch.ones(b, length, dtype=torch.bool),
     } for _ in range(2)]
+    for batch in batches:       # the partner's past and future actions, as WindowDataset(shuffle_actions_seed) adds
+        batch["shuffled_actions"] = batch["actions"].roll(1, dims=0)
     info = DistInfo()
     uses = validate(model, batches, cfg, info, contextlib.nullcontext)
     assert {"shuffled_h1", "action_ratio_h3", "action_ratio"} <= set(uses)
@@ -239,3 +247,43 @@ def test_a_rank_the_checkpoint_did_not_have_draws_its_own_random_numbers(shard_d
     state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert state["step"] == 2 and state["world_size"] == 2 and len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_weight_decay_spares_embeddings_tokens_gates_biases_and_norms():
+    from drivejepa.config import ModelConfig
+    from drivejepa.models.world_model import WorldModel
+    from drivejepa.training.optim import param_groups
+
+    model = WorldModel(ModelConfig(size="tiny", image_backbone="test_resnet"), ["CAM_FRONT"])
+    decay, spared = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and spared["weight_decay"] == 0.0
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name_of[id(p)] for p in decay["params"]}
+    not_decayed = {name_of[id(p)] for p in spared["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | not_decayed == trainable and not decayed & not_decayed
+    assert not any(n.startswith("target_encoder.") for n in decayed | not_decayed)
+    embeddings = ("pos_embed", "time_embed", "type_embed", "camera_embed", "sector_embed", "modality_embed",
+                  "cls_token", "empty_token", "unknown_speed", "unknown_motion", "change_gate")
+    for suffix in embeddings:
+        found = [n for n in trainable if n.endswith(suffix)]
+        assert found and all(n in not_decayed for n in found), suffix
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert {"predictor.out.1.weight", "encoder.head.weight", "encoder.lidar.mlp.0.weight"} <= decayed
+
+
+def test_a_step_the_grad_scaler_skips_is_reported_as_skipped():
+    from drivejepa.training.optim import scaler_step
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([p], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(p.sum() * float("inf")).backward()
+    assert not scaler_step(scaler, opt)                    # inf gradient: no update, scale lowered
+    assert torch.equal(p.detach(), torch.ones(3))
+    opt.zero_grad()
+    scaler.scale(p.sum()).backward()
+    assert scaler_step(scaler, opt) and not torch.equal(p.detach(), torch.ones(3))
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    p.sum().backward()
+    assert scaler_step(off, opt)

@@ -1,18 +1,9 @@
 """`drivejepa synth`: write the synthetic driving world as a nuScenes dataroot."""
 from __future__ import annotations
 
+from drivejepa.commands import parse_image_size
+
 HELP = "write the synthetic driving world as a nuScenes dataroot (the devkit loads it like v1.0-mini)"
-
-
-def parse_image_size(text: str) -> tuple[int, int]:
-    """``WIDTHxHEIGHT`` -> (width, height), as ``--image-size`` reads it."""
-    import argparse
-
-    try:
-        w, h = text.lower().split("x")
-        return int(w), int(h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"image size must look like WIDTHxHEIGHT (e.g. 800x450), got {text!r}")
 
 
 def add_arguments(parser) -> None:
@@ -22,7 +13,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scenes", type=int, default=30, help="number of scenes (default 30)")
     parser.add_argument("--samples-per-scene", type=int, default=40, help="key frames per scene at 2 Hz (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="world seed; the same seed writes the same bytes")
-    parser.add_argument("--image-size", type=parse_image_size, default=(800, 450),
+    parser.add_argument("--image-size", default="800x450",
                         help="camera images WIDTHxHEIGHT (800x450)")
     parser.add_argument("--cameras", nargs="+", default=list(ALL_CAMERAS), metavar="CAM",
                         help=f"camera channels to render (default all six: {' '.join(ALL_CAMERAS)})")
@@ -37,8 +28,8 @@ def run(args) -> int:
     from drivejepa.data.synth import SYNTH_VERSION, read_summary, write_world
 
     out = write_world(args.out, scenes=args.scenes, samples_per_scene=args.samples_per_scene, seed=args.seed,
-                      image_size=args.image_size, cameras=args.cameras, sweeps=args.sweeps, workers=args.workers,
-                      progress=not args.quiet, overwrite=args.overwrite)
+                      image_size=parse_image_size(args.image_size), cameras=args.cameras, sweeps=args.sweeps,
+                      workers=args.workers, progress=not args.quiet, overwrite=args.overwrite)
     s = read_summary(out)["summary"]
     print(f"synthetic world written to {out} (version {SYNTH_VERSION})\n"
           f"  scenes       {s['scenes']}\n"

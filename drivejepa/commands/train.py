@@ -19,8 +19,8 @@ def run(args) -> int:
     import sys
 
     from drivejepa.config import TrainConfig, load_config
-    from drivejepa.training.trainer import (EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped, format_summary,
-                                            train)
+    from drivejepa.training.summary import format_summary
+    from drivejepa.training.trainer import EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped, train
 
     overrides = list(args.overrides)
     if args.shards:

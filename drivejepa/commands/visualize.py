@@ -29,18 +29,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _size(text: str) -> tuple[int, int]:
-    from drivejepa.errors import UserError
-
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise UserError(f"--size {text}: expected WIDTHxHEIGHT, for example 800x600") from None
-    if not (64 <= w <= 8192 and 64 <= h <= 8192):
-        raise UserError(f"--size {text}: width and height must be between 64 and 8192 pixels")
-    return w, h
-
-
 def format_summary(summary: dict) -> str:
     """The one-screen summary printed after a run."""
     lines = [f"{summary['scene']} from key frame {summary['frame']}, {summary['horizon']} steps of "
@@ -66,6 +54,7 @@ def format_summary(summary: dict) -> str:
 
 
 def run(args) -> int:
+    from drivejepa.commands import parse_image_size
     from drivejepa.errors import UserError
     from drivejepa.visualization.pipeline import visualize
 
@@ -77,7 +66,8 @@ def run(args) -> int:
     refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
     check_scene(args.shards, args.scene)
     summary = visualize(args.checkpoint, args.shards, args.scene, args.out, frame=args.frame, horizon=args.horizon,
-                        actions=args.actions, interactive=args.interactive, size=_size(args.size),
+                        actions=args.actions, interactive=args.interactive,
+                        size=parse_image_size(args.size, "--size", minimum=64),
                         decoder_steps=args.decoder_steps, retrain_decoder=args.retrain_decoder,
                         progress=not (args.no_progress or args.quiet))
     print(format_summary(summary))

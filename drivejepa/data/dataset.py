@@ -13,7 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from drivejepa.data.shards import PER_CAMERA, Shard, load_manifest, read_shard, read_shard_meta, shard_path
+from drivejepa.baselines import shuffled_sources
+from drivejepa.data.shards import (PER_CAMERA, Shard, camera_positions, load_manifest, read_shard, read_shard_meta,
+                                   shard_path)
 from drivejepa.errors import UserError
 
 CAMERA_AXIS = {"images": 1, "image_mask": 1, "cam_to_key_ego": 1, "cam_timestamps": 1}  # per-frame camera axis
@@ -22,10 +24,13 @@ CAMERA_AXIS = {"images": 1, "image_mask": 1, "cam_to_key_ego": 1, "cam_timestamp
 class WindowDataset(Dataset):
     """Item = dict of tensors with a leading L = context + horizon axis, plus ``scene`` and ``start``.
 
-    ``cameras`` (optional) selects and orders a subset of the shards' cameras."""
+    ``cameras`` (optional) selects and orders a subset of the shards' cameras. With ``shuffle_actions_seed``, item i
+    also holds ``shuffled_actions`` [L, 5], the actions of window ``baselines.shuffled_sources(len, seed)[i]``: the
+    shuffled-action baseline's partner (drivejepa/baselines.py), fixed whatever the batching or the ranks."""
 
     def __init__(self, shard_dir: str | Path, scenes: Optional[list[str]] = None, context: int = 2,
-                 horizon: int = 6, stride: int = 1, cameras: Optional[list[str]] = None):
+                 horizon: int = 6, stride: int = 1, cameras: Optional[list[str]] = None,
+                 shuffle_actions_seed: Optional[int] = None):
         if context < 1 or horizon < 0 or stride < 1:
             raise UserError(f"window: context ({context}) and stride ({stride}) must be >= 1, horizon ({horizon}) >= 0")
         self.shard_dir = Path(shard_dir)
@@ -50,15 +55,14 @@ class WindowDataset(Dataset):
                 if frames[start + self.length - 1] - frames[start] == self.length - 1:
                     self.index.append((scene, start))
         self._shards: dict[str, Shard] = {}
+        self.shuffled_source = None
+        if shuffle_actions_seed is not None and len(self.index) > 1:
+            self.shuffled_source = shuffled_sources(len(self.index), shuffle_actions_seed)
 
     def _select_cameras(self, scene: str, shard_cameras: list[str]) -> Optional[list[int]]:
         if self.cameras is None or list(self.cameras) == list(shard_cameras):
             return None
-        missing = [c for c in self.cameras if c not in shard_cameras]
-        if missing:
-            raise UserError(f"{shard_path(self.shard_dir, scene)}: cameras {missing} not in the shard "
-                            f"(it holds {shard_cameras}); preprocess with them")
-        return [shard_cameras.index(c) for c in self.cameras]
+        return camera_positions(shard_cameras, self.cameras, shard_path(self.shard_dir, scene))
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -86,6 +90,10 @@ class WindowDataset(Dataset):
                 if cams is not None and key in CAMERA_AXIS:
                     window = window[:, cams]
             item[key] = torch.from_numpy(np.array(window))
+        if self.shuffled_source is not None:
+            other, other_start = self.index[self.shuffled_source[i]]
+            actions = self.shard(other).arrays["actions"][other_start:other_start + self.length]
+            item["shuffled_actions"] = torch.from_numpy(np.array(actions))
         item["scene"] = scene
         item["start"] = start
         return item

@@ -179,6 +179,16 @@ def relative_motion(pose_a: np.ndarray, pose_b: np.ndarray) -> tuple[float, floa
     return float(rel[0, 3]), float(rel[1, 3]), math.atan2(rel[1, 0], rel[0, 0])
 
 
+def action_from_motion(motion: np.ndarray, dt) -> np.ndarray:
+    """The action of a motion: ``[..., 3]`` (dx, dy, dyaw over ``dt`` seconds, in the start ego frame) ->
+    ``[..., 5]`` (dx, dy, dyaw, speed, yaw_rate), speed the chord length over dt and yaw_rate dyaw over dt. The one
+    definition: shards (training data) and counterfactual rendering both build their actions with it."""
+    motion = np.asarray(motion, dtype=np.float64)
+    dt = np.asarray(dt, dtype=np.float64)[..., None]
+    speed = np.hypot(motion[..., 0:1], motion[..., 1:2]) / dt
+    return np.concatenate([motion[..., :3], speed, motion[..., 2:3] / dt], axis=-1).astype(np.float32)
+
+
 def compute_actions(poses: list[Optional[np.ndarray]], timestamps: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per key frame (dx, dy, dyaw, speed, yaw_rate) to the next key frame; invalid (zeros) where there is none."""
     n = len(poses)
@@ -190,8 +200,7 @@ def compute_actions(poses: list[Optional[np.ndarray]], timestamps: list[int]) ->
         dt = (timestamps[i + 1] - timestamps[i]) * 1e-6
         if dt <= 0:
             continue
-        dx, dy, dyaw = relative_motion(poses[i], poses[i + 1])
-        actions[i] = (dx, dy, dyaw, math.hypot(dx, dy) / dt, dyaw / dt)
+        actions[i] = action_from_motion(relative_motion(poses[i], poses[i + 1]), dt)
         valid[i] = True
     return actions, valid
 

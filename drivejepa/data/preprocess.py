@@ -18,7 +18,6 @@ it is never recorded as a skipped scene.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path

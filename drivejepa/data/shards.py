@@ -91,6 +91,18 @@ LIDAR_CHANNELS = ("x", "y", "z", "intensity", "time_lag")
 # Arrays with one row per camera, not per frame.
 PER_CAMERA = ("cam_intrinsics",)
 
+SENSOR_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")  # what the encoder reads
+
+
+def camera_positions(shard_cameras: list[str], cameras: list[str], source) -> list[int]:
+    """Positions of ``cameras`` in a shard's camera axis (``shard_cameras``, its header's order); a camera the shard
+    lacks is a UserError naming ``source`` (the shard) and what to do."""
+    missing = [c for c in cameras if c not in shard_cameras]
+    if missing:
+        raise UserError(f"{source}: shard lacks cameras {missing} (it holds {list(shard_cameras)}); preprocess with "
+                        "them, or train with data.cameras set to the cameras it has")
+    return [list(shard_cameras).index(c) for c in cameras]
+
 
 def category_to_class(category: str) -> Optional[int]:
     """Index into :data:`CLASSES` of a nuScenes category name, or None when the category is not a detection class."""

@@ -1,23 +1,17 @@
 """Latents of the evaluated scenes and the rollouts compared on them.
 
 For every key frame of a scene: the online and the target encoder's latents. For every window start ``s`` (context
-frames ``s-Tc+1..s``, future frames ``s+1..s+H``) four predictions of the future target latents:
-
-- ``model``: the predictor rolled out from the target encoder's context latents (``WorldModel.context_states``)
-  with the true actions ``a_s..a_{s+H-1}``;
-- ``shuffled``: the same rollout, same context frames, same targets, but with the future actions of another window
-  (a fixed seeded permutation across every evaluated window, without fixed points); the context frames keep their
-  own past actions in both rollouts, so the gap between the two measures the use of the future actions alone;
-- ``copy_last``: the target latent of frame ``s`` repeated;
-- ``const_velocity``: ``z_s + k (z_s - z_{s-1})`` in target-latent space.
-
-All four are compared with the same targets, so their differences are due to the predictor alone.
+frames ``s-Tc+1..s``, future frames ``s+1..s+H``) the predictor is rolled out from the target encoder's context
+latents (``WorldModel.context_states``) with the true actions ``a_s..a_{s+H-1}`` (``model``) and with the past and
+future actions of another window (``shuffled_actions``, see drivejepa/baselines.py). The latent baselines
+(copy-last, constant velocity, mean of context) are those of drivejepa/baselines.py, every prediction and target in
+the model's latent space (drivejepa/latent_space.py), so their differences are due to the predictor alone.
 """
 from __future__ import annotations
 
 import numpy as np
 
-SENSOR_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
+from drivejepa.data.shards import SENSOR_KEYS
 
 
 def window_starts(num_frames: int, context: int, horizon: int, action_valid: np.ndarray,
@@ -40,30 +34,6 @@ def window_starts(num_frames: int, context: int, horizon: int, action_valid: np.
 def future_index(starts: np.ndarray, horizon: int) -> np.ndarray:
     """Frame index of each future step: [W, H] with ``starts[w] + k`` at column ``k - 1``."""
     return starts[:, None] + np.arange(1, horizon + 1)[None, :]
-
-
-def copy_last(target: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
-    """[T, D] latents -> [W, H, D]: the latent of the last context frame for every future step."""
-    return np.repeat(target[starts][:, None, :], horizon, axis=1)
-
-
-def constant_velocity(target: np.ndarray, starts: np.ndarray, horizon: int) -> np.ndarray:
-    """[T, D] latents -> [W, H, D]: linear extrapolation of the last two context latents."""
-    last = target[starts].astype(np.float64)
-    velocity = last - target[starts - 1].astype(np.float64)
-    k = np.arange(1, horizon + 1, dtype=np.float64)[None, :, None]
-    return (last[:, None, :] + k * velocity[:, None, :]).astype(np.float32)
-
-
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A seeded permutation of ``range(n)`` with no fixed point (Sattolo's algorithm: one cycle through every item).
-    Identity when ``n < 2``."""
-    perm = np.arange(n)
-    rng = np.random.default_rng(seed)
-    for i in range(n - 1, 0, -1):
-        j = int(rng.integers(0, i))
-        perm[i], perm[j] = perm[j], perm[i]
-    return perm
 
 
 def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = None):

@@ -1,4 +1,5 @@
-"""Prediction metrics in latent space: per-horizon error and retrieval accuracy.
+"""Prediction metrics in latent space beside the squared error (``drivejepa.latent_space.distance``): cosine
+distance and retrieval accuracy.
 
 Retrieval is the JEPA "prediction accuracy": a prediction for frame j is correct at top-k when the target latent of
 frame j is among the k gallery latents nearest (L2) to it, the gallery being every evaluated key frame. Ties count
@@ -8,12 +9,6 @@ predictor that outputs the same vector for everything cannot score above chance 
 from __future__ import annotations
 
 import numpy as np
-
-
-def squared_error(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Mean squared error over the latent dimension: [..., D] -> [...]."""
-    diff = pred.astype(np.float64) - target.astype(np.float64)
-    return np.mean(diff * diff, axis=-1)
 
 
 def cosine_distance(pred: np.ndarray, target: np.ndarray, eps: float = 1e-8) -> np.ndarray:
@@ -51,9 +46,12 @@ def retrieval_ranks(queries: np.ndarray, gallery: np.ndarray, true_index: np.nda
     return ranks
 
 
-def topk_accuracy(ranks: np.ndarray, k: int) -> float:
+def topk_accuracy(ranks: np.ndarray, k: int) -> np.ndarray:
+    """Share of ``ranks`` below ``k`` over the first axis: ``[N, ...] -> [...]`` (NaN where N = 0)."""
     ranks = np.asarray(ranks)
-    return float(np.mean(ranks < k)) if ranks.size else float("nan")
+    if ranks.shape[0] == 0:
+        return np.full(ranks.shape[1:], np.nan)
+    return np.mean(ranks < k, axis=0)
 
 
 def chance_topk(gallery_size: int, k: int) -> float:

@@ -16,7 +16,8 @@ from typing import Optional
 from drivejepa.io import atomic_path, atomic_write_json, atomic_write_text
 
 LABELS = {"model": "model", "shuffled_actions": "model, shuffled actions", "copy_last": "copy last",
-          "const_velocity": "constant velocity", "probe_on_true_future": "probe on true future latent",
+          "const_velocity": "constant velocity", "mean_of_context": "mean of context",
+          "probe_on_true_future": "probe on true future latent",
           "const_velocity_boxes": "constant-velocity boxes", "copy_last_boxes": "copy-last boxes"}
 
 

@@ -1,246 +1,31 @@
-"""Running the evaluation: plan the windows, encode and roll out scenes (in Ray actors or in this process), score.
+"""``drivejepa evaluate``: plan the windows (evaluation/plan.py), run the scenes (evaluation/workers.py), score
+(evaluation/scoring.py), and write the metrics with their provenance (evaluation/report.py).
 
-The driver reads only small arrays (actions, validity, frame indices) to plan every window and the seeded action
-permutation of the shuffled baseline, so that permutation spans every evaluated window whatever the grouping. Each
-worker (a Ray actor, or this process with ``num_workers=0``) loads the checkpoint once and turns whole scenes into
-latents, rollouts and labels; scoring (retrieval against the gallery of every evaluated frame, probes, scenario
-breakdown) happens once on the driver. Results are put back in scene-name order, so the grouping of scenes over
-workers cannot change a number.
+Scoring (retrieval against the gallery of every evaluated frame, probes, scenario breakdown) happens once on the
+driver; every prediction, target and baseline is compared in the checkpoint's latent space
+(drivejepa/latent_space.py).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from drivejepa import latent_space
 from drivejepa.config import EvalConfig
 from drivejepa.errors import UserError
-from drivejepa.evaluation.latents import derangement, window_starts
+from drivejepa.evaluation.plan import plan_jobs
+from drivejepa.evaluation.workers import run_jobs
+from drivejepa.io import file_sha256
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class SceneJob:
-    scene: str
-    path: str
-    role: str                                   # "eval": latents, rollouts and labels; "train": latents and labels
-    starts: Optional[np.ndarray] = None         # window starts (eval scenes)
-    shuffled_actions: Optional[np.ndarray] = None  # [W, H, 5] future actions of other windows (eval scenes)
-
-
-def plan_jobs(shard_dir: str | Path, eval_scenes: list[str], train_scenes: list[str], context: int, horizon: int,
-              shuffle_seed: int) -> tuple[list[SceneJob], dict]:
-    """Jobs for every readable scene, with the windows of the eval scenes and the shuffled-action assignment.
-
-    A shard that cannot be read is skipped and listed in ``plan["skipped"]`` with the reason."""
-    from drivejepa.data.shards import check_scene, load_manifest, shard_path
-
-    manifest = load_manifest(shard_dir)
-    jobs, window_ids, future_actions, skipped, descriptions = [], [], [], [], {}
-    for scene in eval_scenes:
-        path = shard_path(shard_dir, scene)
-        try:
-            shard = check_scene(shard_dir, scene, manifest)
-        except (UserError, OSError) as exc:
-            log.warning("skipping scene %s: %s", scene, exc)
-            skipped.append({"scene": scene, "role": "eval", "reason": str(exc)})
-            continue
-        meta_idx = shard.meta.get("frame_indices")
-        starts = window_starts(shard.frames, context, horizon, np.asarray(shard.arrays["action_valid"]),
-                               None if meta_idx is None else np.asarray(meta_idx))
-        actions = np.asarray(shard.arrays["actions"], dtype=np.float32)
-        for s in starts:
-            window_ids.append((scene, int(s)))
-            future_actions.append(actions[s:s + horizon])
-        descriptions[scene] = shard.meta.get("description", "")
-        jobs.append(SceneJob(scene, str(path), "eval", starts))
-    if not window_ids:
-        raise UserError(f"{shard_dir}: no evaluation window of {context} context + {horizon} future consecutive key "
-                        f"frames in scenes {eval_scenes[:5]}{'...' if len(eval_scenes) > 5 else ''}")
-    perm = derangement(len(window_ids), shuffle_seed)
-    shuffled = np.stack(future_actions)[perm]
-    pos = 0
-    for job in jobs:
-        n = len(job.starts)
-        job.shuffled_actions = shuffled[pos:pos + n]
-        pos += n
-    for scene in train_scenes:
-        path = shard_path(shard_dir, scene)
-        try:
-            check_scene(shard_dir, scene, manifest)
-        except (UserError, OSError) as exc:
-            log.warning("skipping train scene %s: %s", scene, exc)
-            skipped.append({"scene": scene, "role": "train", "reason": str(exc)})
-            continue
-        jobs.append(SceneJob(scene, str(path), "train"))
-    plan = {"windows": len(window_ids), "permutation_seed": shuffle_seed,
-            "shuffled_source": [list(window_ids[j]) for j in perm], "descriptions": descriptions, "skipped": skipped}
-    return jobs, plan
-
-
-class SceneWorker:
-    """Loads the checkpoint once; turns scene jobs into latents, rollouts and labels (plain numpy)."""
-
-    def __init__(self, checkpoint: str, settings: dict, threads: int = 0):
-        import torch
-
-        from drivejepa.data.shards import CLASSES
-        from drivejepa.runtime import select_device
-        from drivejepa.training.checkpoint import load_world_model
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.settings = settings
-        self.device = select_device(settings["device"])
-        self.model, self.cfg = load_world_model(checkpoint, self.device)
-        unknown = [c for c in settings["agent_classes"] if c not in CLASSES]
-        if unknown:
-            raise UserError(f"agent_classes {unknown} are not shard classes {CLASSES}")
-        self.agent_ids = np.array([CLASSES.index(c) for c in settings["agent_classes"]])
-
-    def run(self, job: SceneJob) -> dict:
-        from drivejepa.data.shards import read_shard
-        from drivejepa.evaluation.latents import encode_frames, rollout_windows
-        from drivejepa.evaluation.probes import box_baseline_grids, frame_labels
-
-        s = self.settings
-        shard = read_shard(job.path)
-        arrays = shard.arrays
-        cameras = shard.meta.get("cameras", [])
-        missing = [c for c in self.model.cameras if c not in cameras]
-        if missing:
-            raise UserError(f"{job.path}: shard lacks cameras {missing} that the checkpoint was trained with")
-        camera_index = [cameras.index(c) for c in self.model.cameras]
-        online, target = encode_frames(self.model, arrays, shard.frames, s["batch_size"], self.device, camera_index)
-        bad = np.flatnonzero(~(np.isfinite(online).all(axis=-1) & np.isfinite(target).all(axis=-1)))
-        if len(bad):  # a NaN in the shard: skipped and reported, never a crash in scoring after all the compute
-            return {"scene": job.scene, "role": job.role, "nonfinite_frames": bad.tolist(),
-                    "windows": 0 if job.starts is None else len(job.starts)}
-        target = to_metric_space(target, s["space"])
-        labels = frame_labels(arrays, self.agent_ids, s["grid_size"], s["grid_range"], s["count_radius"])
-        out = {"scene": job.scene, "role": job.role, "description": shard.meta.get("description", ""),
-               "target": target, "online": online, "labels": labels}
-        if job.role != "eval":
-            return out
-        horizon, context = s["horizon"], s["context"]
-        starts = job.starts
-        actions = np.asarray(arrays["actions"], dtype=np.float32)
-        true_future = np.stack([actions[t:t + horizon] for t in starts]) if len(starts) else \
-            np.zeros((0, horizon, actions.shape[1]), np.float32)
-        past = np.stack([actions[t - context + 1:t] for t in starts]) if len(starts) else \
-            np.zeros((0, context - 1, actions.shape[1]), np.float32)
-        model_pred = rollout_windows(self.model, target, starts, context, true_future, past, s["batch_size"],
-                                     self.device)
-        shuffled_pred = rollout_windows(self.model, target, starts, context, job.shuffled_actions, past,
-                                        s["batch_size"], self.device)
-        out.update(
-            starts=starts,
-            model=to_metric_space(model_pred, s["space"], prediction=True),
-            shuffled_actions=to_metric_space(shuffled_pred, s["space"], prediction=True),
-            cv_box_grids=box_baseline_grids(arrays, starts, horizon, np.asarray(arrays["timestamps"]),
-                                            self.agent_ids, s["grid_size"], s["grid_range"]),
-        )
-        return out
-
-
-def metric_space(loss_cfg) -> str:
-    """The space the model's predictions are compared in, following its training objective: layer-normalised
-    targets ("layer_norm"), unit vectors for InfoNCE ("unit"), or raw target latents ("raw")."""
-    if loss_cfg.objective == "infonce":
-        return "unit"
-    return "layer_norm" if loss_cfg.normalize_targets else "raw"
-
-
-def to_metric_space(latents: np.ndarray, space: str, prediction: bool = False) -> np.ndarray:
-    """Target latents (or, with ``prediction``, predicted ones) in the space named by :func:`metric_space`."""
-    import torch
-    import torch.nn.functional as F
-
-    from drivejepa.losses import normalise_targets
-
-    x = torch.from_numpy(np.asarray(latents, dtype=np.float32))
-    if space == "unit":
-        x = F.normalize(x, dim=-1)
-    elif space == "layer_norm" and not prediction:
-        x = normalise_targets(x)
-    return x.numpy()
-
-
-def _groups(items: list[int], k: int) -> list[list[int]]:
-    """Round-robin over the jobs (eval scenes first, then train scenes): each worker gets a share of both."""
-    groups: list[list[int]] = [[] for _ in range(k)]
-    for i, item in enumerate(items):
-        groups[i % k].append(item)
-    return [g for g in groups if g]
-
-
-def run_jobs(checkpoint: str, jobs: list[SceneJob], settings: dict, *, num_workers: Optional[int] = None,
-             address: Optional[str] = None, progress: bool = True) -> list[dict]:
-    """Results of every job, in job order. ``num_workers=0``: this process; otherwise Ray actors (one per group of
-    scenes, each loading the checkpoint once); None = one actor per CPU of the cluster."""
-    from tqdm import tqdm
-
-    if num_workers == 0:
-        worker = SceneWorker(checkpoint, settings)
-        return [worker.run(job) for job in tqdm(jobs, desc="evaluate scenes", unit="scene", disable=not progress)]
-
-    import ray
-
-    from drivejepa.runtime import init_ray
-
-    init_ray(address)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    k = max(1, min(num_workers or cpus, len(jobs)))
-    cuda = settings["device"].startswith("cuda") or (settings["device"] == "auto"
-                                                      and ray.cluster_resources().get("GPU", 0) > 0)
-    options = {"num_cpus": max(cpus // k, 1) if cpus >= k else cpus / k}
-    if cuda:
-        options["num_gpus"] = min(1.0, ray.cluster_resources().get("GPU", 0) / k)
-    threads = max(1, int(options["num_cpus"]))
-    Actor = ray.remote(SceneWorker)
-    groups = _groups(list(range(len(jobs))), k)
-    actors = [Actor.options(**options).remote(checkpoint, settings, threads) for _ in groups]
-    refs = {}
-    for actor, group in zip(actors, groups):
-        for i in group:
-            refs[actor.run.remote(jobs[i])] = i
-    results: list[Optional[dict]] = [None] * len(jobs)
-    pending = list(refs)
-    try:
-        with tqdm(total=len(jobs), desc="evaluate scenes", unit="scene", disable=not progress) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    try:
-                        results[refs[ref]] = ray.get(ref)
-                    except ray.exceptions.RayTaskError as exc:
-                        if isinstance(exc.cause, UserError):
-                            raise exc.cause from None
-                        raise
-                    bar.update(1)
-    finally:
-        for actor in actors:
-            ray.kill(actor)
-    return results
 
 
 def default_suite() -> Path:
     """``eval/scenarios/default.yaml`` of this checkout."""
     return Path(__file__).resolve().parents[2] / "eval" / "scenarios" / "default.yaml"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, split: str = "val",
@@ -293,7 +78,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
              cfg.train_split)
     settings = {"device": cfg.device, "batch_size": cfg.batch_size, "horizon": horizon, "context": context,
                 "grid_size": cfg.grid_size, "grid_range": cfg.grid_range, "count_radius": cfg.count_radius,
-                "agent_classes": list(cfg.agent_classes), "space": metric_space(train_cfg.loss)}
+                "agent_classes": list(cfg.agent_classes), "space": latent_space.space_of(train_cfg.loss)}
     results = run_jobs(str(checkpoint), jobs, settings, num_workers=num_workers, address=address, progress=progress)
     nonfinite = [r for r in results if "nonfinite_frames" in r]
     for r in nonfinite:
@@ -306,12 +91,12 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
     eval_results = [r for r in results if r["role"] == "eval"]
     train_results = [r for r in results if r["role"] == "train"]
     log.info("scoring: retrieval, baselines, %d probes, %d scenarios", 8 if train_results else 0, len(scenarios))
-    metrics, fitted = score(eval_results, train_results, cfg, horizon, scenario_scenes)
+    metrics, fitted = score(eval_results, train_results, cfg, horizon, context, scenario_scenes)
     metrics["settings"]["headline_seconds"] = list(cfg.headline_seconds)
     metrics["settings"]["nonfinite_windows"] = sum(r["windows"] for r in nonfinite if r["role"] == "eval")
     metrics["headline"] = headline_rows(metrics, cfg.headline_seconds)
     metrics["provenance"] = {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": _sha256(checkpoint), "step": step,
+        "checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "step": step,
         "config": config_to_dict(train_cfg), "config_hash": config_hash(train_cfg),
         "shards": str(Path(shards).resolve()), "shards_config_hash": manifest.get("config_hash"),
         "dataset_version": manifest.get("version"), "split": split, "train_split": cfg.train_split,

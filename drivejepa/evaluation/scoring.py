@@ -10,12 +10,14 @@ from typing import Optional
 
 import numpy as np
 
+from drivejepa import baselines as B
+from drivejepa import latent_space
 from drivejepa.config import EvalConfig
 from drivejepa.evaluation import metrics as M
 from drivejepa.evaluation import probes as P
-from drivejepa.evaluation.latents import constant_velocity, copy_last, future_index
+from drivejepa.evaluation.latents import future_index
 
-METHODS = ("model", "shuffled_actions", "copy_last", "const_velocity")
+METHODS = ("model", "shuffled_actions", "copy_last", "const_velocity", "mean_of_context")
 OCC_METHODS = ("model", "probe_on_true_future", "const_velocity_boxes", "copy_last_boxes")
 
 
@@ -29,7 +31,9 @@ def _nanmean(x: np.ndarray, axis=0):
 class Windows:
     """Every evaluated window, stacked: per method predictions and per-step errors and retrieval ranks."""
 
-    def __init__(self, eval_results: list[dict], horizon: int, retrieval_k: list[int]):
+    def __init__(self, eval_results: list[dict], horizon: int, context: int, retrieval_k: list[int]):
+        import torch
+
         self.horizon = horizon
         self.retrieval_k = retrieval_k
         offsets = np.cumsum([0] + [len(r["target"]) for r in eval_results])
@@ -46,14 +50,20 @@ class Windows:
             starts.append(s)
             preds["model"].append(r["model"])
             preds["shuffled_actions"].append(r["shuffled_actions"])
-            preds["copy_last"].append(copy_last(r["target"], s, horizon))
-            preds["const_velocity"].append(constant_velocity(r["target"], s, horizon))
+            # frames s-n+1..s (n >= 2: window starts have a previous frame for the constant-velocity baseline)
+            n = max(context, 2)
+            ctx = torch.from_numpy(r["target"][s[:, None] + np.arange(-n + 1, 1)[None, :]])
+            preds["copy_last"].append(B.copy_last(ctx, horizon).numpy())
+            preds["const_velocity"].append(B.constant_velocity(ctx, horizon).numpy())
+            preds["mean_of_context"].append(B.mean_of_context(ctx[:, n - context:], horizon).numpy())
         self.truth = np.concatenate(truth)
         self.gallery_index = np.concatenate(gindex)
         self.scene = np.array(scene)
         self.starts = np.concatenate(starts)
         self.preds = {m: np.concatenate(v) for m, v in preds.items()}
-        self.mse = {m: M.squared_error(p, self.truth) for m, p in self.preds.items()}
+        truth64 = torch.from_numpy(self.truth).double()
+        self.mse = {m: latent_space.distance(torch.from_numpy(p).double(), truth64).numpy()
+                    for m, p in self.preds.items()}
         self.cosine = {m: M.cosine_distance(p, self.truth) for m, p in self.preds.items()}
         self.ranks = {}
         for m, p in self.preds.items():
@@ -70,7 +80,7 @@ class Windows:
                "latent_mse": {m: _nanmean(v[mask]).tolist() for m, v in self.mse.items()},
                "cosine_distance": {m: _nanmean(v[mask]).tolist() for m, v in self.cosine.items()}}
         for k in self.retrieval_k:
-            out[f"retrieval_top{k}"] = {m: _nanmean(v[mask] < k).tolist() for m, v in self.ranks.items()}
+            out[f"retrieval_top{k}"] = {m: M.topk_accuracy(v[mask], k).tolist() for m, v in self.ranks.items()}
         model = np.asarray(out["latent_mse"]["model"])
         shuffled = np.asarray(out["latent_mse"]["shuffled_actions"])
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -145,14 +155,14 @@ class OccupancyForecasts:
                 for m, g in self.grids.items()}
 
 
-def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, horizon: int,
+def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, horizon: int, context: int,
           scenario_scenes: dict[str, list[str]]) -> tuple[dict, Optional[dict]]:
     """(metrics without provenance, fitted probes or None). See report.py for the layout of the metrics."""
     import torch
 
     from drivejepa.diagnostics import collapse_diagnostics
 
-    windows = Windows(eval_results, horizon, cfg.retrieval_k)
+    windows = Windows(eval_results, horizon, context, cfg.retrieval_k)
     seconds = [round(k * cfg.frame_seconds, 6) for k in range(1, horizon + 1)]
     iou_steps = [k for k in (int(round(t / cfg.frame_seconds)) for t in cfg.iou_seconds) if 1 <= k <= horizon]
     fitted = fit_probes(train_results, cfg) if train_results else None

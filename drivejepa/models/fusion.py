@@ -80,6 +80,10 @@ class MultimodalEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, dim)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
+        return {"modality_embed", "cls_token"}
+
     def branch_tokens(self, obs: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """(modality, tokens [B, T, D], valid [B, T]) for each modality present in ``obs``."""
         out = []
@@ -119,7 +123,7 @@ class MultimodalEncoder(nn.Module):
             parts[i][2][:, sl] &= keep[:, u : u + 1]
         return parts
 
-    def forward(self, obs: Mapping[str, torch.Tensor], return_tokens: bool = False):
+    def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         parts = self.branch_tokens(obs)
         if self.training and self.modality_dropout > 0:
             parts = self.drop_modalities(parts, obs)
@@ -132,7 +136,4 @@ class MultimodalEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask)
         x = self.norm(x)
-        state = self.head(x[:, 0])
-        if return_tokens:
-            return state, x[:, 1:], valid[:, 1:]
-        return state
+        return self.head(x[:, 0])

@@ -128,3 +128,7 @@ class ImageEncoder(nn.Module):
             valid = image_mask.to(torch.bool)
         valid = valid.view(b, c, 1).expand(b, c, self.tokens)
         return tokens.reshape(b, c * self.tokens, -1), valid.reshape(b, c * self.tokens)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
+        return {"camera_embed", "pos_embed"}

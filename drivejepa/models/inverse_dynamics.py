@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from drivejepa.losses import normalise_targets
+from drivejepa.latent_space import layer_norm
 
 MOTION_DIMS = 3  # dx, dy, dyaw: the first three action components
 
@@ -28,4 +28,4 @@ class InverseDynamicsHead(nn.Module):
 
     def forward(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         # Layer-normalised inputs: the regulariser asks for information in the latent, not for a larger scale.
-        return self.mlp(torch.cat([normalise_targets(before), normalise_targets(after)], dim=-1))
+        return self.mlp(torch.cat([layer_norm(before), layer_norm(after)], dim=-1))

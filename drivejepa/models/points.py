@@ -42,6 +42,10 @@ class PointNet(nn.Module):
         nn.init.trunc_normal_(self.empty_token, std=0.02)
         nn.init.trunc_normal_(self.sector_embed, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
+        return {"empty_token", "sector_embed"}
+
     def sectors(self, xy: torch.Tensor) -> torch.Tensor:
         """Azimuth sector index in ``[0, tokens)`` of each point."""
         azimuth = torch.atan2(xy[..., 1], xy[..., 0])

@@ -1,12 +1,19 @@
 """Action-conditioned predictor: a causal transformer over time, three tokens a step.
 
-Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw, yaw_rate), in that order;
-the output read at the motion token of step t is the prediction of s_{t+1}. A token-level causal mask makes output t
-depend only on steps <= t, so teacher-forced prediction of a whole sequence and step-by-step rollout agree.
-The prediction is residual: the layer-normalised current state plus a learned change scaled by a per-channel gate
-(LayerScale) that starts at 0.01. Consecutive latents are close, so the untrained predictor starts at the
-copy-last-latent baseline (in the normalised space the JEPA targets live in) and training only has to learn what
-the action and the scene change.
+Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw), in that order; the output
+read at the motion token of step t is the prediction of s_{t+1}. The motion token has the action's 3 degrees of
+freedom: the shards' yaw_rate is dyaw / dt at a fixed key-frame interval (0.5 s), a copy of dyaw, so it is not an
+input. The speed token is the action's speed, the chord of the same interval over dt (``frames.action_from_motion``),
+so it is the action again (|dx, dy| / dt), not a state of the ego at t; the ego's speed so far reaches the predictor
+through the previous steps' tokens. A "speed now" state token (the previous interval's speed, unknown at the first
+step of a window) is a model change to measure, not assume (issue 16's action-sensitivity work).
+A token-level causal mask makes output t depend only on steps <= t, so teacher-forced prediction of a whole sequence
+and step-by-step rollout agree.
+The prediction is residual: the current state in the model's latent space (``latent_space.targets``) plus a learned
+change scaled by a per-channel gate (LayerScale) that starts at 0.01 and by the state's RMS (1 for layer-normed
+states), so the change is equally small in every space. Consecutive latents are close, so the untrained
+predictor starts at the copy-last-latent baseline in the space its predictions are compared in, and training only has
+to learn what the action and the scene change.
 Actions are normalised inside with fixed scales (raw metres, radians, m/s go in). An action that is not known (for
 instance the frames before the last context frame when the caller has no actions for them) is replaced by a learned
 'unknown' token, trained by dropping actions at random during training.
@@ -19,18 +26,19 @@ import torch
 import torch.nn as nn
 
 from drivejepa.config import ModelConfig
-from drivejepa.losses import normalise_targets
+from drivejepa import latent_space
 from drivejepa.models.fusion import Block, drop_path_rates
 
 ACTION_SCALES = (10.0, 2.0, 0.5, 15.0, 1.0)   # dx (m), dy (m), dyaw (rad), speed (m/s), yaw_rate (rad/s)
 SPEED_INDEX = 3
-MOTION_INDEX = (0, 1, 2, 4)
+MOTION_INDEX = (0, 1, 2)                      # dx, dy, dyaw; yaw_rate (index 4) = dyaw / dt duplicates dyaw
 TOKENS_PER_STEP = 3
 
 
 class Predictor(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, space: str = "layer_norm"):
         super().__init__()
+        self.space = latent_space.check(space)
         if cfg.action_dim != len(ACTION_SCALES):
             raise ValueError(f"model.action_dim must be {len(ACTION_SCALES)} (dx, dy, dyaw, speed, yaw_rate), "
                              f"got {cfg.action_dim}")
@@ -57,6 +65,10 @@ class Predictor(nn.Module):
         n = cfg.max_context * TOKENS_PER_STEP
         self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
+        return {"unknown_speed", "unknown_motion", "time_embed", "type_embed", "change_gate"}
+
     def forward(self, states: torch.Tensor, actions: torch.Tensor,
                 action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
         """states [B, T, D], actions [B, T, 5] -> predictions [B, T, D] (output t predicts s_{t+1})."""
@@ -80,7 +92,9 @@ class Predictor(nn.Module):
         for block in self.blocks:
             x = block(x, causal)
         change = self.out(x.view(b, t, TOKENS_PER_STEP, d)[:, :, -1])
-        return normalise_targets(states) + self.change_gate * change
+        base = latent_space.targets(states, self.space)
+        scale = base.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()           # the change is relative to it
+        return base + self.change_gate * scale * change
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
                 past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:

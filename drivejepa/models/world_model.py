@@ -8,13 +8,13 @@ VICReg variance/covariance term against collapse, and the inverse-dynamics term 
 states must be recoverable) against latents that ignore what the action changes.
 
 Rollouts outside training (validation, evaluation, visualisation) start from the EMA target encoder's latents
-(``context_states``): it is the encoder JEPA models deploy, and it is the space the targets and the copy-last
-baseline live in, so a prediction and its baselines differ by the predictor alone.
+(``context_states``): it is the encoder JEPA models deploy, and it is the source of the targets and of the copy-last
+baseline, so a prediction and its baselines differ by the predictor alone. Predictions and targets are compared in
+the model's latent space (``space``, set from the objective by ``build_world_model``; see drivejepa/latent_space.py).
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from typing import Mapping, Optional
 
@@ -22,14 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drivejepa.config import SIZE_PRESETS, LossConfig, ModelConfig, TrainConfig, resolve_model_config  # noqa: F401
+from drivejepa.config import LossConfig, ModelConfig, TrainConfig, resolve_model_config
+from drivejepa.data.shards import SENSOR_KEYS
 from drivejepa.diagnostics import collapse_diagnostics
-from drivejepa.losses import inverse_dynamics_loss, normalise_targets, prediction_loss, vicreg_terms
+from drivejepa import latent_space
+from drivejepa.losses import inverse_dynamics_loss, prediction_loss, vicreg_terms
 from drivejepa.models.fusion import MultimodalEncoder
 from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
 from drivejepa.models.predictor import Predictor
 
-OBS_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")
 
 def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float:
     """Cosine schedule of the EMA momentum from ``start`` (step 0) to ``end`` (step ``total_steps`` and after)."""
@@ -40,7 +41,7 @@ def ema_momentum(step: int, total_steps: int, start: float, end: float) -> float
 
 
 class WorldModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, cameras: list[str]):
+    def __init__(self, cfg: ModelConfig, cameras: list[str], space: str = "layer_norm"):
         super().__init__()
         cfg = resolve_model_config(cfg)
         self.cfg = cfg
@@ -50,7 +51,8 @@ class WorldModel(nn.Module):
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
         self.target_encoder.eval()
-        self.predictor = Predictor(cfg)
+        self.predictor = Predictor(cfg, space)
+        self.space = self.predictor.space
         self.inverse_dynamics = InverseDynamicsHead(cfg.latent_dim)
 
     def train(self, mode: bool = True) -> "WorldModel":
@@ -69,7 +71,7 @@ class WorldModel(nn.Module):
 
     def encode_sequence(self, batch: Mapping[str, torch.Tensor], target: bool = False) -> torch.Tensor:
         """Batch arrays with an L axis ([B, L, ...]) -> states [B, L, D]."""
-        obs = {k: batch[k] for k in OBS_KEYS if k in batch}
+        obs = {k: batch[k] for k in SENSOR_KEYS if k in batch}
         if not obs:
             raise ValueError("batch holds none of 'images', 'lidar', 'radar'")
         b, length = next(iter(obs.values())).shape[:2]
@@ -102,12 +104,11 @@ class WorldModel(nn.Module):
             raise ValueError(f"context = {context} must be in [1, {length - 1}] for windows of {length} frames")
         states = self.encode_sequence(batch)                                         # online, [B, L, D]
         target_states = self.encode_sequence(batch, target=True)                     # stop-gradient
-        targets = target_states.float()
-        if loss_cfg.objective == "jepa" and loss_cfg.normalize_targets:
-            targets = normalise_targets(targets)
-            cfg = dataclasses.replace(loss_cfg, normalize_targets=False)            # already normalised
-        else:
-            cfg = loss_cfg
+        if latent_space.space_of(loss_cfg) != self.space:
+            raise ValueError(f"loss.objective = {loss_cfg.objective!r}, normalize_targets = "
+                             f"{loss_cfg.normalize_targets} compares in space "
+                             f"'{latent_space.space_of(loss_cfg)}', but this model was built for '{self.space}'")
+        targets = latent_space.targets(target_states.float(), self.space)
 
         valid = batch.get("action_valid")
         valid = torch.ones(b, length, dtype=torch.bool, device=actions.device) if valid is None else valid.bool()
@@ -115,7 +116,7 @@ class WorldModel(nn.Module):
         if self.training and self.cfg.action_dropout > 0:
             known = known & (torch.rand(b, length, device=actions.device) >= self.cfg.action_dropout)
         one_step_pred = self.predict(states[:, :-1], actions[:, :-1], known[:, :-1])
-        one_step = prediction_loss(one_step_pred.float(), targets[:, 1:], cfg)
+        one_step = prediction_loss(one_step_pred.float(), targets[:, 1:], loss_cfg)
         total = one_step
         metrics = {"loss_one_step": float(one_step.detach())}
 
@@ -123,7 +124,7 @@ class WorldModel(nn.Module):
         if k > 0 and loss_cfg.rollout_weight > 0:
             rolled = self.rollout(target_states[:, :context], actions[:, context - 1 : context - 1 + k],
                                   actions[:, : context - 1])
-            rollout = prediction_loss(rolled.float(), targets[:, context : context + k], cfg)
+            rollout = prediction_loss(rolled.float(), targets[:, context : context + k], loss_cfg)
             total = total + loss_cfg.rollout_weight * rollout
             metrics["loss_rollout"] = float(rollout.detach())
             metrics["rollout_cosine"] = float(
@@ -141,19 +142,22 @@ class WorldModel(nn.Module):
             regulariser = loss_cfg.vicreg_var_weight * var + loss_cfg.vicreg_cov_weight * cov
             total = total + loss_cfg.vicreg_weight * regulariser
         metrics.update(vicreg_var=float(var.detach()), vicreg_cov=float(cov.detach()))
-        metrics.update(collapse_diagnostics(states, one_step_pred, targets[:, 1:], targets[:, :-1]))
+        first = latent_space.predictions(one_step_pred.detach().float(), self.space)
+        metrics.update(collapse_diagnostics(states, first, targets[:, 1:], targets[:, :-1]))
         metrics["loss"] = float(total.detach())
         return total, metrics
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
-        """target = m * target + (1 - m) * online, parameter by parameter; buffers (BatchNorm statistics) copied."""
-        for t, o in zip(self.target_encoder.parameters(), self.encoder.parameters()):
-            t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
-        for t, o in zip(self.target_encoder.buffers(), self.encoder.buffers()):
-            t.copy_(o)
+        """target = m * target + (1 - m) * online for every parameter (one fused ``torch._foreach_*`` call each, not a
+        Python loop of kernels); buffers (BatchNorm statistics) copied."""
+        target = list(self.target_encoder.parameters())
+        torch._foreach_mul_(target, momentum)
+        torch._foreach_add_(target, [p.detach() for p in self.encoder.parameters()], alpha=1.0 - momentum)
+        torch._foreach_copy_(list(self.target_encoder.buffers()), list(self.encoder.buffers()))
 
 
 def build_world_model(cfg: TrainConfig) -> WorldModel:
-    """The world model of a training config: size preset applied, cameras from ``cfg.data.cameras``."""
-    return WorldModel(cfg.model, cfg.data.cameras)
+    """The world model of a training config: size preset applied, cameras from ``cfg.data.cameras``, latent space
+    from the objective (``latent_space.space_of(cfg.loss)``)."""
+    return WorldModel(cfg.model, cfg.data.cameras, latent_space.space_of(cfg.loss))

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch

@@ -1,4 +1,5 @@
-"""The optimiser recipe: AdamW without weight decay on norms and biases, linear warm-up then cosine warm restarts."""
+"""The optimiser recipe: AdamW without weight decay on norms, biases, embeddings and learned tokens, linear warm-up
+then cosine warm restarts."""
 from __future__ import annotations
 
 import warnings
@@ -9,17 +10,29 @@ from torch import nn
 from drivejepa.config import OptimConfig
 
 
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that modules list in their ``no_weight_decay()`` (the timm convention):
+    embeddings, learned tokens and gates, which decay would pull towards zero for no regularising gain."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matrices and convolution kernels decay; biases, norm scales, embeddings of size 1 do not.
+    """Two AdamW groups: matrices and convolution kernels decay; biases, norm scales and the parameters of
+    :func:`no_weight_decay_names` do not.
 
     A parameter with fewer than two dimensions is a bias or a normalisation scale/shift; decaying those pulls
     LayerNorm gains towards zero and hurts, the usual ViT/JEPA practice. Frozen parameters (the EMA target
     encoder) are left out."""
+    skip = no_weight_decay_names(model)
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
+        (no_decay if param.ndim < 2 or name in skip else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -48,3 +61,13 @@ def step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
+
+
+def scaler_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """``scaler.step`` and ``scaler.update``; False when the GradScaler skipped the step (inf/NaN gradients of fp16:
+    it lowers its scale then). What follows an optimiser step (scheduler, EMA target update) must run only on
+    True, or a skipped step still moves the learning rate and the target encoder."""
+    before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    return before is None or scaler.get_scale() >= before

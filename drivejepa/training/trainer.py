@@ -20,14 +20,13 @@ trains the same way on one CPU or on N GPUs (up to BatchNorm statistics, which S
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from drivejepa.config import SIZE_PRESETS, TrainConfig, config_to_dict, resolve_train_config, save_config
+from drivejepa.data.shards import SENSOR_KEYS
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_write_json, remove_stale_temps
 from drivejepa.precision import choose_precision
@@ -43,12 +43,12 @@ from drivejepa.training import checkpoint as ckpt_mod
 from drivejepa.training.distributed import (DistInfo, ResumableSampler, all_true, gather_objects, init_distributed,
                                             shutdown)
 from drivejepa.training.metrics_log import MetricsLogger
-from drivejepa.training.optim import build_optimizer, build_scheduler, step_scheduler
+from drivejepa.training.optim import build_optimizer, build_scheduler, scaler_step, step_scheduler
 from drivejepa.training.validation import beats_copy_last, to_device, validate
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask", "actions", "action_valid")
+MODEL_KEYS = SENSOR_KEYS + ("actions", "action_valid")
 
 
 # Exit status of ``drivejepa train`` stopped by SIGTERM / SIGINT after saving its checkpoint (EX_TEMPFAIL: "try
@@ -80,7 +80,7 @@ class TrainingInterrupted(RuntimeError):
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: Optional[str | Path] = None,
           progress: bool = True, allow_other_shards: bool = False) -> dict:
     """Train ``cfg`` into ``run_dir``; ``resume`` = None (fresh run), "auto" (latest checkpoint in run_dir, fresh
-    when there is none) or a checkpoint path. Returns the final summary (see :func:`format_summary`)."""
+    when there is none) or a checkpoint path. Returns the final summary (see ``training.summary.format_summary``)."""
     info = init_distributed(cfg.device)
     try:
         return _Run(cfg, Path(run_dir), info, progress, allow_other_shards).fit(resume)
@@ -118,14 +118,15 @@ def _windows_datasets(cfg: TrainConfig):
 
     skipped: list[dict] = []
 
-    def windows(split: str):
+    def windows(split: str, shuffle_actions_seed=None):
         listed = scenes_in_split(shards, split)
         scenes, bad = readable_scenes(shards, listed, split)
         skipped.extend(bad)
         if not scenes:
             return None, listed
         ds = WindowDataset(shards, scenes, context=cfg.data.context, horizon=cfg.data.horizon,
-                           stride=cfg.data.stride, cameras=cfg.data.cameras)
+                           stride=cfg.data.stride, cameras=cfg.data.cameras,
+                           shuffle_actions_seed=shuffle_actions_seed)
         return (ds if len(ds) else None), scenes
 
     train_ds, train_scenes = windows(cfg.data.train_split)
@@ -134,7 +135,7 @@ def _windows_datasets(cfg: TrainConfig):
                         f"{cfg.data.context + cfg.data.horizon} consecutive key frames")
     val_ds = None
     if cfg.data.val_split:
-        val_ds, val_scenes = windows(cfg.data.val_split)
+        val_ds, val_scenes = windows(cfg.data.val_split, shuffle_actions_seed=cfg.seed)
         if val_ds is None:
             log.warning("%s: split '%s' (%d scenes) has no window; validation is skipped", shards,
                         cfg.data.val_split, len(val_scenes))
@@ -173,8 +174,7 @@ class _Run:
                                  generator=torch.Generator(), **loader_kwargs)
         self.val_loader = None
         if self.val_ds is not None:
-            # A fixed shuffled order: each batch mixes scenes, so validation's shuffled-action rollout (the next
-            # window's actions) gets another scene's driving, not its neighbour's nearly equal actions.
+            # A fixed shuffled order, split over the ranks.
             order = torch.randperm(len(self.val_ds), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             self.val_loader = DataLoader(self.val_ds, batch_size=self.local_batch,
                                          sampler=order[info.rank::info.world_size],
@@ -338,16 +338,17 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             self._bad_step(batch, f"gradient norm {float(grad_norm)}")
             return None
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        stepped = scaler_step(self.scaler, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
-        step_scheduler(self.scheduler)
         from drivejepa.models.world_model import ema_momentum
 
         momentum = ema_momentum(self.step, self.total_steps, self.cfg.loss.ema_start, self.cfg.loss.ema_end)
-        self.model.update_target(momentum)
+        if stepped:             # a step the GradScaler skipped moves neither the schedule nor the target encoder
+            step_scheduler(self.scheduler)
+            self.model.update_target(momentum)
         self.bad_in_row = 0
-        return {**stats, "loss": float(loss.detach()), "grad_norm": float(grad_norm), "ema_momentum": momentum}
+        return {**stats, "loss": float(loss.detach()), "grad_norm": float(grad_norm), "ema_momentum": momentum,
+                "scaler_skipped": float(not stepped)}
 
     def _bad_step(self, batch: dict, what: str) -> None:
         self.bad_in_row += 1
@@ -563,36 +564,3 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif x != y:
             out.append(f"{prefix}{key}: {x!r} -> {y!r}")
     return out
-
-
-def format_summary(summary: dict, horizon: int) -> str:
-    """The one-screen report printed at the end of ``drivejepa train``."""
-    lines = [
-        f"run            {summary['run_dir']}",
-        f"steps          {summary['steps']} ({summary['epochs']:.1f} epochs) in {summary['seconds']:.0f} s on "
-        f"{summary['device']} x {summary['processes']}, {summary['parameters'] / 1e6:.2f}M parameters",
-        f"precision      {summary['precision']['name']} ({summary['precision']['reason']})",
-        f"throughput     {summary['windows_per_s']:.1f} windows/s, {100 * summary['data_wait_share']:.1f}% of step "
-        "time waiting for data",
-        f"train loss     {summary['train_loss']:.4f}" if summary["train_loss"] is not None else "train loss     -",
-        f"skipped steps  {summary['bad_steps']} (non-finite)",
-    ]
-    val = summary["val"]
-    if val.get("windows"):
-        lines.append(f"validation     {int(val['windows'])} windows; latent error (model / copy-last / ratio), "
-                     "action ratio (shuffled / true actions):")
-        nan = float("nan")
-        for k in range(1, horizon + 1):
-            lines.append(f"  +{k} frames    {val[f'err_h{k}']:.4f} / {val[f'copy_last_h{k}']:.4f} / "
-                         f"{val[f'ratio_h{k}']:.3f}   {val.get(f'action_ratio_h{k}', nan):.3f}")
-        lines.append(f"  mean         {val['err']:.4f} / {val['copy_last']:.4f} / {val['ratio']:.3f}   "
-                     f"{val.get('action_ratio', nan):.3f}  "
-                     f"({'beats' if summary['beats_copy_last'] else 'does NOT beat'} copy-last at every horizon)")
-        lines.append(f"collapse       std_mean {val.get('diag_std_mean', float('nan')):.3f}, effective rank "
-                     f"{val.get('diag_effective_rank', float('nan')):.1f}")
-    else:
-        lines.append("validation     none (no held-out windows)")
-    lines += [f"checkpoints    {summary['last_checkpoint']}", f"               {summary['best_checkpoint']}"
-              + (f" (best val error / copy-last {summary['best_error']:.3f})" if summary["best_error"] is not None
-                 else "")]
-    return "\n".join(lines)

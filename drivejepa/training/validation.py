@@ -2,11 +2,13 @@
 
 For each window (context frames 0..c-1, future frames c..c+H-1) the predictor is rolled out from the latents
 rollouts start from (``WorldModel.context_states``: the EMA target encoder's) with the true actions
-a_{c-1}..a_{c+H-2}; its predictions are compared with the target encoder's latents of the future frames, in the space the loss trains them in (layer-normed when
-``loss.normalize_targets``). The copy-last baseline predicts the target latent of the last context frame at every
-horizon. An error ratio below 1 at horizon h means the predictor knows more about frame c+h-1 than "nothing moves".
-The same rollout with the future actions of the next window of the batch (the loader mixes scenes in a fixed order)
-measures the action sensitivity: its error over the true-action error is 1 when the predictions ignore the action.
+a_{c-1}..a_{c+H-2}; its predictions are compared with the target encoder's latents of the future frames in the
+model's latent space (``drivejepa.latent_space``: the space evaluation reports in, so best.pt is chosen by the number
+metrics.json shows). The copy-last baseline (``drivejepa.baselines``) predicts the latent of the last context frame
+at every horizon. An error ratio below 1 at horizon h means the predictor knows more about frame c+h-1 than "nothing
+moves". The shuffled-action baseline (``drivejepa.baselines``: past and future actions of another validation
+window, a seeded derangement of the validation set, attached to each item as ``shuffled_actions`` by the dataset)
+measures the action sensitivity: its error over the true-action error is 1 when the predictions ignore the actions.
 Collapse diagnostics (drivejepa.diagnostics) are computed on the target latents and the first-step predictions.
 A window whose latents or predictions are not finite (a NaN in a shard) is left out and counted
 (``nonfinite_windows``), so one bad window cannot stop training at an epoch end.
@@ -17,9 +19,10 @@ from typing import Iterable
 
 import torch
 
+from drivejepa import latent_space
+from drivejepa.baselines import copy_last
 from drivejepa.config import TrainConfig
 from drivejepa.diagnostics import collapse_diagnostics
-from drivejepa.losses import normalise_targets
 from drivejepa.training.distributed import DistInfo, all_reduce_sum
 
 MAX_DIAGNOSTIC_ROWS = 4096
@@ -43,7 +46,7 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
     sums = torch.zeros(4, horizon, dtype=torch.float64, device=device)
     count = torch.zeros(3, dtype=torch.float64, device=device)  # windows, windows with shuffled actions, non-finite
     latents, first_pred, first_target, last_context = [], [], [], []
-    normalise = cfg.loss.objective == "jepa" and cfg.loss.normalize_targets
+    space = model.space
     for batch in batches:
         batch = to_device(batch, device)
         actions = batch["actions"].float()
@@ -51,33 +54,36 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
         if not bool(valid.any()):
             continue
         future_actions = actions[:, context - 1 : context - 1 + horizon][valid]
+        other = batch.get("shuffled_actions")
         with autocast():
             target = model.context_states(batch)[valid]
             context_states, past = target[:, :context], actions[valid][:, : context - 1]
             pred = model.rollout(context_states, future_actions, past)
-            shuffled = model.rollout(context_states, future_actions.roll(1, dims=0), past) \
-                if len(future_actions) > 1 else None
-        target = target.float()
-        if normalise:
-            target = normalise_targets(target)
-        pred = pred.float()
+            shuffled = None
+            if other is not None:
+                other = other.float()[valid]
+                shuffled = model.rollout(context_states, other[:, context - 1 : context - 1 + horizon],
+                                         other[:, : context - 1])
+        target = latent_space.targets(target.float(), space)
+        pred = latent_space.predictions(pred.float(), space)
         finite = torch.isfinite(pred).flatten(1).all(1) & torch.isfinite(target).flatten(1).all(1)
         if shuffled is not None:
+            shuffled = latent_space.predictions(shuffled.float(), space)
             finite &= torch.isfinite(shuffled).flatten(1).all(1)
         if not bool(finite.all()):
             count[2] += float((~finite).sum())
-            pred, target = pred[finite], target[finite]
-            shuffled = shuffled[finite] if shuffled is not None and int(finite.sum()) > 1 else None
             if not bool(finite.any()):
                 continue
+            pred, target = pred[finite], target[finite]
+            shuffled = shuffled[finite] if shuffled is not None else None
         future = target[:, context : context + horizon]
-        last = target[:, context - 1 : context]
-        err = (pred - future).pow(2).mean(dim=-1).sum(dim=0).double()
+        last = copy_last(target[:, :context], horizon)
+        err = latent_space.distance(pred, future).sum(dim=0).double()
         sums[0] += err
-        sums[1] += (last - future).pow(2).mean(dim=-1).sum(dim=0).double()
+        sums[1] += latent_space.distance(last, future).sum(dim=0).double()
         count[0] += pred.shape[0]
         if shuffled is not None:
-            sums[2] += (shuffled.float() - future).pow(2).mean(dim=-1).sum(dim=0).double()
+            sums[2] += latent_space.distance(shuffled, future).sum(dim=0).double()
             sums[3] += err
             count[1] += pred.shape[0]
         if sum(x.shape[0] for x in latents) < MAX_DIAGNOSTIC_ROWS:
@@ -101,7 +107,7 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
     out["copy_last"] = sum(copy) / horizon
     out["ratio"] = _ratio(out["err"], out["copy_last"])
     if n_shuffled:
-        # Shuffled against true actions on the same windows (those of batches with more than one window).
+        # Shuffled against true actions on the same windows (all of them when the validation set has two or more).
         shuffled, same = (sums[2:] / n_shuffled).tolist()
         for k in range(horizon):
             out[f"shuffled_h{k + 1}"] = shuffled[k]

@@ -62,8 +62,9 @@ def load_action_file(path: str | Path, horizon: int, dt: float) -> np.ndarray:
         raise UserError(f"{path}: actions contain NaN or infinite values")
     rows = rows[:horizon]
     if rows.shape[1] == 3:
-        speed = np.hypot(rows[:, 0], rows[:, 1]) / dt
-        rows = np.concatenate([rows, speed[:, None], rows[:, 2:3] / dt], axis=1)
+        from drivejepa.data.frames import action_from_motion
+
+        rows = action_from_motion(rows, dt)
     return rows.astype(np.float32)
 
 

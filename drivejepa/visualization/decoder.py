@@ -16,7 +16,6 @@ latents and predictions of normalised targets decode alike. The decoder is saved
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -27,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from drivejepa.errors import UserError
-from drivejepa.io import atomic_path, atomic_write_json
+from drivejepa.io import atomic_path, atomic_write_json, file_sha256
+from drivejepa.latent_space import layer_norm
 from drivejepa.evaluation.probes import grid_centers, iou, occupancy_grid
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class LatentDecoder(nn.Module):
         self.register_buffer("prior", torch.zeros(len(CHANNELS), spec.grid, spec.grid))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = F.layer_norm(latents.float(), latents.shape[-1:])
+        z = layer_norm(latents.float())
         x = self.mlp(z).view(-1, 32, self.base, self.base)
         return self.prior + self.up(x)
 
@@ -219,14 +219,6 @@ def decode(decoder: LatentDecoder, latents: np.ndarray | torch.Tensor) -> np.nda
     """[N, D] latents -> [N, 3, G, G] decoded grids (numpy)."""
     x = torch.as_tensor(np.asarray(latents, dtype=np.float32))
     return decoder(x.reshape(-1, x.shape[-1])).numpy()
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def decoder_path(checkpoint: str | Path) -> Path:

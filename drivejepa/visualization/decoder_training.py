@@ -15,19 +15,18 @@ import numpy as np
 import torch
 
 from drivejepa.errors import UserError
+from drivejepa.io import file_sha256
 from drivejepa.visualization.decoder import (DecoderSpec, LatentDecoder, bev_targets, decode, decoder_path,
-                                             file_sha256, find_decoder, grid_scores, save_decoder, train_decoder)
+                                             find_decoder, grid_scores, save_decoder, train_decoder)
 
 log = logging.getLogger(__name__)
 
 
 def camera_index(shard, model) -> list[int]:
     """Positions of the model's cameras in a shard's camera axis."""
-    cameras = shard.meta.get("cameras", [])
-    missing = [c for c in model.cameras if c not in cameras]
-    if missing:
-        raise UserError(f"{shard.path}: shard lacks cameras {missing} that the checkpoint was trained with")
-    return [cameras.index(c) for c in model.cameras]
+    from drivejepa.data.shards import camera_positions
+
+    return camera_positions(shard.meta.get("cameras", []), model.cameras, shard.path)
 
 
 @torch.no_grad()

@@ -74,11 +74,15 @@ def integrate_actions(actions: np.ndarray) -> np.ndarray:
 
 
 def arc_action(speed: float, yaw_rate: float, dt: float) -> np.ndarray:
-    """The action (dx, dy, dyaw, speed, yaw_rate) of driving ``dt`` seconds on a circular arc."""
+    """The action (dx, dy, dyaw, speed, yaw_rate) of driving ``dt`` seconds on a circular arc at ``speed`` m/s,
+    built from the motion the way the shards build it (``frames.action_from_motion``: chord speed), so the
+    predictor is fed what training saw."""
+    from drivejepa.data.frames import action_from_motion
+
     dyaw = yaw_rate * dt
     if abs(yaw_rate) < 1e-6:
         dx, dy = speed * dt, 0.0
     else:
         radius = speed / yaw_rate
         dx, dy = radius * np.sin(dyaw), radius * (1.0 - np.cos(dyaw))
-    return np.array([dx, dy, dyaw, speed, yaw_rate], dtype=np.float32)
+    return action_from_motion(np.array([dx, dy, dyaw]), dt)

@@ -68,7 +68,7 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
 
     from drivejepa.data.shards import load_manifest, read_shard, shard_path
     from drivejepa.evaluation.latents import encode_frames, rollout_windows
-    from drivejepa.evaluation.runner import metric_space, to_metric_space
+    from drivejepa import latent_space
     from drivejepa.training.checkpoint import load_world_model
     from drivejepa.visualization.actions import action_sequences
     from drivejepa.visualization.decoder import bev_targets, decode, extract_boxes, grid_scores, lift_points
@@ -110,9 +110,9 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
     decoded_truth = decode(decoder, target[t + 1:t + horizon + 1])
 
     # Nearest real frame of the scene to each prediction, in the space the model was trained to predict in.
-    space = metric_space(cfg.loss)
-    gallery = to_metric_space(target, space)
-    pred_m = to_metric_space(preds[0], space, prediction=True)
+    space = model.space
+    gallery = latent_space.targets(target, space)
+    pred_m = latent_space.predictions(preds[0], space)
     dist = np.linalg.norm(pred_m[:, None, :] - gallery[None, :, :], axis=-1)              # [H, T]
 
     rel = relative_poses(a["ego_pose"], t)

@@ -248,7 +248,6 @@ def parking(b: Builder, spec: dict):
     lot = np.array([[x0, -32], [lot_len, -32], [lot_len, 32], [x0, 32]], dtype=float)
     b.ground.append((ROAD, lot))
     b.ground.append((SIDEWALK, np.array([[x0, 32], [lot_len, 32], [lot_len, 36], [x0, 36]], dtype=float)))
-    aisles = [0.0, -19.0, 19.0]
     rows = [6.25, -6.25, 12.75, -12.75]
     stall_w = 2.7
     for y in rows:                                # stall lines and parked cars
