@@ -2,6 +2,7 @@
 behaviour says, as the devkit and preprocessing see them."""
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import numpy as np
@@ -11,7 +12,7 @@ import test_synth
 from drivejepa.data.synth import SYNTH_VERSION, read_summary, write_world
 from drivejepa.data.synth import branches as cf
 from drivejepa.data.synth.scenarios import branch_of
-from drivejepa.data.synth.world import mover_tracks, simulate_scene
+from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
 from drivejepa.data.synth.writer import SENSOR_MARGIN_S
 
 FRAMES = 5                      # key frames each branch runs past its branch point
@@ -172,6 +173,28 @@ def test_lane_changes_shift_sideways_and_another_exit_turns_away():
                 assert abs(turn) < 10 and np.degrees(parent[1][-1, 0] - parent[1][k, 0]) < -60, br.name
             seen.add(br.behaviour)
     assert seen == {"lane change left", "lane change right", "go straight"}
+
+
+def test_collisions_and_leaving_the_road_are_tagged():
+    sim = simulate_scene(2, 0, 5.5, SENSOR_MARGIN_S)
+    parent = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
+    (br, tracks), = cf.grow(sim, parent, cf.plan(sim, 12, 1, 5, 0)[0][:1], 2, 5.55)
+    ego = sim.builder.movers[0]
+    worlds = place(sim, [parent, tracks], [ego.path.piece(ego.s0, ego.path.length, 10.0)])
+    k = cf.branch_step(sim, br.frame)
+    tags = {}
+    for case in ("clean", "collision", "off road"):
+        world = copy.deepcopy(worlds[1])
+        if case == "collision":                          # another car drives into the ego one second later
+            other = next(i for i, a in enumerate(world.agents) if a["kind"] == "car" and not a["ego"])
+            world.agent_xy[k + 20:, other] = world.agent_xy[k + 20:, 0] + [1.0, 0.5]
+            world.agent_active[k + 20:, other] = True
+        elif case == "off road":                         # the ego ends on the grass at the map's corner
+            world.agent_xy[-5:, 0] = (2.0, 2.0)
+        cf.finish(world, sim, br)
+        tags[case] = world.tags
+    assert tags["clean"][-4:] == ["counterfactual", "parent scene-0002", f"branch frame {br.frame}", "behaviour brake"]
+    assert tags["collision"] == tags["clean"] + ["collision"] and tags["off road"] == tags["clean"] + ["off road"]
 
 
 def test_same_seed_same_bytes_and_sweeps_share_the_prefix(tmp_path):

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from drivejepa.data.synth.geometry import Path
+from drivejepa.data.synth.intent import speed_ramp
 from drivejepa.data.synth.materials import MARKING, ROAD
 from drivejepa.data.synth.scenarios import branch_tags
 from drivejepa.data.synth.traffic import DT, simulate
@@ -124,11 +125,9 @@ def finish(world: World, sim: Simulation, branch: Branch) -> None:
 
 
 def _ramp(t0: float, v0: float, v1: float, rate: float, t_end: float) -> list:
-    """Schedule entries that take the desired speed from v0 to v1 at ``rate`` m/s^2, then hold v1."""
-    ramp = max(abs(v1 - v0) / rate, 0.25)
-    n = int(np.ceil(ramp / 0.25))
-    out = [(t0 + i * ramp / n, t0 + (i + 1) * ramp / n, v0 + (v1 - v0) * (i + 1) / n) for i in range(n)]
-    return out + [(t0 + ramp, t_end, v1)]
+    """Schedule entries that take the desired speed from v0 to v1 at ``rate`` m/s^2, then hold v1 until t_end."""
+    entries, ramp = speed_ramp(t0, v0, v1, rate, 0.25)
+    return entries + [(t0 + ramp, t_end, v1)]
 
 
 def _lateral_options(sim: Simulation, k: int) -> list[tuple[str, Path]]:
