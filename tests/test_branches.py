@@ -257,3 +257,15 @@ def test_preprocessed_branch_shards_carry_the_tags(nusc, branch_root, tmp_path, 
         info = branch_of(", ".join(meta["tags"]))
         assert info is not None and info["parent"] == "scene-0003" and "counterfactual" in meta["tags"]
         assert f"behaviour {info['behaviour']}" in meta["tags"] and meta["num_samples"] == info["frame"] + 1 + FRAMES
+
+
+def test_synth_command_refuses_impossible_branches_in_one_line(tmp_path, capsys):
+    from drivejepa.cli import main
+
+    base = ["synth", "--out", str(tmp_path / "w"), "--scenes", "1", "--samples-per-scene", "6", "-q"]
+    for extra, said in ((["--branches", "7"], "branches: futures per branch point must be 0 (none) or 2..5"),
+                        (["--branches", "3", "--branch-frames", "4"], "need at least 7 samples_per_scene, got 6")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
