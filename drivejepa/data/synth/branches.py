@@ -20,8 +20,9 @@ from drivejepa.data.synth.materials import MARKING, ROAD
 from drivejepa.data.synth.scenarios import branch_tags
 from drivejepa.data.synth.traffic import DT, simulate
 from drivejepa.data.synth.world import MAP_RESOLUTION, Simulation, World, mover_tracks
+from drivejepa.data.synth.writer import KEY_PERIOD_US
 
-KEY_PERIOD_S = 0.5
+KEY_PERIOD_S = KEY_PERIOD_US / 1e6
 MIN_PAST_FRAMES = 2             # a branch frame has at least this many key frames before it
 MIN_SPEED = 2.0                 # m/s: the ego is moving at a branch frame (a stopped ego cannot brake)
 SPEED_FIRST = ["brake", "accelerate"]
