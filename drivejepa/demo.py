@@ -71,7 +71,7 @@ def stage_synth(plan: DemoPlan) -> str:
 
     made = read_summary(plan.world).get("params", {})
     wanted = dict(scenes=plan.scenes, samples_per_scene=plan.samples_per_scene, seed=plan.seed,
-                  image_size=list(parse_image_size(plan.image_size)))
+                  image_size=list(parse_image_size(plan.image_size)), branches=0)
     if made and all(made.get(k) == v for k, v in wanted.items()):
         return "kept the complete world from an earlier run"
     _cli(["synth", *_quiet(plan), "--out", str(plan.world), "--scenes", str(plan.scenes),

@@ -86,6 +86,11 @@ def select_scenes(nusc, version: str, split: Optional[str]) -> tuple[list[dict],
     """Scene records of ``split`` (None/"all" = every scene) and the splits that touch this dataroot."""
     names = {s["name"] for s in nusc.scene}
     splits = {k: sorted(v) for k, v in split_table(version).items() if names.intersection(v)}  # copies
+    for name, parent in branch_parents(nusc).items():      # a counterfactual branch goes where its parent goes
+        for members in splits.values():
+            if parent in members and name not in members:
+                members.append(name)
+                members.sort()
     if split in (None, "", "all"):
         chosen = names
     elif split in splits:
@@ -94,6 +99,18 @@ def select_scenes(nusc, version: str, split: Optional[str]) -> tuple[list[dict],
         raise UserError(f"{Path(nusc.dataroot) / version}: unknown split '{split}' for this dataroot "
                         f"(known: {', '.join(['all'] + sorted(splits))})")
     return sorted((s for s in nusc.scene if s["name"] in chosen), key=lambda s: s["name"]), splits
+
+
+def branch_parents(nusc) -> dict[str, str]:
+    """Scene name -> parent scene name of every counterfactual branch of the synthetic world in the database."""
+    from drivejepa.data.synth.scenarios import branch_of
+
+    out = {}
+    for scene in nusc.scene:
+        branch = branch_of(scene.get("description", ""))
+        if branch is not None:
+            out[scene["name"]] = branch["parent"]
+    return out
 
 
 def _sensor_entry(nusc, sd_token: str) -> dict:

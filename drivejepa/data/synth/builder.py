@@ -52,6 +52,7 @@ class Builder:
         self.signals: dict[str, list] = {}
         self.roads: list[Road] = []
         self.intersection: Optional[np.ndarray] = None
+        self.junction = None               # layouts.Junction: the exits an ego on the main road can take
         self.keepout: list = []            # (x, y, radius) where no buildings go
 
     # --- helpers ---

@@ -48,6 +48,18 @@ class Path:
     def reversed(self) -> "Path":
         return Path(self.xy[::-1])
 
+    def project(self, xy) -> tuple[float, float]:
+        """Arc length of the point of the path nearest to ``xy`` and the signed lateral offset there (left positive)."""
+        a, b = self.xy[:-1], self.xy[1:]
+        seg = b - a
+        length2 = np.maximum(np.sum(seg * seg, axis=1), 1e-12)
+        u = np.clip(np.sum((np.asarray(xy, dtype=np.float64) - a) * seg, axis=1) / length2, 0.0, 1.0)
+        foot = a + u[:, None] * seg
+        d = np.hypot(*(np.asarray(xy) - foot).T)
+        i = int(np.argmin(d))
+        cross = seg[i, 0] * (xy[1] - a[i, 1]) - seg[i, 1] * (xy[0] - a[i, 0])
+        return float(self.s[i] + u[i] * np.sqrt(length2[i])), float(np.copysign(d[i], cross))
+
 
 def strip(path: Path, s0: float, s1: float, a: float, b: float, step: float = 2.0) -> np.ndarray:
     """Polygon covering lateral offsets [a, b] (left positive) of ``path`` between arc lengths s0 and s1."""

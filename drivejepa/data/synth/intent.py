@@ -26,12 +26,17 @@ def ego_intent(rng: np.random.Generator, v_nominal: float, duration: float, calm
         else:
             factor = rng.uniform(1.1, 1.2) if calm else rng.uniform(1.2, 1.4)
         target = factor * v_nominal
-        ramp = max(abs(target - previous) / 2.5, 0.5)
-        steps = int(np.ceil(ramp / 0.5))
-        for i in range(steps):
-            entries.append((t + i * ramp / steps, t + (i + 1) * ramp / steps,
-                            previous + (target - previous) * (i + 1) / steps))
+        steps, ramp = speed_ramp(t, previous, target, 2.5, 0.5)
+        entries += steps
         hold = rng.uniform(1.5, 4.0)
         entries.append((t + ramp, t + ramp + hold, target))
         t, previous = t + ramp + hold, target
     return entries
+
+
+def speed_ramp(t: float, v0: float, v1: float, rate: float, step: float) -> tuple[list, float]:
+    """Schedule entries from time t that take the desired speed from v0 to v1 at about ``rate`` m/s^2 in pieces of
+    ``step`` seconds (at least one), and how long that takes."""
+    ramp = max(abs(v1 - v0) / rate, step)
+    n = int(np.ceil(ramp / step))
+    return [(t + i * ramp / n, t + (i + 1) * ramp / n, v0 + (v1 - v0) * (i + 1) / n) for i in range(n)], ramp

@@ -4,6 +4,8 @@ Each fills a :class:`Builder` in the scene's local frame, with the ego as its fi
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from drivejepa.data.synth.builder import Builder, Mover, Static
@@ -21,6 +23,38 @@ def lay_out(b: Builder, spec: dict) -> None:
         highway(b, spec)
     else:
         parking(b, spec)
+
+
+@dataclasses.dataclass
+class Junction:
+    """The signalled intersection of the urban layout: where a driver on the main road can go from its lane."""
+    main: Road
+    cross: Road
+    s_int: float                        # arc length of the intersection centre on the main road
+    stop: float                         # arc length of the main road's stop line (forward direction)
+    cl: float                           # arc length of the intersection centre on the crossing road
+
+    def exits(self, lane: int) -> list[str]:
+        """Exits from forward lane ``lane`` of the main road (right-hand traffic: left turns from the inner lane,
+        right turns from the outer one)."""
+        out = ["straight"]
+        if lane == 0:
+            out.append("left")
+        if lane == self.main.lanes - 1:
+            out.append("right")
+        return out
+
+    def path(self, lane: int, exit: str) -> Path:
+        """The path through the intersection from forward lane ``lane`` of the main road to ``exit``."""
+        a = self.main.lane(+1, lane)
+        if exit == "straight":
+            return a
+        cl = self.cl
+        if exit == "left":
+            tgt, sb = self.cross.lane(+1, 0), cl + self.main.half + 0.5
+        else:
+            tgt, sb = self.cross.lane(-1, self.main.lanes - 1), 2 * cl - (cl - self.main.half - 0.5)
+        return join(a, self.s_int - self.cross.half - 0.5, tgt, sb, 200)
 
 
 def urban(b: Builder, spec: dict, intersection: bool):
@@ -95,16 +129,10 @@ def urban(b: Builder, spec: dict, intersection: bool):
     b.parked_along(main, 5, length - 5, avoid, 0.3 if congestion else 0.45)
 
     # ---- ego path ----
+    if intersection:
+        b.junction = Junction(main, cross, s_int, main_stop_f, cl)
     if intersection and maneuver in ("left", "right"):
-        lane_i = 0 if maneuver == "left" else lanes - 1
-        a = main.lane(+1, lane_i)
-        if maneuver == "left":
-            tgt = cross.lane(+1, 0)
-            sb = cl + main.half + 0.5
-        else:
-            tgt = cross.lane(-1, lanes - 1)
-            sb = 2 * cl - (cl - main.half - 0.5)
-        ego_path = join(a, s_int - cross_half - 0.5, tgt, sb, 200)
+        ego_path = b.junction.path(0 if maneuver == "left" else lanes - 1, maneuver)
         ego_stops = [(main_stop_f, "main")]
     elif maneuver == "lanechange":
         s_lc = s_e0 + max(20.0, 0.35 * D * v_ego)

@@ -57,3 +57,31 @@ def describe(world: World, spec: dict, intersection: Optional[np.ndarray]) -> li
     if spec.get("congestion") and (speed < 1.0).any():
         tags.append("congestion")
     return tags
+
+
+# A counterfactual branch's description: its own tags (as above, for what its ego does), then these, then
+# ``collision`` / ``off road`` where its ego hits another agent's box or leaves the asphalt.
+COUNTERFACTUAL = "counterfactual"
+
+
+def branch_tags(parent: str, frame: int, behaviour: str) -> list[str]:
+    """Tags of a branch of scene ``parent`` that shares its key frames 0..``frame`` and then does ``behaviour``."""
+    return [COUNTERFACTUAL, f"parent {parent}", f"branch frame {frame}", f"behaviour {behaviour}"]
+
+
+def branch_of(description: str) -> Optional[dict]:
+    """``{"parent", "frame", "behaviour"}`` of a counterfactual branch's description, None for any other scene."""
+    from drivejepa.data.shards import parse_tags
+
+    tags = parse_tags(description)
+    if COUNTERFACTUAL not in tags:
+        return None
+    out: dict = {}
+    for tag in tags:
+        for key, prefix in (("parent", "parent "), ("frame", "branch frame "), ("behaviour", "behaviour ")):
+            if tag.startswith(prefix):
+                out[key] = tag[len(prefix):]
+    if set(out) != {"parent", "frame", "behaviour"} or not out["frame"].isdigit():
+        return None
+    out["frame"] = int(out["frame"])
+    return out

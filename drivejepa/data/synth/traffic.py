@@ -44,9 +44,10 @@ class PathBank:
         return out
 
 
-def simulate(movers: list[Mover], signals: dict, duration: float, start: float = 0.0):
+def simulate(movers: list[Mover], signals: dict, duration: float, start: float = 0.0, state=None):
     """Roll the traffic forward at DT from scene time ``start`` for ``duration`` seconds; returns arc lengths and
-    speeds [K, M] and active flags.
+    speeds [K, M] and active flags. ``state`` = (arc lengths, speeds, active flags) [M] at ``start`` resumes a
+    simulation (a counterfactual branch) instead of starting every mover at its ``s0`` and ``v_init``.
 
     Vehicles follow the intelligent driver model: desired speed (capped for curves ahead), the nearest mover in a
     corridor along their own path ahead (pedestrians with a wider margin), and red stop lines they can still stop for.
@@ -54,12 +55,15 @@ def simulate(movers: list[Mover], signals: dict, duration: float, start: float =
     K = int(round(duration / DT)) + 1
     M = len(movers)
     bank = PathBank([m.path for m in movers])
-    s = np.array([m.s0 for m in movers], dtype=np.float64)
-    v = np.array([m.v_init for m in movers], dtype=np.float64)
+    if state is None:
+        s = np.array([m.s0 for m in movers], dtype=np.float64)
+        v = np.array([m.v_init for m in movers], dtype=np.float64)
+        active = s < bank.length
+    else:
+        s, v, active = (np.array(x) for x in state)
     S = np.zeros((K, M))
     V = np.zeros((K, M))
     A = np.ones((K, M), dtype=bool)
-    active = s < bank.length
     width = np.array([m.size[0] for m in movers])
     length = np.array([m.size[1] for m in movers])
     walker = np.array([m.walker for m in movers])

@@ -95,46 +95,84 @@ class World:
                 np.concatenate([self.structure_colours, cols]), np.concatenate([np.full(len(st), -1), idx]).astype(int))
 
 
-def build_world(scene_number: int, seed: int, duration: float, margin: float = 0.0) -> World:
-    """Build scene ``scene_number`` (1-based) for ``duration`` seconds, deterministic in the seed, and simulate it
-    from ``-margin`` to ``duration + margin`` (sensors that fire a little before the first key frame or after the last
-    see the traffic move, not frozen)."""
+@dataclasses.dataclass
+class Simulation:
+    """A scene laid out and its traffic simulated in the scene's local frame, before it is placed in global
+    coordinates: what a counterfactual branch (branches.py) resumes from."""
+    number: int                        # scene number (1-based)
+    spec: dict
+    builder: Builder
+    rng: np.random.Generator           # the layout's stream; the sun direction is drawn from it last
+    S: np.ndarray                      # [K, M] arc lengths of the movers
+    V: np.ndarray                      # [K, M] speeds
+    A: np.ndarray                      # [K, M] active flags
+    start: float                       # scene time (s) of step 0
+
+
+def simulate_scene(scene_number: int, seed: int, duration: float, margin: float = 0.0) -> Simulation:
+    """Lay out scene ``scene_number`` (1-based), deterministic in the seed, and simulate it from ``-margin`` to
+    ``duration + margin`` seconds."""
     spec = scenario(scene_number)
     rng = np.random.default_rng(np.random.SeedSequence([seed, scene_number, 1]))
     b = Builder(rng, duration, spec)
     lay_out(b, spec)
-
     ego = b.movers[0]
     intent_rng = np.random.default_rng(np.random.SeedSequence([seed, scene_number, 2]))
     # On the highway nobody pulls up; a turning ego must still reach and clear its intersection within the scene.
     calm = spec["layout"] == "highway" or spec["maneuver"] in ("left", "right")
     ego.schedule += ego_intent(intent_rng, ego.v_desired, duration, calm=calm)
-    ego_path = ego.path.piece(ego.s0, ego.path.length, 10.0)
-    b.statics = [st for st in b.statics if np.min(np.hypot(ego_path[:, 0] - st.x, ego_path[:, 1] - st.y)) < 120.0]
     S, V, A = simulate(b.movers, b.signals, duration + 2 * margin, start=-margin)
+    return Simulation(scene_number, spec, b, rng, S, V, A, -margin)
+
+
+def mover_tracks(movers: list, S: np.ndarray, V: np.ndarray, A: np.ndarray):
+    """Positions [K, M, 2], headings, speeds and active flags [K, M] of movers at simulated arc lengths S."""
     K, M = S.shape
-    n_static = len(b.statics)
-    xy = np.zeros((K, M + n_static, 2))
-    yaw = np.zeros((K, M + n_static))
-    speed = np.zeros((K, M + n_static))
-    active = np.ones((K, M + n_static), dtype=bool)
-    for i, m in enumerate(b.movers):
+    xy, yaw, speed = np.zeros((K, M, 2)), np.zeros((K, M)), np.zeros((K, M))
+    for i, m in enumerate(movers):
         x, y, h = m.path.at(np.minimum(S[:, i], m.path.length))
         xy[:, i, 0], xy[:, i, 1], yaw[:, i] = x, y, h
         speed[:, i] = V[:, i]
-        active[:, i] = A[:, i]
-    for j, st in enumerate(b.statics):
-        xy[:, M + j] = (st.x, st.y)
-        yaw[:, M + j] = st.yaw
-    # walkers standing still keep their heading; unwrap for smooth interpolation
-    yaw = np.unwrap(yaw, axis=0)
+    return xy, yaw, speed, A.copy()
 
-    # shift into positive global coordinates around the ego trajectory
-    ego_xy = xy[:, 0]
+
+def build_world(scene_number: int, seed: int, duration: float, margin: float = 0.0) -> World:
+    """Build scene ``scene_number`` (1-based) for ``duration`` seconds, deterministic in the seed, and simulate it
+    from ``-margin`` to ``duration + margin`` (sensors that fire a little before the first key frame or after the last
+    see the traffic move, not frozen)."""
+    sim = simulate_scene(scene_number, seed, duration, margin)
+    ego = sim.builder.movers[0]
+    return place(sim, [mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)],
+                 [ego.path.piece(ego.s0, ego.path.length, 10.0)])[0]
+
+
+def place(sim: Simulation, tracks: list, ego_paths: list) -> list[World]:
+    """One World per set of mover tracks (a scene and its counterfactual branches), all in one global frame with
+    one map: shifted into positive coordinates around every ego trajectory, with the parked objects near any of the
+    ego paths (``ego_paths``: points [N, 2], local frame) and the structures within reach of any ego trajectory."""
+    b, spec, rng = sim.builder, sim.spec, sim.rng
+    near_path = np.concatenate(ego_paths)
+    statics = [st for st in b.statics if np.min(np.hypot(near_path[:, 0] - st.x, near_path[:, 1] - st.y)) < 120.0]
+    M, n_static = len(b.movers), len(statics)
+    placed = []
+    for mxy, myaw, mspeed, mactive in tracks:
+        K = mxy.shape[0]
+        xy = np.zeros((K, M + n_static, 2))
+        yaw = np.zeros((K, M + n_static))
+        speed = np.zeros((K, M + n_static))
+        active = np.ones((K, M + n_static), dtype=bool)
+        xy[:, :M], yaw[:, :M], speed[:, :M], active[:, :M] = mxy, myaw, mspeed, mactive
+        for j, st in enumerate(statics):
+            xy[:, M + j] = (st.x, st.y)
+            yaw[:, M + j] = st.yaw
+        # walkers standing still keep their heading; unwrap for smooth interpolation
+        placed.append((xy, np.unwrap(yaw, axis=0), speed, active))
+
+    # shift into positive global coordinates around the ego trajectories
+    ego_xy = np.concatenate([xy[:, 0] for xy, *_ in placed])
     lo = ego_xy.min(axis=0) - MAP_MARGIN
     hi = ego_xy.max(axis=0) + MAP_MARGIN
     shift = -lo
-    xy = xy + shift
     size_px = np.ceil((hi - lo) / MAP_RESOLUTION).astype(int)
     W, H = int(size_px[0]), int(size_px[1])
 
@@ -144,9 +182,9 @@ def build_world(scene_number: int, seed: int, duration: float, margin: float = 0
     structures = np.array([(x + shift[0], y + shift[1], cz, l, w, h, yw, mat)
                            for x, y, cz, l, w, h, yw, mat, _ in b.structures], dtype=np.float64).reshape(-1, 8)
     colours = np.array([c for *_, c in b.structures], dtype=np.uint8).reshape(-1, 3)
-    # only structures that can matter: within lidar/camera reach of the ego trajectory
+    # only structures that can matter: within lidar/camera reach of the ego trajectories
     if len(structures):
-        ego_track = xy[::10, 0]
+        ego_track = np.concatenate([xy[::10, 0] for xy, *_ in placed]) + shift
         d = np.min(np.hypot(structures[:, None, 0] - ego_track[None, :, 0],
                             structures[:, None, 1] - ego_track[None, :, 1]), axis=1)
         keep = d < 180.0
@@ -156,7 +194,7 @@ def build_world(scene_number: int, seed: int, duration: float, margin: float = 0
     for m in b.movers:
         agents.append(dict(kind=m.kind, category=AGENT_TYPES[m.kind][0], size=m.size, colour=m.colour,
                            material=AGENT_TYPES[m.kind][3], parked=False, ego=m.ego))
-    for st in b.statics:
+    for st in statics:
         agents.append(dict(kind=st.kind, category=AGENT_TYPES[st.kind][0], size=st.size, colour=st.colour,
                            material=AGENT_TYPES[st.kind][3], parked=st.parked, ego=False))
 
@@ -164,12 +202,15 @@ def build_world(scene_number: int, seed: int, duration: float, margin: float = 0
     mask = np.where(np.isin(grid, [ROAD, SIDEWALK, MARKING]), 255, 0).astype(np.uint8)
     sun_az = rng.uniform(0, 2 * np.pi)
     sun = np.array([np.cos(sun_az), np.sin(sun_az), 1.2])
-    world = World(name=f"scene-{scene_number:04d}", tags=[], weather=spec["weather"], ground=ground,
-                  structures=structures, structure_colours=colours, agents=agents, agent_xy=xy, agent_yaw=yaw,
-                  agent_speed=speed, agent_active=active, ego_index=0, map_mask=mask, material_grid=grid,
-                  sun=sun / np.linalg.norm(sun), start=-margin)
-    world.tags = describe(world, spec, None if b.intersection is None else b.intersection + shift)
-    return world
+    worlds = []
+    for xy, yaw, speed, active in placed:
+        world = World(name=f"scene-{sim.number:04d}", tags=[], weather=spec["weather"],
+                      ground=ground, structures=structures, structure_colours=colours, agents=agents,
+                      agent_xy=xy + shift, agent_yaw=yaw, agent_speed=speed, agent_active=active, ego_index=0,
+                      map_mask=mask, material_grid=grid, sun=sun / np.linalg.norm(sun), start=sim.start)
+        world.tags = describe(world, spec, None if b.intersection is None else b.intersection + shift)
+        worlds.append(world)
+    return worlds
 
 
 def _rasterise(ground, W: int, H: int) -> np.ndarray:

@@ -48,6 +48,9 @@ class SceneJob:
     cameras: tuple[str, ...]
     sweeps: bool
     out: str
+    branches: int = 0               # futures per branch point, the parent's included (0: no branches)
+    branch_points: int = 1          # branch points per scene
+    branch_frames: int = 8          # key frames each branch runs past its branch point
 
 
 def _sensors(cameras: Sequence[str]) -> list[tuple[str, str]]:
@@ -114,55 +117,101 @@ def _count_in_box(ann: dict, pose: dict, cs: dict, points: np.ndarray, tree=None
 
 
 def write_scene(job: SceneJob) -> dict:
-    """Build, simulate and render one scene; write its files; return its table records and totals."""
+    """Build, simulate and render one scene and its counterfactual branches; write their files; return their
+    table records and totals."""
     from PIL import Image
-    from scipy.spatial import cKDTree
 
-    from drivejepa.data.synth import camera, lidar, radar
-    from drivejepa.data.synth.tables import quaternion_matrix, quaternion_yaw, token, visibility_token
+    from drivejepa.data.synth import branches as cf
+    from drivejepa.data.synth.tables import token
     from drivejepa.data.synth.scenarios import scenario
-    from drivejepa.data.synth.world import build_world
+    from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
 
     t0 = time.time()
     out = Path(job.out)
     seed, n = job.seed, job.number
     duration = (job.samples - 1) * KEY_PERIOD_US / 1e6
-    world = build_world(n, seed, duration, margin=SENSOR_MARGIN_S)
-    name = world.name
-    streams = np.random.SeedSequence([seed, n, 2]).spawn(3)
-    rng_lidar, rng_radar, rng_cam = (np.random.default_rng(s) for s in streams)
-    rng_trigger = np.random.default_rng(np.random.SeedSequence([seed, n, 3]))
+    sim = simulate_scene(n, seed, duration, margin=SENSOR_MARGIN_S)
+    ego = sim.builder.movers[0]
+    parent_tracks = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
+    plans, family = [], [parent_tracks]
+    for candidates in (cf.plan(sim, job.samples, job.branch_points, job.branch_frames, seed) if job.branches else []):
+        end = (candidates[0].frame + job.branch_frames) * KEY_PERIOD_US / 1e6 + SENSOR_MARGIN_S
+        for br, tracks in cf.grow(sim, parent_tracks, candidates, job.branches, end):
+            plans.append(br)
+            family.append(tracks)
+    paths = [ego.path.piece(ego.s0, ego.path.length, 10.0)] + [br.path.piece(0, br.path.length, 10.0)
+                                                              for br in plans if br.path is not None]
+    worlds = place(sim, family, paths)
+    for br, w in zip(plans, worlds[1:]):
+        cf.finish(w, sim, br)
+    world = worlds[0]
 
     def tok(*parts):
         return token(seed, *parts)
 
     stats = dict(files=0, bytes=0, lidar_points=[])
+    tables: dict[str, list] = {k: [] for k in ("log", "scene", "map", "calibrated_sensor", "sample", "sample_data",
+                                                "ego_pose", "sample_annotation", "instance")}
+    map_token = tok("map", world.name)
+    map_file = f"maps/{map_token}.png"
+    buf = io.BytesIO()
+    Image.fromarray(world.map_mask).save(buf, format="PNG", compress_level=6)
+    _write_file(out / map_file, buf.getvalue())
+    stats["files"] += 1
+    stats["bytes"] += len(buf.getvalue())
+    location = f"synth-{scenario(n)['layout'].split('_')[0]}"
+    streams = np.random.SeedSequence([seed, n, 2]).spawn(3)
+    rng_trigger = np.random.default_rng(np.random.SeedSequence([seed, n, 3]))
+    parent = _render_scene(job, world, job.samples, [np.random.default_rng(st) for st in streams], rng_trigger,
+                           tok, tables, stats, location)
+    logs = [parent["log"]]
+    for br, w in zip(plans, worlds[1:]):
+        rngs = [np.random.default_rng(st)
+                for st in np.random.SeedSequence([seed, n, 6, br.frame, br.index]).spawn(3)]
+        r = _render_scene(job, w, br.frame + 1 + job.branch_frames, rngs, None, tok, tables, stats, location,
+                          reuse=(parent, br.frame))
+        logs.append(r["log"])
+    tables["map"].append(dict(token=map_token, log_tokens=logs, category="semantic_prior", filename=map_file))
+    stats["seconds"] = time.time() - t0
+    return dict(number=n, tables=tables, stats=stats, tags=world.tags,
+                branches={w.name: w.tags for w in worlds[1:]})
+
+
+def _render_scene(job: SceneJob, world, samples: int, rngs: list, rng_trigger, tok, tables: dict, stats: dict,
+                  location: str, reuse=None) -> dict:
+    """Write the sensor files and records of one scene. ``reuse`` = (the parent's result, branch frame) makes a
+    counterfactual branch: every sample_data of key frames up to the branch frame points at the parent's file and
+    repeats its ego pose (the bytes are the parent's), later ones are rendered from ``world`` at the parent's sensor
+    times. Returns the scene's log token, its sensor times and its key-frame point clouds (for its branches)."""
+    from scipy.spatial import cKDTree
+
+    from drivejepa.data.synth import camera, lidar, radar
+    from drivejepa.data.synth.tables import quaternion_matrix, quaternion_yaw, visibility_token
+
+    out = Path(job.out)
+    name = world.name
+    rng_lidar, rng_radar, rng_cam = rngs
+    shared = -1 if reuse is None else reuse[1]
+    base = None if reuse is None else reuse[0]
 
     def write(rel: str, data: bytes) -> None:
         _write_file(out / rel, data)
         stats["files"] += 1
         stats["bytes"] += len(data)
 
-    log_token, scene_token, map_token = tok("log", name), tok("scene", name), tok("map", name)
-    logfile = f"synth-s{seed}-{name}"
-    start = START_US + (n - 1) * 3_600_000_000
-    sample_tokens = [tok("sample", name, i) for i in range(job.samples)]
-    tables: dict[str, list] = {k: [] for k in ("log", "scene", "map", "calibrated_sensor", "sample", "sample_data",
-                                                "ego_pose", "sample_annotation", "instance")}
+    log_token, scene_token = tok("log", name), tok("scene", name)
+    logfile = f"synth-s{job.seed}-{name}"
+    start = START_US + (job.number - 1) * 3_600_000_000
+    sample_tokens = [tok("sample", name, i) for i in range(samples)]
     tables["log"].append(dict(token=log_token, logfile=logfile, vehicle="synth-ego", date_captured="2018-08-01",
-                              location=f"synth-{scenario(n)['layout'].split('_')[0]}"))
-    map_file = f"maps/{map_token}.png"
-    buf = io.BytesIO()
-    Image.fromarray(world.map_mask).save(buf, format="PNG", compress_level=6)
-    write(map_file, buf.getvalue())
-    tables["map"].append(dict(token=map_token, log_tokens=[log_token], category="semantic_prior", filename=map_file))
-    tables["scene"].append(dict(token=scene_token, log_token=log_token, nbr_samples=job.samples,
+                              location=location))
+    tables["scene"].append(dict(token=scene_token, log_token=log_token, nbr_samples=samples,
                                 first_sample_token=sample_tokens[0], last_sample_token=sample_tokens[-1], name=name,
                                 description=", ".join(world.tags)))
     for i, st in enumerate(sample_tokens):
         tables["sample"].append(dict(token=st, timestamp=start + i * KEY_PERIOD_US,
                                      prev=sample_tokens[i - 1] if i > 0 else "",
-                                     next=sample_tokens[i + 1] if i + 1 < job.samples else "",
+                                     next=sample_tokens[i + 1] if i + 1 < samples else "",
                                      scene_token=scene_token))
 
     W, H = job.image_size
@@ -181,40 +230,54 @@ def write_scene(job: SceneJob) -> dict:
 
     key_lidar: dict[int, tuple] = {}
     key_radar: dict[int, list] = {}
+    written: dict[tuple, tuple] = {}                 # (channel, frame index) -> (offset, file, pose)
     renderer = camera.Renderer(world, W, H, rng_cam) if job.cameras else None
     dirs = lidar.sensor_directions()
     for ch, modality in _sensors(job.cameras):
-        frames = _frame_times(job.samples, SWEEP_PERIOD_US[modality], job.sweeps)
+        frames = _frame_times(samples, SWEEP_PERIOD_US[modality], job.sweeps)
         sd_tokens = [tok("sample_data", name, ch, off) for off, _, _ in frames]
         for j, (off, si, key) in enumerate(frames):
-            if modality == "camera":        # each camera fires at its own time around the lidar sweep
+            if base is not None:                # a branch fires its sensors when the parent's did
+                off = base["written"][ch, j][0]
+            elif modality == "camera":          # each camera fires at its own time around the lidar sweep
                 off += camera.trigger_offset_us(ch) + int(rng_trigger.integers(-camera.TRIGGER_JITTER_US,
                                                                                 camera.TRIGGER_JITTER_US + 1))
             ts = start + off
             t = off / 1e6
-            xy, yaw, _ = world.ego_pose(t)
-            pose = _pose_record(tok("ego_pose", name, ch, off), ts, xy, yaw)
-            tables["ego_pose"].append(pose)
-            ext = {"camera": ".jpg", "radar": ".pcd", "lidar": ".pcd.bin"}[modality]
-            rel = f"{'samples' if key else 'sweeps'}/{ch}/{logfile}__{ch}__{ts}{ext}"
-            if modality == "camera":
-                write(rel, camera.encode_jpeg(renderer.render(ch, t)))
-            elif modality == "radar":
-                pts = radar.scan(world, t, ch, rng_radar)
-                write(rel, radar.encode_pcd(pts))
-                if key:
-                    ok = (pts["invalid_state"] == 0) & (pts["dyn_prop"] < 7) & (pts["ambig_state"] == 3)
-                    xyz = np.stack([pts["x"][ok], pts["y"][ok], pts["z"][ok]]).astype(np.float64)
-                    o, psi, _ = radar.sensor_pose(world, t, ch)
-                    gxy = o[:2, None] + np.array([[np.cos(psi), -np.sin(psi)], [np.sin(psi), np.cos(psi)]]) @ xyz[:2]
-                    key_radar.setdefault(si, []).append((pose, calib[ch], xyz, gxy))
+            if si <= shared:
+                _, rel, parent_pose = base["written"][ch, j]
+                pose = dict(parent_pose, token=tok("ego_pose", name, ch, off))
+                tables["ego_pose"].append(pose)
+                if key and modality == "lidar":
+                    key_lidar[si] = base["key_lidar"][si]
+                if key and modality == "radar" and si in base["key_radar"]:
+                    key_radar.setdefault(si, []).extend(r for r in base["key_radar"][si] if r[1]["channel"] == ch)
             else:
-                pts, _, vis = lidar.scan(world, t, rng_lidar, dirs)
-                write(rel, pts.tobytes())
-                if key:
-                    xyz = pts[:, :3].T
-                    key_lidar[si] = (pose, calib[ch], xyz, vis, cKDTree(pts[:, :3].astype(np.float64)))
-                    stats["lidar_points"].append(len(pts))
+                xy, yaw, _ = world.ego_pose(t)
+                pose = _pose_record(tok("ego_pose", name, ch, off), ts, xy, yaw)
+                tables["ego_pose"].append(pose)
+                ext = {"camera": ".jpg", "radar": ".pcd", "lidar": ".pcd.bin"}[modality]
+                rel = f"{'samples' if key else 'sweeps'}/{ch}/{logfile}__{ch}__{ts}{ext}"
+                if modality == "camera":
+                    write(rel, camera.encode_jpeg(renderer.render(ch, t)))
+                elif modality == "radar":
+                    pts = radar.scan(world, t, ch, rng_radar)
+                    write(rel, radar.encode_pcd(pts))
+                    if key:
+                        ok = (pts["invalid_state"] == 0) & (pts["dyn_prop"] < 7) & (pts["ambig_state"] == 3)
+                        xyz = np.stack([pts["x"][ok], pts["y"][ok], pts["z"][ok]]).astype(np.float64)
+                        o, psi, _ = radar.sensor_pose(world, t, ch)
+                        gxy = o[:2, None] + np.array([[np.cos(psi), -np.sin(psi)],
+                                                      [np.sin(psi), np.cos(psi)]]) @ xyz[:2]
+                        key_radar.setdefault(si, []).append((pose, dict(calib[ch], channel=ch), xyz, gxy))
+                else:
+                    pts, _, vis = lidar.scan(world, t, rng_lidar, dirs)
+                    write(rel, pts.tobytes())
+                    if key:
+                        xyz = pts[:, :3].T
+                        key_lidar[si] = (pose, calib[ch], xyz, vis, cKDTree(pts[:, :3].astype(np.float64)))
+                        stats["lidar_points"].append(len(pts))
+            written[ch, j] = (off, rel, pose)
             tables["sample_data"].append(dict(
                 token=sd_tokens[j], sample_token=sample_tokens[si], ego_pose_token=pose["token"],
                 calibrated_sensor_token=calib[ch]["token"], timestamp=ts,
@@ -222,18 +285,22 @@ def write_scene(job: SceneJob) -> dict:
                 height=H if modality == "camera" else 0, width=W if modality == "camera" else 0, filename=rel,
                 prev=sd_tokens[j - 1] if j > 0 else "", next=sd_tokens[j + 1] if j + 1 < len(frames) else ""))
 
-    _annotate(world, job, tables, key_lidar, key_radar, sample_tokens, tok, visibility_token, quaternion_yaw)
-    stats["seconds"] = time.time() - t0
-    return dict(number=n, tables=tables, stats=stats, tags=world.tags)
+    known = {} if base is None else {k: v for k, v in base["counts"].items() if k[0] <= shared}
+    counts = _annotate(world, samples, tables, key_lidar, key_radar, sample_tokens, tok, visibility_token,
+                       quaternion_yaw, known)
+    return dict(log=log_token, written=written, key_lidar=key_lidar, key_radar=key_radar, counts=counts)
 
 
-def _annotate(world, job, tables, key_lidar, key_radar, sample_tokens, tok, visibility_token, quaternion_yaw):
-    """sample_annotation for every agent near the ego with at least one lidar or radar return; instance chains."""
+def _annotate(world, samples, tables, key_lidar, key_radar, sample_tokens, tok, visibility_token, quaternion_yaw,
+              known: dict) -> dict:
+    """sample_annotation for every agent near the ego with at least one lidar or radar return; instance chains.
+    ``known``: (key frame, agent) -> (lidar, radar) point counts already counted; returns every count."""
+    counts: dict = {}
     name = world.name
     cat_tokens = {}
     attr = lambda a: tok("attribute", a)  # noqa: E731
     chains: dict[int, list] = {}
-    for i in range(job.samples):
+    for i in range(samples):
         t = i * KEY_PERIOD_US / 1e6
         xy, yaw, vel, active = world.state(t)
         e = world.ego_index
@@ -247,11 +314,15 @@ def _annotate(world, job, tables, key_lidar, key_radar, sample_tokens, tok, visi
                        translation=[round(float(xy[a, 0]), 4), round(float(xy[a, 1]), 4), round(h / 2, 4)],
                        size=[float(w), float(l), float(h)], rotation=quaternion_yaw(float(yaw[a])),
                        prev="", next="", num_lidar_pts=0, num_radar_pts=0)
-            ann["num_lidar_pts"] = _count_in_box(ann, pose, cs, lpts, tree)
-            reach = np.hypot(w, l) / 2 + 1.0
-            for rpose, rcs, rpts, gxy in key_radar.get(i, []):
-                if gxy.shape[1] and np.min(np.hypot(gxy[0] - xy[a, 0], gxy[1] - xy[a, 1])) < reach:
-                    ann["num_radar_pts"] += _count_in_box(ann, rpose, rcs, rpts)
+            if (i, a) in known:                 # a branch's shared key frame: the parent's own points and boxes
+                ann["num_lidar_pts"], ann["num_radar_pts"] = known[i, a]
+            else:
+                ann["num_lidar_pts"] = _count_in_box(ann, pose, cs, lpts, tree)
+                reach = np.hypot(w, l) / 2 + 1.0
+                for rpose, rcs, rpts, gxy in key_radar.get(i, []):
+                    if gxy.shape[1] and np.min(np.hypot(gxy[0] - xy[a, 0], gxy[1] - xy[a, 1])) < reach:
+                        ann["num_radar_pts"] += _count_in_box(ann, rpose, rcs, rpts)
+            counts[i, a] = ann["num_lidar_pts"], ann["num_radar_pts"]
             if ann["num_lidar_pts"] + ann["num_radar_pts"] == 0:
                 continue
             ann["visibility_token"] = visibility_token(vis.get(a, 0.0))
@@ -275,6 +346,7 @@ def _annotate(world, job, tables, key_lidar, key_radar, sample_tokens, tok, visi
         tables["instance"].append(dict(token=tok("instance", name, a), category_token=cat_tokens[a],
                                        nbr_annotations=len(anns), first_annotation_token=anns[0]["token"],
                                        last_annotation_token=anns[-1]["token"]))
+    return counts
 
 
 def _init_worker() -> None:
@@ -295,6 +367,23 @@ def check_output(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not is_synth_output(out) and not overwrite:
         raise UserError(f"{out}: folder is not empty and was not written by `drivejepa synth`; "
                         "choose an empty folder or pass --overwrite")
+
+
+def _validate_branches(branches, branch_points, branch_frames, samples_per_scene) -> None:
+    from drivejepa.data.synth.branches import MAX_BRANCHES, MIN_PAST_FRAMES
+
+    if int(branches) == 0:
+        return
+    if not 2 <= int(branches) <= MAX_BRANCHES:
+        raise UserError(f"branches: futures per branch point must be 0 (none) or 2..{MAX_BRANCHES} (the scene's own "
+                        f"future included), got {branches}")
+    if int(branch_points) < 1:
+        raise UserError(f"branch_points: must be at least 1, got {branch_points}")
+    if int(branch_frames) < 1:
+        raise UserError(f"branch_frames: must be at least 1, got {branch_frames}")
+    if int(samples_per_scene) < MIN_PAST_FRAMES + 1 + int(branch_frames):
+        raise UserError(f"branch_frames: {branch_frames} key frames after a branch point need at least "
+                        f"{MIN_PAST_FRAMES + 1 + int(branch_frames)} samples_per_scene, got {samples_per_scene}")
 
 
 def _validate(scenes, samples_per_scene, image_size, cameras, workers) -> tuple:
@@ -320,8 +409,13 @@ def _validate(scenes, samples_per_scene, image_size, cameras, workers) -> tuple:
 def write_world(out, *, scenes: int = 30, samples_per_scene: int = 40, seed: int = 0,
                 image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE, cameras: Sequence[str] = ALL_CAMERAS,
                 sweeps: bool = False, version: str = SYNTH_VERSION, workers: Optional[int] = None,
-                progress: bool = True, overwrite: bool = False) -> Path:
+                progress: bool = True, overwrite: bool = False, branches: int = 0, branch_points: int = 1,
+                branch_frames: int = 8) -> Path:
     """Write a synthetic nuScenes dataroot at ``out`` and return its path.
+
+    ``branches`` = K > 0 adds counterfactual branches (branches.py): at ``branch_points`` seeded key frames of each
+    scene, K - 1 more scenes that share the scene's key frames up to there and then run ``branch_frames`` key frames
+    with another ego behaviour (the scene's own future is the K-th).
 
     ``out`` must be empty, missing or a previous synth output (``overwrite=True`` lifts that check). The result
     loads with ``NuScenes(version, out)``; the run's totals are in ``out/.drivejepa-synth.json``."""
@@ -331,6 +425,7 @@ def write_world(out, *, scenes: int = 30, samples_per_scene: int = 40, seed: int
 
     out = Path(out)
     size, cams = _validate(scenes, samples_per_scene, image_size, cameras, workers)
+    _validate_branches(branches, branch_points, branch_frames, samples_per_scene)
     if not version or Path(version).name != version or version in (".", ".."):
         raise UserError(f"version: must be a plain folder name like {SYNTH_VERSION}, got {version!r}")
     check_output(out, overwrite)
@@ -345,14 +440,15 @@ def write_world(out, *, scenes: int = 30, samples_per_scene: int = 40, seed: int
         except (ValueError, KeyError, TypeError):
             pass
     params = dict(scenes=int(scenes), samples_per_scene=int(samples_per_scene), seed=int(seed),
-                  image_size=list(size), cameras=list(cams), sweeps=bool(sweeps), version=version)
+                  image_size=list(size), cameras=list(cams), sweeps=bool(sweeps), version=version,
+                  branches=int(branches), branch_points=int(branch_points), branch_frames=int(branch_frames))
     atomic_write_json(out / MARKER, dict(status="writing", params=params))
     for rel in (version, f".{version}.partial", *old_versions, *OWN_PATHS):
         if (out / rel).exists():
             shutil.rmtree(out / rel)
 
-    jobs = [SceneJob(n, int(seed), int(samples_per_scene), size, cams, bool(sweeps), str(out))
-            for n in range(1, int(scenes) + 1)]
+    jobs = [SceneJob(n, int(seed), int(samples_per_scene), size, cams, bool(sweeps), str(out), int(branches),
+                     int(branch_points), int(branch_frames)) for n in range(1, int(scenes) + 1)]
     n_workers = min(int(workers or os.cpu_count() or 1), len(jobs))
     results: dict[int, dict] = {}
     bar = tqdm(total=len(jobs), desc="synth scenes", unit="scene", disable=not progress)
@@ -382,7 +478,8 @@ def write_world(out, *, scenes: int = 30, samples_per_scene: int = 40, seed: int
 
     lidar_points = [p for n in sorted(results) for p in results[n]["stats"]["lidar_points"]]
     summary = dict(
-        scenes=len(results), key_frames=len(tables["sample"]), sample_data=len(tables["sample_data"]),
+        scenes=len(results), branch_scenes=sum(len(r["branches"]) for r in results.values()),
+        key_frames=len(tables["sample"]), sample_data=len(tables["sample_data"]),
         annotations=len(tables["sample_annotation"]),
         files=sum(r["stats"]["files"] for r in results.values()) + len(TABLES),
         bytes=sum(r["stats"]["bytes"] for r in results.values())
@@ -391,7 +488,8 @@ def write_world(out, *, scenes: int = 30, samples_per_scene: int = 40, seed: int
         lidar_points_min=int(min(lidar_points)) if lidar_points else 0,
         lidar_points_max=int(max(lidar_points)) if lidar_points else 0,
         seconds=round(time.time() - t0, 2), workers=n_workers,
-        descriptions={f"scene-{n:04d}": ", ".join(results[n]["tags"]) for n in sorted(results)},
+        descriptions={name: ", ".join(tags) for n in sorted(results)
+                      for name, tags in [(f"scene-{n:04d}", results[n]["tags"]), *results[n]["branches"].items()]},
     )
     atomic_write_json(out / MARKER, dict(status="complete", params=params, summary=summary))
     log.info("wrote %d scenes to %s in %.1f s", len(results), out, summary["seconds"])

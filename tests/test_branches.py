@@ -1,0 +1,271 @@
+"""Counterfactual branches: ordinary nuScenes scenes that share their parent's past bit for bit and then do what their
+behaviour says, as the devkit and preprocessing see them."""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import numpy as np
+import pytest
+
+import test_synth
+from drivejepa.data.synth import SYNTH_VERSION, read_summary, write_world
+from drivejepa.data.synth import branches as cf
+from drivejepa.data.synth.scenarios import branch_of
+from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
+from drivejepa.data.synth.writer import SENSOR_MARGIN_S
+
+FRAMES = 5                      # key frames each branch runs past its branch point
+
+
+@pytest.fixture(scope="module")
+def branch_root(tmp_path_factory):
+    """Scenes 1-4 (left turn, highway, right turn with pedestrians, queue at a red light), each with one branch
+    point of up to 5 futures (as many as the traffic lets differ within 2.5 s)."""
+    out = tmp_path_factory.mktemp("branches") / "nuscenes"
+    write_world(out, scenes=4, samples_per_scene=12, seed=0, image_size=(96, 54), cameras=["CAM_FRONT"], workers=1,
+                progress=False, branches=5, branch_points=1, branch_frames=FRAMES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nusc(branch_root):
+    from nuscenes.nuscenes import NuScenes
+
+    return NuScenes(SYNTH_VERSION, str(branch_root), verbose=False)
+
+
+def _branches(nusc) -> dict[str, tuple[dict, dict]]:
+    """Branch scene name -> (its scene record, what its description says it is)."""
+    out = {}
+    for scene in nusc.scene:
+        info = branch_of(scene["description"])
+        if info is not None:
+            out[scene["name"]] = (scene, info)
+    return out
+
+
+def _by_name(nusc) -> dict[str, dict]:
+    return {s["name"]: s for s in nusc.scene}
+
+
+def _sha(root, sd: dict) -> str:
+    return hashlib.sha256((root / sd["filename"]).read_bytes()).hexdigest()
+
+
+def _ego_xy(nusc, scene) -> np.ndarray:
+    return np.array([nusc.get("ego_pose", nusc.get("sample_data", s["data"]["LIDAR_TOP"])["ego_pose_token"])
+                     ["translation"][:2] for s in test_synth._scene_samples(nusc, scene)])
+
+
+def test_branch_scenes_load_and_share_their_parents_prefix_bit_for_bit(nusc, branch_root):
+    branches = _branches(nusc)
+    scenes = _by_name(nusc)
+    summary = read_summary(branch_root)
+    assert summary["params"]["branches"] == 5 and len(scenes) == 4 + len(branches) == 4 + summary["summary"][
+        "branch_scenes"]
+    assert {info["parent"] for _, info in branches.values()} == {f"scene-000{n}" for n in range(1, 5)}
+    assert 8 <= len(branches) <= 16
+    for name, (scene, info) in branches.items():
+        parent = scenes[info["parent"]]
+        b = info["frame"]
+        assert name.startswith(info["parent"]) and scene["nbr_samples"] == b + 1 + FRAMES
+        assert {"counterfactual", f"branch frame {b}"} <= set(t.strip() for t in scene["description"].split(","))
+        mine, theirs = test_synth._scene_samples(nusc, scene), test_synth._scene_samples(nusc, parent)
+        assert len(mine) == scene["nbr_samples"]
+        assert [s["timestamp"] for s in mine] == [s["timestamp"] for s in theirs[:len(mine)]]
+        for i, (s, p) in enumerate(zip(mine, theirs)):
+            for ch in s["data"]:
+                sd, pd = nusc.get("sample_data", s["data"][ch]), nusc.get("sample_data", p["data"][ch])
+                pose, ppose = nusc.get("ego_pose", sd["ego_pose_token"]), nusc.get("ego_pose", pd["ego_pose_token"])
+                assert sd["token"] != pd["token"] and sd["timestamp"] == pd["timestamp"]
+                if i <= b:                                   # the shared past: the parent's bytes and poses
+                    assert _sha(branch_root, sd) == _sha(branch_root, pd), (name, i, ch)
+                    assert (pose["translation"], pose["rotation"]) == (ppose["translation"], ppose["rotation"])
+                else:                                        # its own future, written as its own files
+                    assert sd["filename"] != pd["filename"] and (branch_root / sd["filename"]).is_file()
+            anns = sorted((a["category_name"], a["translation"], a["num_lidar_pts"], a["num_radar_pts"])
+                          for a in (nusc.get("sample_annotation", t) for t in s["anns"]))
+            if i <= b:
+                assert anns == sorted((a["category_name"], a["translation"], a["num_lidar_pts"], a["num_radar_pts"])
+                                      for a in (nusc.get("sample_annotation", t) for t in p["anns"]))
+        future = _ego_xy(nusc, scene)[b + 1:]                # the ego goes elsewhere than the parent's ego
+        assert np.hypot(*(future - _ego_xy(nusc, parent)[b + 1:len(mine)]).T).max() > cf.DISTINCT - 0.01, name
+
+
+def test_brake_travels_less_and_accelerate_more_than_keeping_the_intent(nusc):
+    scenes = _by_name(nusc)
+    travel = {}
+    for name, (scene, info) in _branches(nusc).items():
+        b = info["frame"]
+        own = _ego_xy(nusc, scene)[b:]
+        keep = _ego_xy(nusc, scenes[info["parent"]])[b:b + 1 + FRAMES]
+        travel[info["parent"], info["behaviour"]] = (np.hypot(*np.diff(own, axis=0).T).sum(),
+                                                      np.hypot(*np.diff(keep, axis=0).T).sum())
+    brake = [v for (_, behaviour), v in travel.items() if behaviour == "brake"]
+    accelerate = [v for (_, behaviour), v in travel.items() if behaviour == "accelerate"]
+    assert len(brake) == 4 and len(accelerate) >= 1
+    assert all(mine < keep - 0.5 for mine, keep in brake), brake
+    assert all(mine > keep + 0.3 for mine, keep in accelerate), accelerate
+
+
+def test_speed_behaviours_in_every_scenario():
+    """Simulated 40-frame scenes of all seven scenarios, three branch points each: braking always gives a future
+    of its own, slows at 2 m/s^2 or more to a stop and covers less ground in 4 s than keeping the intent;
+    accelerating covers more wherever the traffic lets it differ (not stuck behind a leader, a red light or in a
+    curve): at 10 of these 21 branch points."""
+    brakes = accelerations = points = 0
+    for n in range(1, 8):
+        sim = simulate_scene(n, 0, 19.5, SENSOR_MARGIN_S)
+        parent = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
+        for candidates in cf.plan(sim, 40, 3, 8, 0):
+            points += 1
+            k = cf.branch_step(sim, candidates[0].frame)
+            end = (candidates[0].frame + 8) * 0.5 + SENSOR_MARGIN_S
+            keep = parent[2][k:k + 80, 0].sum() * cf.DT
+            for br, (_, _, speed, _) in cf.grow(sim, parent, candidates, 5, end):
+                travel = speed[k:k + 80, 0].sum() * cf.DT
+                if br.behaviour == "brake":
+                    brakes += 1
+                    # at least 2 m/s^2 down to a stop (where IDM creeps at 0-0.1 m/s)
+                    assert travel < keep - 0.4 and speed[k + 70:k + 80, 0].mean() < max(0.1, speed[k, 0] - 8.0), br.name
+                elif br.behaviour == "accelerate":
+                    accelerations += 1
+                    assert travel > keep + 0.5, br.name
+    assert points == 21 and brakes == 21 and accelerations >= 8
+
+
+def test_devkit_box_lidar_radar_and_map_checks_hold_on_branches(nusc):
+    test_synth.test_points_in_annotated_boxes_match_num_lidar_pts(nusc)
+    test_synth.test_radar_returns_pass_default_filters_and_move_with_their_agents(nusc)
+    test_synth.test_ego_drives_on_the_map_mask(nusc)
+    for inst in nusc.instance:                           # every instance lives in one scene
+        first = nusc.get("sample_annotation", inst["first_annotation_token"])
+        last = nusc.get("sample_annotation", inst["last_annotation_token"])
+        assert nusc.get("sample", first["sample_token"])["scene_token"] == \
+            nusc.get("sample", last["sample_token"])["scene_token"]
+
+
+def test_lane_changes_shift_sideways_and_another_exit_turns_away():
+    """Simulated (not rendered) 40-frame scenes: the highway's lane changes move the ego a lane width to the side of
+    the parent's path; going straight at the intersection where the parent turns right keeps the ego's heading."""
+    seen = set()
+    for n, behaviours in ((2, ("lane change left", "lane change right")), (3, ("go straight",))):
+        sim = simulate_scene(n, 0, 19.5, SENSOR_MARGIN_S)
+        parent = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
+        ego_path = sim.builder.movers[0].path
+        for br in [b for point in cf.plan(sim, 40, 3, 8, 0) for b in point]:
+            if br.behaviour not in behaviours:
+                continue
+            xy, yaw, _, _ = cf.tracks(sim, parent, br, 19.55)
+            k = cf.branch_step(sim, br.frame)
+            assert np.array_equal(xy[:k + 1], parent[0][:k + 1]) and np.array_equal(yaw[:k + 1], parent[1][:k + 1])
+            end = min(k + 80, len(xy) - 1)                  # 4 s later
+            if br.behaviour.startswith("lane change"):
+                _, side = ego_path.project(xy[end, 0])
+                _, before = ego_path.project(xy[k, 0])
+                lane_w = sim.builder.roads[0].lane_w
+                shift = side - before
+                want = lane_w if br.behaviour.endswith("left") else -lane_w
+                assert abs(shift - want) < 0.5, (br.name, shift)
+            else:
+                turn = np.degrees(yaw[-1, 0] - yaw[k, 0])
+                assert abs(turn) < 10 and np.degrees(parent[1][-1, 0] - parent[1][k, 0]) < -60, br.name
+            seen.add(br.behaviour)
+    assert seen == {"lane change left", "lane change right", "go straight"}
+
+
+def test_collisions_and_leaving_the_road_are_tagged():
+    sim = simulate_scene(2, 0, 5.5, SENSOR_MARGIN_S)
+    parent = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
+    (br, tracks), = cf.grow(sim, parent, cf.plan(sim, 12, 1, 5, 0)[0][:1], 2, 5.55)
+    ego = sim.builder.movers[0]
+    worlds = place(sim, [parent, tracks], [ego.path.piece(ego.s0, ego.path.length, 10.0)])
+    k = cf.branch_step(sim, br.frame)
+    tags = {}
+    for case in ("clean", "collision", "off road"):
+        world = copy.deepcopy(worlds[1])
+        if case == "collision":                          # another car drives into the ego one second later
+            other = next(i for i, a in enumerate(world.agents) if a["kind"] == "car" and not a["ego"])
+            world.agent_xy[k + 20:, other] = world.agent_xy[k + 20:, 0] + [1.0, 0.5]
+            world.agent_active[k + 20:, other] = True
+        elif case == "off road":                         # the ego ends on the grass at the map's corner
+            world.agent_xy[-5:, 0] = (2.0, 2.0)
+        cf.finish(world, sim, br)
+        tags[case] = world.tags
+    assert tags["clean"][-4:] == ["counterfactual", "parent scene-0002", f"branch frame {br.frame}", "behaviour brake"]
+    assert tags["collision"] == tags["clean"] + ["collision"] and tags["off road"] == tags["clean"] + ["off road"]
+
+
+def test_same_seed_same_bytes_and_sweeps_share_the_prefix(tmp_path):
+    kw = dict(scenes=2, samples_per_scene=5, image_size=(48, 27), cameras=["CAM_FRONT"], sweeps=True, workers=1,
+              progress=False, branches=2, branch_frames=2)
+    a = write_world(tmp_path / "a", seed=3, **kw)
+    b = write_world(tmp_path / "b", seed=3, **kw)
+    fa = test_synth._files(a)
+    assert fa == test_synth._files(b) and len(fa) > 200
+    assert read_summary(a)["summary"]["branch_scenes"] == 1        # the highway's brake branch (scene 1 is still slow)
+    from nuscenes.nuscenes import NuScenes
+
+    nusc = NuScenes(SYNTH_VERSION, str(a), verbose=False)
+    scene, info = next(iter(_branches(nusc).values()))
+    parent = _by_name(nusc)[info["parent"]]
+    shared_until = test_synth._scene_samples(nusc, scene)[info["frame"]]["timestamp"]
+
+    def lidar_chain(sc):
+        sd = nusc.get("sample_data", nusc.get("sample", sc["first_sample_token"])["data"]["LIDAR_TOP"])
+        while sd["prev"]:
+            sd = nusc.get("sample_data", sd["prev"])
+        out = [sd]
+        while out[-1]["next"]:
+            out.append(nusc.get("sample_data", out[-1]["next"]))
+        return out
+
+    mine, theirs = lidar_chain(scene), lidar_chain(parent)
+    assert sum(not s["is_key_frame"] for s in mine) == 9 * (scene["nbr_samples"] - 1)
+    for s, p in zip(mine, theirs):                      # sweeps too: the parent's bytes up to the branch frame
+        assert s["timestamp"] == p["timestamp"]
+        shared = nusc.get("sample", s["sample_token"])["timestamp"] <= shared_until
+        assert (_sha(a, s) == _sha(a, p)) == shared and (s["filename"] == p["filename"]) == shared
+
+
+def test_split_keeps_branches_with_their_parents(nusc):
+    from drivejepa.data.nuscenes_tasks import select_scenes
+
+    val, splits = select_scenes(nusc, SYNTH_VERSION, "val")
+    names = [s["name"] for s in val]
+    mine = sorted(n for n, (_, info) in _branches(nusc).items() if info["parent"] == "scene-0003")
+    assert mine and names == ["scene-0003"] + mine
+    assert all(branch_of(s["description"])["parent"] == "scene-0003" for s in val[1:])
+    train = set(splits["train"])
+    for name, (_, info) in _branches(nusc).items():
+        assert (name in train) == (info["parent"] in train) and (name in splits["val"]) != (name in train)
+
+
+def test_preprocessed_branch_shards_carry_the_tags(nusc, branch_root, tmp_path, ray_session, repo_root):
+    from drivejepa.config import PreprocessConfig, load_config
+    from drivejepa.data.preprocess import preprocess_dataroot
+    from drivejepa.data.shards import load_manifest, read_shard_meta, scenes_in_split, shard_path
+
+    cfg = load_config(PreprocessConfig, repo_root / "tests/data/preprocess_tiny.yaml")
+    preprocess_dataroot(branch_root, SYNTH_VERSION, tmp_path, cfg, split="val", progress=False)
+    names = scenes_in_split(tmp_path, "val")
+    mine = sorted(n for n, (_, info) in _branches(nusc).items() if info["parent"] == "scene-0003")
+    assert names == ["scene-0003"] + mine and len(load_manifest(tmp_path)["scenes"]) == len(names)
+    for name in names[1:]:
+        meta = read_shard_meta(shard_path(tmp_path, name))
+        info = branch_of(", ".join(meta["tags"]))
+        assert info is not None and info["parent"] == "scene-0003" and "counterfactual" in meta["tags"]
+        assert f"behaviour {info['behaviour']}" in meta["tags"] and meta["num_samples"] == info["frame"] + 1 + FRAMES
+
+
+def test_synth_command_refuses_impossible_branches_in_one_line(tmp_path, capsys):
+    from drivejepa.cli import main
+
+    base = ["synth", "--out", str(tmp_path / "w"), "--scenes", "1", "--samples-per-scene", "6", "-q"]
+    for extra, said in ((["--branches", "7"], "branches: futures per branch point must be 0 (none) or 2..5"),
+                        (["--branches", "3", "--branch-frames", "4"], "need at least 7 samples_per_scene, got 6")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
