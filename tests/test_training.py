@@ -287,3 +287,15 @@ def test_a_step_the_grad_scaler_skips_is_reported_as_skipped():
     off = torch.amp.GradScaler("cpu", enabled=False)
     p.sum().backward()
     assert scaler_step(off, opt)
+
+
+def test_a_run_whose_last_step_is_a_periodic_save_still_writes_best(shard_dir, tmp_path):
+    """The last step falls on a ckpt_every save inside an epoch: the final validation must still reach best.pt."""
+    from drivejepa.training.trainer import train
+
+    cfg = _cfg(shard_dir, "data.val_split=val", "optim.max_steps=2", "ckpt_every=2")
+    summary = train(cfg, tmp_path / "run", progress=False)
+    assert summary["steps"] == 2 and summary["epochs"] < 1
+    best = load_checkpoint(tmp_path / "run/checkpoints/best.pt")
+    last = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert best["step"] == 2 and best["val"]["windows"] > 0 and last["val"] == best["val"]

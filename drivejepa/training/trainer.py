@@ -406,9 +406,12 @@ class _Run:
                     break  # max_steps reached inside the epoch, or a signal
                 self._end_epoch()
                 self._stop_if_signalled()
-            if self.last_val_step != self.step:
+            validated_now = self.last_val_step != self.step
+            if validated_now:
                 self._validate()
-            if self.last_saved_step != self.step:
+            # Saved again when this validation is new, even if a periodic save just wrote this step: best.pt must
+            # get its chance, and last.pt its validation record.
+            if self.last_saved_step != self.step or validated_now:
                 self._save(best=self._improved())
         finally:
             for signum, handler in previous.items():
