@@ -299,3 +299,20 @@ def test_a_run_whose_last_step_is_a_periodic_save_still_writes_best(shard_dir, t
     best = load_checkpoint(tmp_path / "run/checkpoints/best.pt")
     last = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert best["step"] == 2 and best["val"]["windows"] > 0 and last["val"] == best["val"]
+
+
+def test_ray_train_launcher_runs_the_same_loop_and_shares_the_train_arguments(shard_dir, tmp_path, ray_session):
+    """pipelines/ray_train.py: the arguments of `drivejepa train` plus the cluster's, and a run on Ray Train that
+    writes the same run directory (and resumes the same way) as the other launchers."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ray_train_launcher", REPO / "pipelines/ray_train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    config = save_config(_cfg(shard_dir, "optim.max_steps=2", "ckpt_every=0"), tmp_path / "cfg.yaml")
+    run = tmp_path / "run"
+    code = launcher.main(["--config", str(config), "--out", str(run), "--num-workers", "1", "optim.lr=2e-4"])
+    assert code == 0
+    summary = (run / "summary.json").read_text()
+    assert '"steps": 2' in summary and load_checkpoint(run / "checkpoints/last.pt")["config"]["optim"]["lr"] == 2e-4
+    assert launcher.main(["--config", str(tmp_path / "missing.yaml"), "--out", str(run)]) == 2

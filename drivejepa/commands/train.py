@@ -15,17 +15,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. optim.lr=1e-4 data.batch_size=16")
 
 
-def run(args) -> int:
-    import sys
-
+def config_from_args(args):
+    """The TrainConfig these arguments mean (also used by the torchrun and Ray Train launchers)."""
     from drivejepa.config import TrainConfig, load_config
-    from drivejepa.training.summary import format_summary
-    from drivejepa.training.trainer import EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped, train
 
     overrides = list(args.overrides)
     if args.shards:
         overrides.append(f"data.shards={args.shards}")
-    cfg = load_config(TrainConfig, args.config, overrides)
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def run(args) -> int:
+    import sys
+
+    from drivejepa.training.summary import format_summary
+    from drivejepa.training.trainer import EXIT_INTERRUPTED, TrainingInterrupted, TrainingStopped, train
+
+    cfg = config_from_args(args)
     try:
         summary = train(cfg, args.out, resume=args.resume, progress=not getattr(args, "quiet", False),
                         allow_other_shards=getattr(args, "allow_other_shards", False))

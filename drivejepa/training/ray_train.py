@@ -24,12 +24,14 @@ def _worker(config: dict) -> None:
     context = ray.train.get_context()
     setup_logging(0 if context.get_world_rank() == 0 else -1)
     cfg = from_dict(TrainConfig, config["train_config"], "ray_train config")
-    summary = train(cfg, config["run_dir"], resume=config["resume"], progress=False)
+    summary = train(cfg, config["run_dir"], resume=config["resume"], progress=False,
+                    allow_other_shards=config["allow_other_shards"])
     ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
 
 
 def train_on_ray(cfg: TrainConfig, run_dir: str | Path, *, num_workers: int, use_gpu: bool = False,
-                 cpus_per_worker: float = 1.0, resume: Optional[str] = None, address: Optional[str] = None) -> dict:
+                 cpus_per_worker: float = 1.0, resume: Optional[str] = None, address: Optional[str] = None,
+                 allow_other_shards: bool = False) -> dict:
     """Run ``train`` on ``num_workers`` Ray workers (one GPU each with ``use_gpu``); returns the run's summary
     (RUN/summary.json, written by rank 0).
 
@@ -46,7 +48,8 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, *, num_workers: int, use
     init_ray(address=address)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"train_config": config_to_dict(cfg), "run_dir": str(run_dir), "resume": resume},
+        train_loop_config={"train_config": config_to_dict(cfg), "run_dir": str(run_dir), "resume": resume,
+                           "allow_other_shards": allow_other_shards},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(name="ray_train", storage_path=str(run_dir / "ray")),
