@@ -3,9 +3,11 @@
 Each worker (a Ray actor, or this process with ``num_workers=0``) loads the checkpoint once and turns whole scenes
 into latents in the model's latent space (drivejepa/latent_space.py), rollouts with the true and the shuffled
 actions, and labels. Results come back in job order, so the grouping of scenes over workers cannot change a number.
+A worker that dies (its node lost, its process killed) hands its unfinished scenes to the workers still alive.
 """
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import numpy as np
@@ -13,6 +15,8 @@ import numpy as np
 from drivejepa import latent_space
 from drivejepa.errors import UserError
 from drivejepa.evaluation.plan import SceneJob
+
+log = logging.getLogger(__name__)
 
 
 class SceneWorker:
@@ -111,23 +115,40 @@ def run_jobs(checkpoint: str, jobs: list[SceneJob], settings: dict, *, num_worke
     Actor = ray.remote(SceneWorker)
     groups = _groups(list(range(len(jobs))), k)
     actors = [Actor.options(**options).remote(checkpoint, settings, threads) for _ in groups]
-    refs = {}
-    for actor, group in zip(actors, groups):
+    refs = {}       # ref -> (job index, actor index)
+    for a, group in enumerate(groups):
         for i in group:
-            refs[actor.run.remote(jobs[i])] = i
+            refs[actors[a].run.remote(jobs[i])] = (i, a)
     results: list[Optional[dict]] = [None] * len(jobs)
+    dead: set[int] = set()
     pending = list(refs)
     try:
         with tqdm(total=len(jobs), desc="evaluate scenes", unit="scene", disable=not progress) as bar:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:
+                    i, a = refs.pop(ref)
                     try:
-                        results[refs[ref]] = ray.get(ref)
+                        results[i] = ray.get(ref)
                     except ray.exceptions.RayTaskError as exc:
                         if isinstance(exc.cause, UserError):
                             raise exc.cause from None
                         raise
+                    except ray.exceptions.RayActorError as exc:
+                        # Its process or its node is gone (a lost cluster node, an OOM kill): the scene goes to a
+                        # worker that is still alive, so a lost node costs time, not the evaluation.
+                        dead.add(a)
+                        alive = [b for b in range(len(actors)) if b not in dead]
+                        if not alive:
+                            raise UserError(f"every evaluation worker died (last: {exc.__class__.__name__}); "
+                                            "nothing was written") from None
+                        b = alive[i % len(alive)]
+                        log.warning("evaluation worker %d died (%s); scene %s moves to worker %d", a,
+                                    exc.__class__.__name__, jobs[i].scene, b)
+                        retry = actors[b].run.remote(jobs[i])
+                        refs[retry] = (i, b)
+                        pending.append(retry)
+                        continue
                     bar.update(1)
     finally:
         for actor in actors:
