@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def _run_killing(cmd: list[str], log: Path, ready, node: subprocess.Popen, timeo
         print(f"cluster_check: the job ended before the worker node could be killed ({log})", flush=True)
         return -1
     return proc.wait()
+
+
+def _forget_cluster(port: int) -> None:
+    """`ray start --head` records its address in TMP/ray/ray_current_cluster, and a later plain ``ray.init()``
+    (the tests', every local command's) tries to join the cluster named there. Killed instead of `ray stop`ped (which
+    would stop every Ray process on the machine), this cluster must take its record away itself."""
+    record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    try:
+        if record.read_text().strip().endswith(f":{port}"):
+            record.unlink()
+    except OSError:
+        pass
 
 
 def _check(name: str, ok: bool, detail: str) -> bool:
@@ -136,6 +149,7 @@ def main() -> int:
         for proc in (node, head):
             if proc is not None:
                 _kill_node(proc)
+        _forget_cluster(port)
     return 0 if ok else 1
 
 
