@@ -44,6 +44,15 @@ def select_device(name: str = "auto"):
     return device
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now (for a torchrun rendezvous or a local Ray head)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
     """Start a local Ray instance once per process, or join a cluster with ``address='auto'``."""
     import ray

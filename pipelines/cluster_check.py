@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,12 +30,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 CLI = [sys.executable, "-m", "drivejepa.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node(*args: str) -> subprocess.Popen:
@@ -90,13 +83,15 @@ def _check(name: str, ok: bool, detail: str) -> bool:
 
 
 def main() -> int:
+    from drivejepa.runtime import free_port
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/cluster_check")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     world, config = out / "world", REPO / "tests/data/preprocess_tiny.yaml"
     subprocess.run([*CLI, "synth", "-q", "--out", str(world), "--scenes", "12", "--samples-per-scene", "12",

@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from drivejepa.config import TrainConfig, load_config, save_config
+from drivejepa.runtime import free_port
 from drivejepa.training.checkpoint import find_latest, load_checkpoint, load_world_model
 from drivejepa.training.metrics_log import read_metrics
 
@@ -42,12 +42,6 @@ def _env() -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_step_equals_one_process(shard_dir, tmp_path):
     from drivejepa.training.trainer import train
 
@@ -59,7 +53,7 @@ def test_two_process_gloo_step_equals_one_process(shard_dir, tmp_path):
                "data.batch_size=4", "loss.vicreg_weight=1.0")
     config = save_config(cfg, tmp_path / "ddp.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
+           "--master_port", str(free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
            "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -240,7 +234,7 @@ def test_a_rank_the_checkpoint_did_not_have_draws_its_own_random_numbers(shard_d
     train(_cfg(shard_dir, *base, "optim.max_steps=1"), tmp_path / "run", progress=False)
     config = save_config(_cfg(shard_dir, *base, "optim.max_steps=2"), tmp_path / "more.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
+           "--master_port", str(free_port()), "-m", "drivejepa.train", "-q", "--config", str(config),
            "--out", str(tmp_path / "run"), "--resume", "auto"]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
