@@ -216,6 +216,8 @@ class PreprocessConfig:
     radar_points: int = 128                           # merged over the five radars, padded with a mask
     max_boxes: int = 64                               # nearest annotated boxes kept per key frame
     box_range: float = 50.0
+    drivable_size: int = 200                          # cells per side of the drivable-area grid (from the map)
+    drivable_range: float = 50.0                      # the drivable grid covers [-range, range] metres (0.5 m cells)
     seed: int = 0                                     # point subsampling is seeded per frame from this
 
 
@@ -367,6 +369,101 @@ class EvalConfig:
     scenarios: dict[str, Any] = dataclasses.field(default_factory=lambda: {"all": {}})
 
 
+@dataclasses.dataclass
+class OptimizerConfig:
+    """The sampling optimiser over control sequences (drivejepa/planning/optimizer.py)."""
+    method: Literal["cem", "mppi"] = "cem"
+    candidates: int = 64                              # sequences sampled per iteration (the current mean is one)
+    iterations: int = 3
+    elites: int = 8                                   # CEM: best candidates the next distribution is fitted to
+    momentum: float = 0.1                             # CEM: share of the old mean and spread kept each iteration
+    temperature: float = 0.5                          # MPPI: weights exp(-(cost - min cost) / temperature)
+    init_std: tuple[float, float] = (1.5, 0.1)        # sampling spread of speed (m/s) and yaw rate (rad/s)
+    min_std: tuple[float, float] = (0.05, 0.005)      # CEM: the spread never shrinks below this
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class ControlLimits:
+    """What the ego can do (drivejepa/planning/motion.py: feasible)."""
+    max_speed: float = 30.0                           # m/s
+    max_accel: float = 3.0                            # m/s^2
+    max_decel: float = 8.0                            # m/s^2 (an emergency stop)
+    max_yaw_rate: float = 0.6                         # rad/s
+    max_curvature: float = 0.2                        # 1/m (a 5 m turning radius; a stopped car does not turn)
+    max_lateral_accel: float = 5.0                    # m/s^2
+
+
+@dataclasses.dataclass
+class CostWeights:
+    """Weights of the planner's cost terms (drivejepa/planning/costs.py)."""
+    collision: float = 20.0                           # predicted (or, for the oracle, true) occupancy under the ego
+    drivable: float = 5.0                             # predicted non-drivable area under the ego
+    progress: float = 1.0                             # distance short of the reference speed's
+    command: float = 2.0                              # end point on the wrong side of the route command
+    comfort: float = 0.2                              # acceleration, jerk and yaw acceleration
+
+
+@dataclasses.dataclass
+class HeadsConfig:
+    """The planner's cost heads: per-cell logits read from frozen target-encoder tokens (planning/heads.py)."""
+    kind: Literal["linear", "mlp"] = "mlp"
+    subcells: int = 4                                 # each state token predicts subcells x subcells cells
+    hidden: int = 64
+    steps: int = 400                                  # AdamW steps on the train split's frozen tokens
+    batch_size: int = 64
+    lr: float = 3e-3
+    max_train_frames: int = 4000
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class EgoMLPConfig:
+    """The ego-status baseline (AD-MLP / Ego-MLP, planning/ego_mlp.py): past motion + command -> 3 s trajectory."""
+    past_steps: int = 4                               # past actions (0.5 s each) it sees
+    hidden: int = 128
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RecoveryConfig:
+    """Action recovery and its energy landscape (planning/recovery.py)."""
+    seconds: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0])
+    max_windows: int = 48                             # factual and branch windows each (seeded choice); 0 = all
+    candidates: int = 64
+    iterations: int = 4
+    landscape_size: int = 9                           # grid points per axis
+    landscape_speed: float = 4.0                      # m/s either side of the true speed change
+    landscape_yaw_rate: float = 0.3                   # rad/s either side of the true yaw-rate change
+
+
+@dataclasses.dataclass
+class PlanConfig:
+    """Model-predictive control in latent space (``drivejepa plan``, planning/planner.py); open-loop metrics."""
+    horizon: int = 6                                  # key-frame steps planned (3 s at 2 Hz)
+    frame_seconds: float = 0.5
+    device: str = "auto"
+    ego_length: float = 4.084                         # metres (nuScenes' Renault Zoe, the planning papers' box)
+    ego_width: float = 1.85
+    ego_center_ahead: float = 0.0                     # box centre ahead of the ego pose (0: synthetic world)
+    collision_margin: float = 0.3                     # metres added around the ego box in the latent costs
+    command_threshold: float = 2.0                    # metres of lateral offset at command_seconds: left / right
+    command_seconds: float = 3.0
+    reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = keep the current speed
+    min_reference_speed: float = 2.0                  # ... but at least this (a stopped ego moves on)
+    agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
+        "car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle", "bicycle"])
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    limits: ControlLimits = dataclasses.field(default_factory=ControlLimits)
+    weights: CostWeights = dataclasses.field(default_factory=CostWeights)
+    heads: HeadsConfig = dataclasses.field(default_factory=HeadsConfig)
+    ego_mlp: EgoMLPConfig = dataclasses.field(default_factory=EgoMLPConfig)
+    recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
+
+
 def resolve_train_config(cfg: "TrainConfig") -> "TrainConfig":
     """``cfg`` with its model architecture resolved: what a run builds, saves in RUN/config.yaml and checkpoints."""
     return dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
@@ -396,11 +493,13 @@ def _cameras(cameras: Sequence[str], key: str, source: str) -> None:
 
 def check_config(cfg: Any, source: str = "<config>") -> None:
     """ConfigError naming the key when a value is out of range or inconsistent with another (the type checks
-    happen while loading). Knows TrainConfig, PreprocessConfig and EvalConfig; other configs pass unchecked."""
+    happen while loading). Knows TrainConfig, PreprocessConfig, EvalConfig and PlanConfig; other configs pass
+    unchecked."""
     if isinstance(cfg, PreprocessConfig):
         _cameras(cfg.cameras, "cameras", source)
         _require(min(cfg.image_size) >= 1, source, "image_size", list(cfg.image_size), "must be positive (W, H)")
-        _at_least(cfg, "", source, 1, "lidar_points", "radar_points", "lidar_sweeps", "max_boxes")
+        _at_least(cfg, "", source, 1, "lidar_points", "radar_points", "lidar_sweeps", "max_boxes", "drivable_size")
+        _require(cfg.drivable_range > 0, source, "drivable_range", cfg.drivable_range, "must be positive")
         _require(cfg.lidar_range > 0, source, "lidar_range", cfg.lidar_range, "must be positive")
         _require(cfg.box_range > 0, source, "box_range", cfg.box_range, "must be positive")
         _require(cfg.lidar_z_range[0] < cfg.lidar_z_range[1], source, "lidar_z_range", list(cfg.lidar_z_range),
@@ -439,6 +538,32 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _at_least(o, "optim.", source, 1, "t0", "t_mult", "epochs")
         _at_least(cfg, "", source, 1, "log_every", "max_bad_steps", "keep_checkpoints")
         _at_least(cfg, "", source, 0, "ckpt_every", "threads")
+    elif isinstance(cfg, PlanConfig):
+        o, lim, h, e, r = cfg.optimizer, cfg.limits, cfg.heads, cfg.ego_mlp, cfg.recovery
+        _at_least(cfg, "", source, 1, "horizon")
+        for key in ("frame_seconds", "ego_length", "ego_width", "command_threshold", "command_seconds"):
+            _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")
+        _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed")
+        _at_least(o, "optimizer.", source, 1, "candidates", "iterations", "elites")
+        _require(o.elites <= o.candidates, source, "optimizer.elites", o.elites,
+                 f"must be at most optimizer.candidates = {o.candidates}")
+        _require(0 <= o.momentum < 1, source, "optimizer.momentum", o.momentum, "must be in [0, 1)")
+        _require(o.temperature > 0, source, "optimizer.temperature", o.temperature, "must be positive")
+        _require(min(o.init_std) > 0 and min(o.min_std) >= 0, source, "optimizer.init_std", list(o.init_std),
+                 "must be positive (and optimizer.min_std not negative)")
+        for key in ("max_speed", "max_accel", "max_decel", "max_yaw_rate", "max_curvature", "max_lateral_accel"):
+            _require(getattr(lim, key) > 0, source, f"limits.{key}", getattr(lim, key), "must be positive")
+        for key in ("collision", "drivable", "progress", "command", "comfort"):
+            _at_least(cfg.weights, "weights.", source, 0, key)
+        _at_least(h, "heads.", source, 1, "subcells", "hidden", "steps", "batch_size", "max_train_frames")
+        _at_least(e, "ego_mlp.", source, 1, "past_steps", "hidden", "steps", "batch_size")
+        for key, value in (("heads.lr", h.lr), ("ego_mlp.lr", e.lr)):
+            _require(value > 0, source, key, value, "must be positive")
+        _require(len(r.seconds) > 0 and min(r.seconds) > 0, source, "recovery.seconds", r.seconds,
+                 "must list positive horizons")
+        _at_least(r, "recovery.", source, 0, "max_windows")
+        _at_least(r, "recovery.", source, 2, "candidates", "landscape_size")
+        _at_least(r, "recovery.", source, 1, "iterations")
     elif isinstance(cfg, EvalConfig):
         _at_least(cfg, "", source, 0, "horizon", "max_train_scenes", "probe_epochs")
         _at_least(cfg, "", source, 1, "batch_size", "grid_size", "probe_hidden")

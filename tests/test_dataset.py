@@ -34,6 +34,7 @@ def _fake_scene(out, name, frame_indices, n_boxes, cameras=("CAM_FRONT", "CAM_BA
         "cam_intrinsics": np.stack([np.eye(3, dtype=np.float32) * (j + 1) for j in range(c)]),
         "cam_to_key_ego": np.eye(4, dtype=np.float32) * (images[:, :, :1, 0, :1] + np.float32(1)),
         "cam_timestamps": images[:, :, 0, 0, 0].astype(np.int64),
+        "drivable": rng.random((t, 4, 4)) > 0.5,
     }
     meta = {"scene": name, "token": name, "description": "", "tags": [], "cameras": list(cameras),
             "channels_absent": [], "sample_tokens": [f"{name}-{i}" for i in frame_indices],

@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from drivejepa.config import ALL_RADARS, PreprocessConfig
+from drivejepa.data.drivable import drivable_grid
 from drivejepa.data.shards import LIDAR_CHANNELS, SCHEMA_VERSION, write_shard
 
 LIDAR_DIMS = 5  # x, y, z, intensity, ring
@@ -179,10 +180,18 @@ def relative_motion(pose_a: np.ndarray, pose_b: np.ndarray) -> tuple[float, floa
     return float(rel[0, 3]), float(rel[1, 3]), math.atan2(rel[1, 0], rel[0, 0])
 
 
-def action_from_motion(motion: np.ndarray, dt) -> np.ndarray:
+def action_from_motion(motion, dt):
     """The action of a motion: ``[..., 3]`` (dx, dy, dyaw over ``dt`` seconds, in the start ego frame) ->
     ``[..., 5]`` (dx, dy, dyaw, speed, yaw_rate), speed the chord length over dt and yaw_rate dyaw over dt. The one
-    definition: shards (training data) and counterfactual rendering both build their actions with it."""
+    definition: shards (training data), counterfactual rendering and the planner (drivejepa/planning/motion.py)
+    build their actions with it. A numpy motion gives float32 numpy; a torch tensor gives a tensor of its dtype and
+    device (the planner builds thousands of candidates at once on the GPU)."""
+    if type(motion).__module__.startswith("torch"):
+        import torch
+
+        dt = torch.as_tensor(dt, dtype=motion.dtype, device=motion.device)[..., None]
+        speed = torch.hypot(motion[..., 0:1], motion[..., 1:2]) / dt
+        return torch.cat([motion[..., :3], speed, motion[..., 2:3] / dt], dim=-1)
     motion = np.asarray(motion, dtype=np.float64)
     dt = np.asarray(dt, dtype=np.float64)[..., None]
     speed = np.hypot(motion[..., 0:1], motion[..., 1:2]) / dt
@@ -403,6 +412,8 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
         "cam_intrinsics": intrinsics,
         "cam_to_key_ego": np.stack([p["cam_to_key_ego"] for _, p in kept]).astype(np.float32),
         "cam_timestamps": np.stack([p["cam_timestamps"] for _, p in kept]),
+        "drivable": np.stack([drivable_grid(task["drivable_map"], poses[i], cfg.drivable_size, cfg.drivable_range)
+                              for i in idx]),
     }
     meta = {
         "schema_version": SCHEMA_VERSION,

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from drivejepa.config import ALL_RADARS, PreprocessConfig
+from drivejepa.data.drivable import map_crop
 from drivejepa.data.frames import quaternion_matrix
 from drivejepa.data.shards import category_to_class, parse_tags
 from drivejepa.errors import UserError
@@ -201,6 +202,7 @@ def scene_task(nusc, scene: dict, cfg: PreprocessConfig) -> dict[str, Any]:
         token = sample["next"]
         index += 1
     present = {ch for f in frames if f for ch, e in list(f["cameras"].items()) + list(f["radars"].items()) if e}
+    poses = [f["ego_pose"] for f in frames if f]
     present |= {LIDAR for f in frames if f and f["lidar"]}
     requested = list(cfg.cameras) + [LIDAR] + list(ALL_RADARS)
     return {
@@ -211,4 +213,12 @@ def scene_task(nusc, scene: dict, cfg: PreprocessConfig) -> dict[str, Any]:
         "frames": frames,
         "bad_frames": bad,
         "channels_absent": [ch for ch in requested if ch not in present],
+        "drivable_map": map_crop(scene_map(nusc, scene), poses, cfg.drivable_range),
     }
+
+
+def scene_map(nusc, scene: dict) -> np.ndarray:
+    """The basic map mask (uint8 [H, W], 255 = drivable surface and sidewalks, 0.1 m a pixel) of the scene's log:
+    the devkit's ``MapMask`` of its ``map`` record (which caches the last map it read)."""
+    log_record = nusc.get("log", scene["log_token"])
+    return nusc.get("map", log_record["map_token"])["mask"].mask()

@@ -38,7 +38,7 @@ from drivejepa.io import atomic_path, atomic_write_json, file_lock
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: lidar time lag, per-frame camera poses and timestamps, box velocity mask
+SCHEMA_VERSION = 3  # 2: lidar time lag, per-frame camera poses and timestamps, box velocity mask; 3: drivable grid
 MAGIC = b"DJSHARD\0"
 ALIGN = 64
 SHARD_SUFFIX = ".shard"
@@ -85,6 +85,7 @@ ARRAY_DTYPES = {
     "cam_intrinsics": np.float32,
     "cam_to_key_ego": np.float32,
     "cam_timestamps": np.int64,
+    "drivable": np.bool_,
 }
 # What each lidar point holds, in this order.
 LIDAR_CHANNELS = ("x", "y", "z", "intensity", "time_lag")

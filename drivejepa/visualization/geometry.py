@@ -63,26 +63,18 @@ def relative_poses(ego_pose: np.ndarray, ref: int) -> np.ndarray:
 
 
 def integrate_actions(actions: np.ndarray) -> np.ndarray:
-    """[K, >=3] actions (dx, dy, dyaw in the current ego frame) -> [K + 1, 3] poses (x, y, yaw), starting at 0."""
-    actions = np.asarray(actions, dtype=np.float64)
-    poses = np.zeros((len(actions) + 1, 3))
-    for k, (dx, dy, dyaw) in enumerate(actions[:, :3]):
-        x, y, yaw = poses[k]
-        c, s = np.cos(yaw), np.sin(yaw)
-        poses[k + 1] = (x + c * dx - s * dy, y + s * dx + c * dy, yaw + dyaw)
-    return poses
+    """[K, >=3] actions (dx, dy, dyaw in the current ego frame) -> [K + 1, 3] poses (x, y, yaw), starting at 0
+    (``planning.motion.integrate``, the one definition)."""
+    from drivejepa.planning.motion import integrate
+
+    return integrate(np.asarray(actions, dtype=np.float64))
 
 
 def arc_action(speed: float, yaw_rate: float, dt: float) -> np.ndarray:
-    """The action (dx, dy, dyaw, speed, yaw_rate) of driving ``dt`` seconds on a circular arc at ``speed`` m/s,
-    built from the motion the way the shards build it (``frames.action_from_motion``: chord speed), so the
-    predictor is fed what training saw."""
-    from drivejepa.data.frames import action_from_motion
+    """The action (dx, dy, dyaw, speed, yaw_rate) of driving ``dt`` seconds on a circular arc at ``speed`` m/s along
+    the arc, built the planner's way (``planning.motion.controls_to_actions``, whose speed is the chord speed the
+    shards record: ``frames.action_from_motion``), so the predictor is fed what training saw."""
+    from drivejepa.planning.motion import controls_to_actions
 
-    dyaw = yaw_rate * dt
-    if abs(yaw_rate) < 1e-6:
-        dx, dy = speed * dt, 0.0
-    else:
-        radius = speed / yaw_rate
-        dx, dy = radius * np.sin(dyaw), radius * (1.0 - np.cos(dyaw))
-    return action_from_motion(np.array([dx, dy, dyaw]), dt)
+    chord_speed = speed * np.sinc(yaw_rate * dt / 2 / np.pi)
+    return controls_to_actions(np.array([chord_speed, yaw_rate], dtype=np.float64), dt)

@@ -14,6 +14,7 @@ import dataclasses
 
 import numpy as np
 
+from drivejepa.boxes import boxes_overlap
 from drivejepa.data.synth.geometry import Path
 from drivejepa.data.synth.intent import speed_ramp
 from drivejepa.data.synth.materials import MARKING, ROAD
@@ -217,25 +218,11 @@ def _collides(world: World, k0: int) -> bool:
         xy, yaw, active = world.agent_xy[k], world.agent_yaw[k], world.agent_active[k]
         near = active & (np.hypot(*(xy - xy[e]).T) < 12.0)
         near[e] = False
-        for i in np.flatnonzero(near):
-            if _boxes_overlap(xy[e], yaw[e], (l_e, w_e), xy[i], yaw[i], (sizes[i, 1], sizes[i, 0])):
-                return True
+        others = np.flatnonzero(near)
+        ego = np.array([*xy[e], yaw[e], l_e, w_e])
+        if boxes_overlap(ego, np.column_stack([xy[others], yaw[others], sizes[others, 1], sizes[others, 0]])).any():
+            return True
     return False
-
-
-def _boxes_overlap(c1, yaw1, lw1, c2, yaw2, lw2) -> bool:
-    def corners(c, yaw, lw):
-        u = np.array([np.cos(yaw), np.sin(yaw)])
-        n = np.array([-u[1], u[0]])
-        return np.array([c + sx * lw[0] / 2 * u + sy * lw[1] / 2 * n for sx in (-1, 1) for sy in (-1, 1)])
-
-    a, b = corners(c1, yaw1, lw1), corners(c2, yaw2, lw2)
-    for yaw in (yaw1, yaw2):
-        for axis in (np.array([np.cos(yaw), np.sin(yaw)]), np.array([-np.sin(yaw), np.cos(yaw)])):
-            pa, pb = a @ axis, b @ axis
-            if pa.max() < pb.min() or pb.max() < pa.min():
-                return False
-    return True
 
 
 def _leaves_road(world: World, k0: int) -> bool:
