@@ -130,7 +130,7 @@ def test_an_edited_dtype_is_refused_even_with_a_matching_header_checksum(shard_d
 def test_training_evaluation_and_visualisation_skip_the_same_corrupt_shard(shard_dir, tmp_path):
     from drivejepa.evaluation.runner import plan_jobs
     from drivejepa.training.trainer import _windows_datasets
-    from drivejepa.visualization.decoder_training import _split_scenes
+    from drivejepa.visualization.decoder_training import split_scenes
 
     shards = copy_shards(shard_dir, tmp_path / "shards")
     train_scenes = scenes_in_split(shards, "train")
@@ -146,7 +146,7 @@ def test_training_evaluation_and_visualisation_skip_the_same_corrupt_shard(shard
     assert [s["scene"] for s in plan["skipped"]] == [bad] and "fails its checksum" in plan["skipped"][0]["reason"]
     assert bad not in {j.scene for j in jobs}
 
-    train, _ = _split_scenes(shards, cfg)
+    train, _ = split_scenes(shards, cfg)
     assert train == train_scenes[1:]
 
 

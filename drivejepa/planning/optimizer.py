@@ -58,29 +58,37 @@ class SamplingOptimizer:
             self.generator = torch.Generator(device=device).manual_seed(int(self.cfg.seed))
         return self.generator
 
-    def _feasible(self, x: torch.Tensor) -> torch.Tensor:
+    def _feasible(self, x: torch.Tensor, project) -> torch.Tensor:
         x = torch.maximum(torch.minimum(x, self.upper.to(x)), self.lower.to(x))
-        return self.project(x) if self.project is not None else x
+        return project(x) if project is not None else x
 
     @torch.no_grad()
     def minimize(self, cost: Callable[[torch.Tensor], torch.Tensor], mean: torch.Tensor,
-                 std: Optional[torch.Tensor] = None) -> SearchResult:
+                 std: Optional[torch.Tensor] = None, project=None, anchors: Optional[torch.Tensor] = None
+                 ) -> SearchResult:
         """Minimise ``cost(samples [B, P, H, D]) -> [B, P]`` starting from ``mean`` ``[B, H, D]`` (and ``std``,
-        default ``cfg.init_std`` per dimension)."""
+        default ``cfg.init_std`` per dimension). ``project`` replaces the optimiser's own for this call;
+        ``anchors`` ``[B, A, H, D]`` are sequences the first iteration evaluates in place of as many random ones
+        (the planner's constant-velocity plan and full stop)."""
         cfg = self.cfg
+        project = self.project if project is None else project
         b, h, d = mean.shape
         p = int(cfg.candidates)
         gen = self._generator(mean.device)
         init = torch.as_tensor(cfg.init_std, dtype=mean.dtype, device=mean.device)
         std = init.expand(b, h, d).clone() if std is None else std.clone()
         floor = torch.as_tensor(cfg.min_std, dtype=mean.dtype, device=mean.device)
-        mean = self._feasible(mean[:, None])[:, 0]
+        mean = self._feasible(mean[:, None], project)[:, 0]
         best, best_cost = mean.clone(), torch.full((b,), float("inf"), dtype=mean.dtype, device=mean.device)
         evaluations = 0
         samples = costs = None
-        for _ in range(int(cfg.iterations)):
+        for it in range(int(cfg.iterations)):
             noise = torch.randn((b, p - 1, h, d), generator=gen, device=mean.device, dtype=mean.dtype)
-            samples = self._feasible(torch.cat([mean[:, None], mean[:, None] + std[:, None] * noise], dim=1))
+            samples = torch.cat([mean[:, None], mean[:, None] + std[:, None] * noise], dim=1)
+            if it == 0 and anchors is not None and anchors.shape[1]:
+                a = min(anchors.shape[1], p - 1)
+                samples = torch.cat([samples[:, :p - a], anchors[:, :a].to(samples)], dim=1)
+            samples = self._feasible(samples, project)
             costs = torch.nan_to_num(cost(samples), nan=float("inf"))
             evaluations += p
             best, best_cost = _keep_best(best, best_cost, samples, costs)
@@ -95,7 +103,7 @@ class SamplingOptimizer:
             else:
                 weights = torch.softmax(-(costs - costs.min(dim=1, keepdim=True).values) / cfg.temperature, dim=1)
                 mean = (weights[:, :, None, None] * samples).sum(dim=1)
-        final = self._feasible(mean[:, None])
+        final = self._feasible(mean[:, None], project)
         best, best_cost = _keep_best(best, best_cost, final, torch.nan_to_num(cost(final), nan=float("inf")))
         return SearchResult(best, best_cost, final[:, 0], samples, costs, evaluations + 1)
 

@@ -16,7 +16,6 @@ latents and predictions of normalised targets decode alike. The decoder is saved
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,12 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from drivejepa.artifacts import artifact_path, find_artifact, load_artifact, save_artifact
 from drivejepa.errors import UserError
-from drivejepa.io import atomic_path, atomic_write_json, file_sha256
 from drivejepa.latent_space import layer_norm
 from drivejepa.evaluation.probes import grid_centers, iou, occupancy_grid
-
-log = logging.getLogger(__name__)
 
 FORMAT = 1
 CHANNELS = ("density", "height", "agents")
@@ -223,39 +220,30 @@ def decode(decoder: LatentDecoder, latents: np.ndarray | torch.Tensor) -> np.nda
 
 def decoder_path(checkpoint: str | Path) -> Path:
     """RUN/decoders/<checkpoint stem>.pt for RUN/checkpoints/<stem>.pt (else beside the checkpoint)."""
-    checkpoint = Path(checkpoint)
-    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run / "decoders" / f"{checkpoint.stem}.pt"
+    return artifact_path(checkpoint, "decoders")
 
 
 def save_decoder(path: str | Path, decoder: LatentDecoder, meta: dict) -> Path:
     """Atomically write the decoder (and its numbers as JSON beside it)."""
     state = {"format": FORMAT, "spec": dataclasses.asdict(decoder.spec), "meta": meta,
              "state_dict": decoder.state_dict()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    atomic_write_json(Path(path).with_suffix(".json"), {"spec": state["spec"], **meta})
-    return Path(path)
+    return save_artifact(path, state, {"spec": state["spec"], **meta})
 
 
-def load_decoder(path: str | Path) -> tuple[LatentDecoder, dict]:
-    path = Path(path)
+def _decoder_from_state(state: dict, path) -> tuple[LatentDecoder, dict]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         decoder = LatentDecoder(DecoderSpec(**state["spec"]))
         decoder.load_state_dict(state["state_dict"])
-    except Exception as exc:  # torch raises several types for truncated or foreign files
+    except Exception as exc:
         raise UserError(f"{path}: not a readable decoder ({type(exc).__name__}: {exc}); delete it to retrain") from exc
     return decoder.eval(), dict(state.get("meta", {}))
 
 
+def load_decoder(path: str | Path) -> tuple[LatentDecoder, dict]:
+    return _decoder_from_state(load_artifact(path, "decoder"), path)
+
+
 def find_decoder(checkpoint: str | Path) -> Optional[tuple[LatentDecoder, dict]]:
     """The saved decoder of this exact checkpoint (same SHA-256), or None."""
-    path = decoder_path(checkpoint)
-    if not path.is_file():
-        return None
-    decoder, meta = load_decoder(path)
-    if meta.get("checkpoint_sha256") != file_sha256(checkpoint):
-        log.info("%s was trained for another version of %s; retraining", path, checkpoint)
-        return None
-    return decoder, meta
+    state = find_artifact(checkpoint, "decoders", "decoder")
+    return None if state is None else _decoder_from_state(state, decoder_path(checkpoint))

@@ -80,7 +80,9 @@ def collect_pairs(model, shard_dir: str | Path, scenes: list[str], spec: Decoder
     return np.concatenate(lat), np.concatenate(grd), np.concatenate(prd)
 
 
-def _split_scenes(shard_dir: str | Path, cfg) -> tuple[list[str], list[str]]:
+def split_scenes(shard_dir: str | Path, cfg) -> tuple[list[str], list[str]]:
+    """(train, held-out) readable scenes of a run's splits (``cfg``: its TrainConfig); every readable scene not held
+    out trains when the train split has none. What the decoder and the planner's heads are fitted and scored on."""
     from drivejepa.data.shards import readable_scenes, scenes_in_split
 
     every, _ = readable_scenes(shard_dir, scenes_in_split(shard_dir, None), "visualisation")
@@ -106,7 +108,7 @@ def ensure_decoder(checkpoint: str | Path, model, cfg, shard_dir: str | Path, *,
         return found[0], found[1], path
     t0 = time.perf_counter()
     pre = load_manifest(shard_dir).get("config", {})
-    train_scenes, held_scenes = _split_scenes(shard_dir, cfg)
+    train_scenes, held_scenes = split_scenes(shard_dir, cfg)
     spec = DecoderSpec(latent_dim=int(model.latent_dim), range=float(pre.get("lidar_range", 50.0)))
     lat, grids, is_pred = collect_pairs(model, shard_dir, train_scenes, spec, progress=progress)
     spec = _with_box_stats(spec, shard_dir, train_scenes)

@@ -1,0 +1,55 @@
+"""What is trained for one checkpoint and kept beside its run: the visualisation decoder, the planner's cost heads,
+the ego-status baseline. ``RUN/<kind>/<checkpoint stem>.pt`` for ``RUN/checkpoints/<stem>.pt`` (else beside the
+checkpoint), written atomically with a JSON of its numbers beside it, and found again only for the exact
+checkpoint it was trained for (its SHA-256 in the saved ``meta``): a retrained checkpoint gets new ones.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from drivejepa.errors import UserError
+from drivejepa.io import atomic_path, atomic_write_json, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def artifact_path(checkpoint: str | Path, kind: str) -> Path:
+    """RUN/<kind>/<checkpoint stem>.pt for RUN/checkpoints/<stem>.pt (else <checkpoint dir>/<kind>/<stem>.pt)."""
+    checkpoint = Path(checkpoint)
+    run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+    return run / kind / f"{checkpoint.stem}.pt"
+
+
+def save_artifact(path: str | Path, state: dict, summary: dict) -> Path:
+    """Atomically write ``state`` (plain tensors and numbers, loadable with ``weights_only=True``) and ``summary``
+    as JSON beside it."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    atomic_write_json(Path(path).with_suffix(".json"), summary)
+    return Path(path)
+
+
+def load_artifact(path: str | Path, what: str) -> dict:
+    """The saved state, or a UserError naming the file when it cannot be read."""
+    import torch
+
+    try:
+        return torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}); delete it to retrain") from exc
+
+
+def find_artifact(checkpoint: str | Path, kind: str, what: str) -> Optional[dict]:
+    """The saved state of ``kind`` for this exact checkpoint (same SHA-256 in its ``meta``), or None."""
+    path = artifact_path(checkpoint, kind)
+    if not path.is_file():
+        return None
+    state = load_artifact(path, what)
+    if dict(state.get("meta", {})).get("checkpoint_sha256") != file_sha256(checkpoint):
+        log.info("%s was trained for another version of %s; retraining", path, checkpoint)
+        return None
+    return state

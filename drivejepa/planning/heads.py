@@ -1,0 +1,269 @@
+"""The planner's cost heads: per-cell logits of agent occupancy and drivable area, read from state tokens.
+
+Both heads read FROZEN target-encoder tokens (the world model never changes): each token ``[C]`` of the model's
+``G x G`` grid gives ``subcells x subcells`` logits per task through one shared linear map or MLP, plus a learned
+bias per output cell (what that place around the ego usually holds: the ego's own cells are drivable), so states
+``[..., N, C]`` become logits ``[..., 2, G*s, G*s]`` over the model's ``[-R, R]`` (cell ``I * G*s + J`` for x bin
+I and y bin J, as ``evaluation.probes.grid_centers``). Tokens are standardised per channel with the training set's
+statistics, in the model's latent space (``latent_space.targets``), which is where its predictions live
+(``latent_space.predictions``), so the heads read rollouts as they read encoder states.
+
+Labels: occupancy is the evaluation's agent-footprint grid (``evaluation.probes.occupancy_grid``), the drivable area
+the shards' drivable grid (``data/drivable.py``) read at the heads' cell centres. Fitted with AdamW on the train
+split's key frames, scored on the held-out split (IoU at the threshold that is best on train, beside the prior grid
+that ignores the tokens), saved beside the run for the exact checkpoint (``artifacts.py``:
+``RUN/planning_heads/<stem>.pt``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from drivejepa.artifacts import artifact_path, find_artifact, save_artifact
+from drivejepa.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("occupancy", "drivable")
+KIND = "planning_heads"
+FORMAT = 1
+
+
+@dataclasses.dataclass
+class HeadSpec:
+    channels: int                      # C of a state token
+    bev_size: int                      # G: the model's grid
+    bev_range: float                   # R: the grid covers [-R, R] metres
+    subcells: int = 4
+    hidden: int = 64
+    kind: str = "mlp"
+
+    @property
+    def grid(self) -> int:
+        return self.bev_size * self.subcells
+
+
+class CostHeads(nn.Module):
+    """States ``[..., N, C]`` (N = G*G) -> logits ``[..., 2, G*s, G*s]`` (occupancy, drivable)."""
+
+    def __init__(self, spec: HeadSpec):
+        super().__init__()
+        self.spec = spec
+        c, s, t = spec.channels, spec.subcells, len(TASKS)
+        if spec.kind == "linear":
+            self.head = nn.Linear(c, t * s * s)
+        elif spec.kind == "mlp":
+            self.head = nn.Sequential(nn.Linear(c, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, t * s * s))
+        else:
+            raise ValueError(f"unknown head kind {spec.kind!r} (linear or mlp)")
+        self.bias = nn.Parameter(torch.zeros(t, spec.grid, spec.grid))
+        self.register_buffer("mean", torch.zeros(c))
+        self.register_buffer("std", torch.ones(c))
+        self.register_buffer("threshold", torch.full((t,), 0.5))
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        g, s, t = self.spec.bev_size, self.spec.subcells, len(TASKS)
+        lead = states.shape[:-2]
+        if states.shape[-2] != g * g:
+            raise ValueError(f"states with {states.shape[-2]} tokens do not fit the heads' {g} x {g} grid")
+        out = self.head((states.float() - self.mean) / self.std)                      # [..., G*G, T*s*s]
+        out = out.reshape(-1, g, g, t, s, s).permute(0, 3, 1, 4, 2, 5)               # [n, T, G, s, G, s]
+        return out.reshape(*lead, t, g * s, g * s) + self.bias
+
+    def probabilities(self, states: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self(states))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels and data
+# ----------------------------------------------------------------------------------------------------------------
+def frame_labels(arrays, spec: HeadSpec, drivable_range: float, agent_ids: np.ndarray) -> np.ndarray:
+    """Bool ``[T, 2, G*s, G*s]`` labels of every key frame of a shard: agent footprints and drivable area."""
+    from drivejepa.data.drivable import sample_grid
+    from drivejepa.evaluation.probes import agent_mask, grid_centers, occupancy_grid
+
+    g, r = spec.grid, spec.bev_range
+    boxes = np.asarray(arrays["boxes"], dtype=np.float64)
+    keep = agent_mask(np.asarray(arrays["box_labels"]), np.asarray(arrays["box_mask"]), agent_ids)
+    occ = np.stack([occupancy_grid(b[k, :2], b[k, 6], b[k, 3:5], g, r) for b, k in zip(boxes, keep)])
+    drivable = sample_grid(np.asarray(arrays["drivable"]), drivable_range, grid_centers(g, r))
+    return np.stack([occ, drivable], axis=1).reshape(len(boxes), len(TASKS), g, g)
+
+
+def agent_ids(classes) -> np.ndarray:
+    """Indices in ``shards.CLASSES`` of the agent classes the occupancy head (and the collision rate) count."""
+    from drivejepa.data.shards import CLASSES
+
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown:
+        raise UserError(f"agent_classes: {unknown} are not detection classes ({', '.join(CLASSES)})")
+    return np.array([CLASSES.index(c) for c in classes])
+
+
+def model_device(model) -> torch.device:
+    """Where the model's weights are (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def scene_data(model, shard, spec: HeadSpec, drivable_range: float, ids: np.ndarray) -> tuple:
+    """(states in the model's space ``[T, N, C]``, labels ``[T, 2, G*s, G*s]``) of every key frame of a shard."""
+    from drivejepa import latent_space
+    from drivejepa.evaluation.latents import encode_frames
+    from drivejepa.visualization.decoder_training import camera_index
+
+    _, target = encode_frames(model, shard.arrays, shard.frames, 16, model_device(model), camera_index(shard, model),
+                              with_online=False)
+    return latent_space.targets(target, model.space), frame_labels(shard.arrays, spec, drivable_range, ids)
+
+
+def collect(model, shard_dir, scenes: list[str], spec: HeadSpec, drivable_range: float, ids, *,
+            max_frames: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    from drivejepa.data.shards import read_shard, shard_path
+
+    states, labels, total = [], [], 0
+    for scene in tqdm(scenes, desc="encoding scenes for the cost heads", unit="scene", disable=not progress,
+                      leave=False):
+        if total >= max_frames:
+            break
+        x, y = scene_data(model, read_shard(shard_path(shard_dir, scene)), spec, drivable_range, ids)
+        states.append(x), labels.append(y)
+        total += len(x)
+    if not states:
+        raise UserError(f"{shard_dir}: no scenes to fit the planner's cost heads on")
+    return np.concatenate(states), np.concatenate(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fitting, scoring, storage
+# ----------------------------------------------------------------------------------------------------------------
+def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progress: bool = True) -> CostHeads:
+    """Fit both heads on (states ``[n, N, C]``, bool labels ``[n, 2, G*s, G*s]``); ``cfg`` is a
+    ``config.HeadsConfig``. Occupancy's rare positive cells are weighted up (as the occupancy probe does)."""
+    from tqdm import tqdm
+
+    from drivejepa.evaluation.probes import best_threshold
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    heads = CostHeads(spec)
+    x = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
+    heads.mean.copy_(x.mean(dim=(0, 1)))
+    heads.std.copy_(x.std(dim=(0, 1)) + 1e-6)
+    prior = y.mean(dim=0).clamp(1e-3, 1 - 1e-3)
+    with torch.no_grad():
+        heads.bias.copy_(torch.log(prior / (1 - prior)))
+    positive = y.mean(dim=(0, 2, 3)).clamp(1e-3, 1 - 1e-3)
+    pos_weight = ((1 - positive) / positive).clamp(max=50.0)[:, None, None]
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # small ops: extra threads only fight for the cores (see decoder.py)
+    try:
+        heads.train()
+        bar = tqdm(range(cfg.steps), desc="fitting cost heads", unit="step", disable=not progress, leave=False)
+        for _ in bar:
+            idx = torch.randint(0, len(x), (min(cfg.batch_size, len(x)),), generator=gen)
+            loss = F.binary_cross_entropy_with_logits(heads(x[idx]), y[idx], pos_weight=pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        heads.eval()
+        prob = predict(heads, states)
+    finally:
+        torch.set_num_threads(threads)
+    truth = np.asarray(labels, dtype=bool)
+    heads.threshold.copy_(torch.tensor([best_threshold(prob[:, t], truth[:, t]) for t in range(len(TASKS))]))
+    return heads
+
+
+@torch.no_grad()
+def predict(heads: CostHeads, states: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Probabilities ``[n, 2, G*s, G*s]`` of states ``[n, N, C]`` (numpy)."""
+    out = [heads.probabilities(torch.from_numpy(np.ascontiguousarray(states[i:i + batch], dtype=np.float32)))
+           for i in range(0, len(states), batch)]
+    return torch.cat(out).numpy() if out else np.zeros((0, len(TASKS), heads.spec.grid, heads.spec.grid))
+
+
+def score_heads(heads: CostHeads, states: np.ndarray, labels: np.ndarray, train_labels: np.ndarray) -> dict:
+    """IoU of each head on (states, labels) beside the prior grid fitted to ``train_labels`` (tokens ignored)."""
+    from drivejepa.evaluation.probes import iou, prior_grid
+
+    prob = predict(heads, states)
+    truth = np.asarray(labels, dtype=bool)
+    out = {"frames": int(len(states))}
+    for t, task in enumerate(TASKS):
+        prior = prior_grid(np.asarray(train_labels[:, t], dtype=bool).reshape(len(train_labels), -1))
+        out[task] = {"iou": iou(prob[:, t] >= float(heads.threshold[t]), truth[:, t]),
+                     "prior_iou": iou(np.broadcast_to(prior.reshape(truth.shape[-2:]), truth[:, t].shape),
+                                      truth[:, t]),
+                     "positive_share": float(truth[:, t].mean())}
+    return out
+
+
+def heads_path(checkpoint: str | Path) -> Path:
+    return artifact_path(checkpoint, KIND)
+
+
+def save_heads(path: str | Path, heads: CostHeads, meta: dict) -> Path:
+    state = {"format": FORMAT, "spec": dataclasses.asdict(heads.spec), "meta": meta,
+             "state_dict": heads.state_dict()}
+    return save_artifact(path, state, {"spec": state["spec"], **meta})
+
+
+def heads_from_state(state: dict, path) -> tuple[CostHeads, dict]:
+    try:
+        heads = CostHeads(HeadSpec(**state["spec"]))
+        heads.load_state_dict(state["state_dict"])
+    except Exception as exc:
+        raise UserError(f"{path}: not readable cost heads ({type(exc).__name__}: {exc}); delete it to retrain") \
+            from exc
+    return heads.eval(), dict(state.get("meta", {}))
+
+
+def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path, plan_cfg, *,
+                 retrain: bool = False, progress: bool = True) -> tuple[CostHeads, dict, Path]:
+    """The heads saved for this checkpoint (unless ``retrain``), or new ones fitted on the run's train split,
+    scored on its held-out split and saved beside the run. Returns (heads, meta, path)."""
+    from drivejepa.data.shards import load_manifest
+    from drivejepa.io import file_sha256
+    from drivejepa.visualization.decoder_training import split_scenes
+
+    path = heads_path(checkpoint)
+    state = None if retrain else find_artifact(checkpoint, KIND, "cost heads")
+    if state is not None:
+        heads, meta = heads_from_state(state, path)
+        return heads, meta, path
+    t0 = time.perf_counter()
+    pre = load_manifest(shard_dir).get("config", {})
+    if "drivable_range" not in pre:
+        raise UserError(f"{shard_dir}: shards without a drivable grid (schema < 3); preprocess again")
+    h = plan_cfg.heads
+    spec = HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size), bev_range=float(model.bev_range),
+                    subcells=h.subcells, hidden=h.hidden, kind=h.kind)
+    ids = agent_ids(plan_cfg.agent_classes)
+    train_scenes, held_scenes = split_scenes(shard_dir, train_cfg)
+    states, labels = collect(model, shard_dir, train_scenes, spec, float(pre["drivable_range"]), ids,
+                             max_frames=h.max_train_frames, progress=progress)
+    heads = fit_heads(states, labels, spec, h, progress=progress)
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "shards": str(shard_dir),
+            "train_scenes": train_scenes, "held_out_scenes": held_scenes, "train_frames": int(len(states)),
+            "agent_classes": list(plan_cfg.agent_classes), "config": dataclasses.asdict(h),
+            "train_scores": score_heads(heads, states, labels, labels)}
+    if held_scenes:
+        hs, hl = collect(model, shard_dir, held_scenes, spec, float(pre["drivable_range"]), ids,
+                         max_frames=h.max_train_frames, progress=False)
+        meta["held_out_scores"] = score_heads(heads, hs, hl, labels)
+    meta["fit_seconds"] = round(time.perf_counter() - t0, 2)
+    save_heads(path, heads, meta)
+    log.info("planner cost heads saved to %s (%.1f s)", path, meta["fit_seconds"])
+    return heads, meta, path

@@ -1,0 +1,166 @@
+"""Model-predictive control in the world model's latent space.
+
+One decision: encode the context frames with the target encoder (``WorldModel.encode(obs, target=True)``), then
+search 3 s of controls (6 key-frame steps of speed and yaw rate, ``motion.py``) with the sampling optimiser
+(``optimizer.py``: CEM or MPPI). Every candidate is turned into the model's actions and rolled out from the context;
+the cost heads read collision and drivable area off the predicted states, and the route command, progress and
+comfort are read off the plan itself (``costs.py``). Only the route command comes from the future, as in the nuScenes
+planning protocol. Receding horizon: the next decision starts from this plan shifted by the steps executed since
+(and the first iteration also tries constant velocity and a full stop). Batched: ``decide`` plans ``B`` problems at
+once (open-loop evaluation plans many windows together), on the CPU or a GPU (``PlanConfig.device``).
+
+The API the closed-loop driver and evaluation call::
+
+    planner = Planner(model, heads, cfg)           # or Planner(cfg=cfg, scene_cost=OracleCost(...)) without a model
+    plan = planner.plan(obs_history, actions_history, "left")
+    plan.actions, plan.trajectory, plan.candidates, plan.cost, plan.latency_ms
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from drivejepa.planning.costs import Situation, command_violation, comfort, progress
+from drivejepa.planning.motion import constant_velocity_controls, controls_to_actions, feasible, integrate
+from drivejepa.planning.optimizer import SamplingOptimizer, shift
+from drivejepa.planning.recovery import control_bounds
+from drivejepa.planning.route import COMMANDS, command_index
+
+TERMS = ("collision", "drivable", "progress", "command", "comfort")
+
+
+@dataclasses.dataclass
+class Plan:
+    """One decision, numpy arrays in the ego frame of the last context frame (x forward, y left)."""
+    controls: np.ndarray               # [H, 2] speed (m/s), yaw rate (rad/s) per 0.5 s step
+    actions: np.ndarray                # [H, 5] the model's actions (dx, dy, dyaw, speed, yaw_rate)
+    trajectory: np.ndarray             # [H + 1, 3] x, y, yaw, from the origin
+    candidates: np.ndarray             # [P, H + 1, 3] the last iteration's candidate trajectories
+    candidate_costs: np.ndarray        # [P]
+    cost: float
+    terms: dict                        # unweighted cost terms of the plan
+    command: str
+    latency_ms: dict                   # encode, optimise, total
+
+
+@dataclasses.dataclass
+class Decisions:
+    """``decide``'s answer for B problems (tensors)."""
+    controls: torch.Tensor             # [B, H, 2]
+    actions: torch.Tensor              # [B, H, 5]
+    poses: torch.Tensor                # [B, H + 1, 3]
+    cost: torch.Tensor                 # [B]
+    terms: dict                        # name -> [B]
+    candidates: torch.Tensor           # [B, P, H + 1, 3]
+    candidate_costs: torch.Tensor      # [B, P]
+
+
+class Planner:
+    """MPC over the world model (``model`` and its cost ``heads``), or over any ``scene_cost`` (a callable
+    ``(situation, actions [B, P, H, 5], poses [B, P, H+1, 3]) -> {term: [B, P]}``, e.g. ``costs.OracleCost``).
+    ``cfg`` is a ``config.PlanConfig``. The model and heads are moved to the planner's device."""
+
+    def __init__(self, model=None, heads=None, cfg=None, *, scene_cost=None, device=None):
+        from drivejepa.config import PlanConfig
+        from drivejepa.planning.costs import LatentSceneCost
+        from drivejepa.runtime import select_device
+
+        self.cfg = cfg if cfg is not None else PlanConfig()
+        self.device = torch.device(device) if device is not None else select_device(self.cfg.device)
+        self.model = model.to(self.device).eval() if model is not None else None
+        if scene_cost is None:
+            if model is None or heads is None:
+                raise ValueError("a planner needs a world model and its cost heads, or a scene_cost")
+            scene_cost = LatentSceneCost(self.model, heads.to(self.device).eval(), self.cfg)
+        self.scene_cost = scene_cost
+        lower, upper = control_bounds(self.cfg.limits)
+        self.optimizer = SamplingOptimizer(self.cfg.optimizer, lower, upper)
+        self._previous: Optional[torch.Tensor] = None
+
+    def reset(self) -> None:
+        """Forget the previous plan (a new scenario starts)."""
+        self._previous = None
+
+    # ------------------------------------------------------------------------------------------------ one decision
+    @torch.no_grad()
+    def encode(self, obs_history: Mapping) -> torch.Tensor:
+        """Context states ``[1, Tc, *S]`` of the frames of ``obs_history``: shard-like arrays with a leading axis of
+        Tc key frames, oldest first, each in its own key ego frame (per-camera calibration without that axis)."""
+        from drivejepa.data.shards import PER_CAMERA
+        from drivejepa.evaluation.latents import frames_as_obs
+
+        if self.model is None:
+            raise ValueError("this planner has no world model to encode observations with")
+        frames = next(len(v) for k, v in obs_history.items() if k not in PER_CAMERA)
+        obs = {k: v.to(self.device) for k, v in frames_as_obs(obs_history, np.arange(frames)).items()}
+        return self.model.encode(obs, target=True)[None]
+
+    def plan(self, obs_history: Optional[Mapping], actions_history, command, steps_since_last: int = 1) -> Plan:
+        """Plan from the last ``Tc`` observed key frames (``obs_history``; None for a model-free scene cost) and the
+        ego's past actions (``actions_history`` ``[n, 5]``, oldest first, the last one the motion into the current
+        frame; at least the ``Tc - 1`` of the earlier context frames). ``command``: left / straight / right. Warm
+        starts from the previous plan shifted by ``steps_since_last`` key-frame steps."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        start = time.perf_counter()
+        context = self.encode(obs_history) if obs_history is not None else None
+        sync()
+        encoded = time.perf_counter()
+        history = torch.as_tensor(np.asarray(actions_history, dtype=np.float32).reshape(-1, 5), device=self.device)
+        past = None
+        if context is not None and context.shape[1] > 1:
+            if len(history) < context.shape[1] - 1:
+                raise ValueError(f"{context.shape[1]} context frames need {context.shape[1] - 1} past actions, got "
+                                 f"{len(history)}")
+            past = history[len(history) - (context.shape[1] - 1):][None]
+        speed = history[-1:, 3] if len(history) else torch.zeros(1, device=self.device)
+        index = command_index(command)
+        situation = Situation(speed, torch.tensor([index], device=self.device), context, past)
+        warm = None if self._previous is None else shift(self._previous, steps_since_last)
+        decision = self.decide(situation, warm)
+        sync()
+        done = time.perf_counter()
+        self._previous = decision.controls
+        return Plan(controls=decision.controls[0].cpu().numpy(), actions=decision.actions[0].cpu().numpy(),
+                    trajectory=decision.poses[0].cpu().numpy(), candidates=decision.candidates[0].cpu().numpy(),
+                    candidate_costs=decision.candidate_costs[0].cpu().numpy(), cost=float(decision.cost[0]),
+                    terms={k: float(v[0]) for k, v in decision.terms.items()}, command=COMMANDS[index],
+                    latency_ms={"encode": 1e3 * (encoded - start), "optimise": 1e3 * (done - encoded),
+                                "total": 1e3 * (done - start)})
+
+    # ------------------------------------------------------------------------------------------------ B problems
+    def evaluate(self, situation: Situation, controls: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Total cost ``[B, P]`` and its unweighted terms of candidate controls ``[B, P, H, 2]``."""
+        cfg = self.cfg
+        actions = controls_to_actions(controls, cfg.frame_seconds)
+        poses = integrate(actions)
+        terms = dict(self.scene_cost(situation, actions, poses))
+        terms["progress"] = progress(poses, situation.speed_now, cfg)
+        terms["command"] = command_violation(poses, situation.command, cfg)
+        terms["comfort"] = comfort(controls, situation.speed_now, cfg.frame_seconds)
+        total = sum(float(getattr(cfg.weights, name)) * value for name, value in terms.items())
+        return total, terms
+
+    @torch.no_grad()
+    def decide(self, situation: Situation, warm_start: Optional[torch.Tensor] = None) -> Decisions:
+        """Plan ``B`` problems at once, from ``warm_start`` ``[B, H, 2]`` (default: constant velocity)."""
+        cfg = self.cfg
+        dt, horizon = cfg.frame_seconds, cfg.horizon
+        speed = situation.speed_now.to(self.device, torch.float32)
+
+        def project(x):
+            return feasible(x, speed[:, None], cfg.limits, dt)
+
+        cv = constant_velocity_controls(speed, horizon)
+        stop = feasible(torch.zeros_like(cv)[:, None], speed[:, None], cfg.limits, dt)[:, 0]
+        mean = cv if warm_start is None else warm_start.to(cv)
+        result = self.optimizer.minimize(lambda c: self.evaluate(situation, c)[0], mean, project=project,
+                                         anchors=torch.stack([cv, stop], dim=1))
+        cost, terms = self.evaluate(situation, result.best[:, None])
+        actions = controls_to_actions(result.best, dt)
+        return Decisions(controls=result.best, actions=actions, poses=integrate(actions), cost=cost[:, 0],
+                         terms={k: v[:, 0] for k, v in terms.items()},
+                         candidates=integrate(controls_to_actions(result.samples, dt)), candidate_costs=result.costs)

@@ -1,0 +1,204 @@
+"""Planning without a trained model: controls -> actions -> trajectories, box overlap, the sampling optimiser,
+action recovery on a model that is exactly linear in the action, the oracle planner, open-loop metrics."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from drivejepa.boxes import boxes_overlap, ego_boxes
+from drivejepa.config import OptimizerConfig, PlanConfig
+from drivejepa.planning.motion import (constant_velocity_controls, controls_to_actions, feasible, integrate)
+
+
+@pytest.fixture
+def grid_distance(monkeypatch):
+    """The state contract: ``latent_space.distance`` reduces over the last two dims (N, C) of grid states."""
+    from drivejepa import latent_space
+
+    if latent_space.distance(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3)).dim() != 1:
+        monkeypatch.setattr(latent_space, "distance", lambda a, b: (a - b).pow(2).mean(dim=(-2, -1)))
+
+
+class LinearModel(torch.nn.Module):
+    """A world model whose rollout is exactly linear in the actions: s_t+k = s_t + sum_j<=k W_j a_j, states
+    [..., N, C]."""
+    space = "raw"
+
+    def __init__(self, n=16, c=8, horizon=6, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        scales = torch.tensor([5.0, 1.0, 0.2, 10.0, 0.4])[None, :, None, None]
+        self.register_buffer("w", torch.randn(horizon, 5, n, c, generator=g) / scales)
+
+    def rollout(self, context, actions, past_actions=None):
+        k = actions.shape[1]
+        return context[:, -1:] + torch.einsum("bka,kanc->bknc", actions, self.w[:k]).cumsum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Controls, actions, trajectories
+# ----------------------------------------------------------------------------------------------------------------
+def test_controls_become_the_actions_preprocessing_writes_for_that_drive():
+    from drivejepa.data.frames import compute_actions
+    from drivejepa.visualization.geometry import pose2d_matrix
+
+    controls = np.array([[8.0, 0.0], [8.5, 0.2], [9.0, 0.4], [6.0, -0.3]])
+    actions = controls_to_actions(controls, 0.5)
+    np.testing.assert_allclose(actions[:, 3:5], controls, rtol=1e-6)        # speed and yaw rate are the controls
+    poses = integrate(actions)
+    rebuilt, valid = compute_actions([pose2d_matrix(*p) for p in poses], [k * 500_000 for k in range(len(poses))])
+    assert valid[:-1].all()
+    np.testing.assert_allclose(rebuilt[:-1], actions, atol=1e-5)
+    torch_poses = integrate(controls_to_actions(torch.tensor(controls, dtype=torch.float64)[None], 0.5))[0]
+    np.testing.assert_allclose(torch_poses.numpy(), poses, atol=1e-9)
+    straight = integrate(controls_to_actions(constant_velocity_controls(np.float64(10.0), 6), 0.5))
+    np.testing.assert_allclose(straight[-1], [30.0, 0.0, 0.0], atol=1e-9)
+
+
+def test_feasible_controls_respect_the_limits():
+    cfg = PlanConfig()
+    lim = cfg.limits
+    wild = torch.tensor([[[30.0, 0.6], [0.0, 0.6], [0.0, -0.6], [25.0, 0.6]]])
+    out = feasible(wild, torch.tensor([5.0]), lim, 0.5)
+    v = torch.cat([torch.tensor([5.0]), out[0, :, 0]])
+    assert torch.all(torch.diff(v) <= lim.max_accel * 0.5 + 1e-6)
+    assert torch.all(torch.diff(v) >= -lim.max_decel * 0.5 - 1e-6)
+    w = out[0, :, 1].abs()
+    assert torch.all(w <= lim.max_curvature * out[0, :, 0] + 1e-6)                  # a stopped car does not turn
+    assert torch.all(w * out[0, :, 0] <= lim.max_lateral_accel + 1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Box overlap
+# ----------------------------------------------------------------------------------------------------------------
+def test_box_overlap_agrees_with_the_geometry():
+    car = np.array([0.0, 0.0, 0.0, 4.0, 2.0])                                 # x, y, yaw, length, width
+    cases = [
+        ([4.0, 0.0, 0.0, 4.0, 2.0], True),                                   # nose to tail, touching
+        ([4.01, 0.0, 0.0, 4.0, 2.0], False),                                 # a centimetre apart
+        ([0.0, 2.0, 0.0, 4.0, 2.0], True),                                   # side by side, touching
+        ([0.0, 2.01, 0.0, 4.0, 2.0], False),
+        ([2.0 + np.sqrt(2) - 0.1, 0.0, np.pi / 4, 2.0, 2.0], True),           # a diamond's corner pokes in
+        ([2.0 + np.sqrt(2) + 0.1, 0.0, np.pi / 4, 2.0, 2.0], False),
+        ([0.0, 0.0, 1.0, 1.0, 1.0], True),                                   # inside
+    ]
+    for other, expected in cases:
+        assert bool(boxes_overlap(car, np.array(other))) is expected, other
+    # Parallel thin boxes at 45 degrees, 1.41 m apart across: their axis-aligned bounds overlap, they do not.
+    a = np.array([0.0, 0.0, np.pi / 4, 4.0, 0.5])
+    b = np.array([1.0, -1.0, np.pi / 4, 4.0, 0.5])
+    assert not boxes_overlap(a, b)
+    # Broadcast over leading axes, numpy and torch alike.
+    others = np.array([c for c, _ in cases])
+    np.testing.assert_array_equal(boxes_overlap(car, others), [e for _, e in cases])
+    np.testing.assert_array_equal(boxes_overlap(torch.tensor(car), torch.tensor(others)).numpy(),
+                                  [e for _, e in cases])
+    ego = ego_boxes(np.array([[0.0, 0.0, 0.0]]), 4.0, 2.0, center_ahead=1.0)
+    np.testing.assert_allclose(ego, [[1.0, 0.0, 0.0, 4.0, 2.0]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimiser
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["cem", "mppi"])
+def test_optimizer_finds_the_minimum_within_bounds_and_is_seeded(method):
+    from drivejepa.planning.optimizer import SamplingOptimizer, shift
+
+    cfg = OptimizerConfig(method=method, candidates=128, iterations=12, elites=12, init_std=(2.0, 0.2),
+                          temperature=0.05)
+    target = torch.tensor([[[6.0, 0.1], [7.0, 0.2], [8.0, -0.1]], [[2.0, 0.0], [1.0, 0.0], [0.5, 0.0]]])
+
+    def cost(x):
+        return (x - target[:, None]).pow(2).sum(dim=(-1, -2))
+
+    lower, upper = [0.0, -0.15], [30.0, 0.15]
+    start = torch.full((2, 3, 2), 4.0) * torch.tensor([1.0, 0.0])
+    opt = SamplingOptimizer(cfg, lower, upper)
+    result = opt.minimize(cost, start)
+    expected = target.clone()
+    expected[..., 1] = expected[..., 1].clamp(-0.15, 0.15)
+    assert torch.allclose(result.best, expected, atol=0.25)
+    assert torch.all(result.samples[..., 1].abs() <= 0.15)
+    again = SamplingOptimizer(cfg, lower, upper).minimize(cost, start)
+    assert torch.equal(result.best, again.best)                                    # same seed, same answer
+    warm = SamplingOptimizer(dataclasses.replace(cfg, iterations=1, candidates=4), lower, upper).minimize(cost, expected)
+    assert torch.all(warm.best_cost <= cost(expected[:, None])[:, 0] + 1e-6)        # a warm start is never lost
+    assert torch.equal(shift(expected)[:, :2], expected[:, 1:]) and torch.equal(shift(expected)[:, 2], expected[:, 2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Action recovery
+# ----------------------------------------------------------------------------------------------------------------
+def test_action_recovery_recovers_a_known_action_on_a_linear_model(grid_distance, tmp_path):
+    from drivejepa.planning.recovery import energy_landscape, plot_landscape, recover
+
+    model = LinearModel()
+    cfg = PlanConfig(device="cpu")
+    cfg.recovery.candidates, cfg.recovery.iterations = 256, 20
+    cfg.optimizer.elites = 25
+    true = torch.tensor([[[8.0, 0.2], [7.5, 0.25], [7.0, 0.3], [6.5, 0.3], [6.0, 0.3], [5.5, 0.3]]])
+    context = torch.randn(1, 2, 16, 8, generator=torch.Generator().manual_seed(1))
+    actions = controls_to_actions(true, 0.5)
+    goal = model.rollout(context, actions)[:, -1]
+    found = recover(model, context, None, goal, torch.tensor([8.2]), 6, cfg)
+    end = integrate(actions)[0, -1, :2]
+    cv_end = integrate(controls_to_actions(constant_velocity_controls(torch.tensor([8.2]), 6), 0.5))[0, -1, :2]
+    error, cv_error = float((found.poses[0, -1, :2] - end).norm()), float((cv_end - end).norm())
+    assert cv_error > 8.0 and error < 0.5, (error, cv_error)
+    cfg.recovery.landscape_size = 5
+    land = energy_landscape(model, context, None, goal, true[0], cfg)
+    dist = np.asarray(land["distance"])
+    assert dist.shape == (5, 5) and np.unravel_index(dist.argmin(), dist.shape) == (2, 2) and dist[2, 2] < 1e-8
+    png = plot_landscape(land, tmp_path / "landscape.png", "linear model")
+    assert png.stat().st_size > 0 and png.with_suffix(".json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The planner with an oracle cost
+# ----------------------------------------------------------------------------------------------------------------
+def _in_frame(box_global: np.ndarray, pose: np.ndarray) -> np.ndarray:
+    """A planar box of the global frame seen from ego pose (x, y, yaw)."""
+    c, s = np.cos(pose[2]), np.sin(pose[2])
+    dx, dy = box_global[0] - pose[0], box_global[1] - pose[1]
+    return np.array([c * dx + s * dy, -s * dx + c * dy, box_global[2] - pose[2], *box_global[3:]])
+
+
+def test_planner_with_an_oracle_cost_avoids_a_stopped_car_that_constant_velocity_hits():
+    from drivejepa.planning.costs import OracleCost
+    from drivejepa.planning.planner import Planner
+
+    cfg = PlanConfig(device="cpu")
+    stopped = np.array([25.0, 0.0, 0.0, 4.5, 1.9])                            # 25 m ahead in the ego's lane
+    speed = 10.0
+
+    def drive(choose, steps=12):
+        pose, history = np.zeros(3), [np.array([5.0, 0.0, 0.0, speed, 0.0], np.float32)]
+        hits = []
+        for _ in range(steps):
+            action = choose(pose, history)
+            c, s = np.cos(pose[2]), np.sin(pose[2])
+            pose = pose + [c * action[0] - s * action[1], s * action[0] + c * action[1], action[2]]
+            history.append(action)
+            hits.append(bool(boxes_overlap(ego_boxes(pose, cfg.ego_length, cfg.ego_width), stopped)))
+        return pose, hits
+
+    cv = controls_to_actions(np.array([speed, 0.0]), 0.5)
+    _, cv_hits = drive(lambda pose, history: cv)
+    assert any(cv_hits)
+
+    planner = Planner(cfg=cfg, scene_cost=OracleCost(torch.zeros(1, 6, 1, 5), torch.zeros(1, 6, 1), cfg))
+
+    def plan(pose, history):
+        box = torch.tensor(_in_frame(stopped, pose), dtype=torch.float32).expand(1, cfg.horizon, 1, 5)
+        planner.scene_cost = OracleCost(box, torch.ones(1, cfg.horizon, 1, dtype=torch.bool), cfg)
+        p = planner.plan(None, np.stack(history), "straight")
+        assert p.candidates.shape == (cfg.optimizer.candidates, cfg.horizon + 1, 3)
+        assert p.latency_ms["total"] > 0 and p.command == "straight"
+        return p.actions[0]
+
+    end, hits = drive(plan)
+    assert not any(hits)
+    assert end[0] > 5.0                                                        # and it still drives on
