@@ -124,7 +124,8 @@ def test_optimizer_finds_the_minimum_within_bounds_and_is_seeded(method):
     assert torch.all(result.samples[..., 1].abs() <= 0.15)
     again = SamplingOptimizer(cfg, lower, upper).minimize(cost, start)
     assert torch.equal(result.best, again.best)                                    # same seed, same answer
-    warm = SamplingOptimizer(dataclasses.replace(cfg, iterations=1, candidates=4), lower, upper).minimize(cost, expected)
+    short = dataclasses.replace(cfg, iterations=1, candidates=4)
+    warm = SamplingOptimizer(short, lower, upper).minimize(cost, expected)
     assert torch.all(warm.best_cost <= cost(expected[:, None])[:, 0] + 1e-6)        # a warm start is never lost
     assert torch.equal(shift(expected)[:, :2], expected[:, 1:]) and torch.equal(shift(expected)[:, 2], expected[:, 2])
 
