@@ -129,3 +129,31 @@ def plot_landscape(landscape: dict, path: str | Path, title: str) -> Path:
     plt.close(fig)
     atomic_write_json(path.with_suffix(".json"), {"title": title, **landscape})
     return path
+
+
+def recovery_errors(model, states: np.ndarray, windows, context: int, steps: int, cfg, space: str) -> dict:
+    """Action recovery on the ``windows`` of one scene whose target-encoder states are ``states`` ``[T, *S]``:
+    per window the recovered and constant-velocity end-point errors at ``steps`` (metres) and the latent distance
+    reached by the search and by the logged actions."""
+    from drivejepa import latent_space
+    from drivejepa.planning.heads import model_device
+
+    device = model_device(model)
+    s = np.asarray(windows.start)
+    offsets = np.arange(-context + 1, 1)
+    ctx = torch.from_numpy(np.ascontiguousarray(states[s[:, None] + offsets[None, :]], dtype=np.float32)).to(device)
+    goal = latent_space.targets(torch.from_numpy(np.ascontiguousarray(states[s + steps], dtype=np.float32)),
+                                space).to(device)
+    past = None
+    if context > 1:
+        past = torch.from_numpy(np.ascontiguousarray(windows.past[:, -(context - 1):], dtype=np.float32)).to(device)
+    speed = torch.from_numpy(np.asarray(windows.speed_now, dtype=np.float32)).to(device)
+    found = recover(model, ctx, past, goal, speed, steps, cfg)
+    logged = torch.from_numpy(np.ascontiguousarray(windows.actions[:, None, :steps], dtype=np.float32)).to(device)
+    true_distance = endpoint_distance(model, ctx, past, goal, logged)[:, 0]
+    truth = windows.truth[:, steps, :2]
+    cv = integrate(controls_to_actions(constant_velocity_controls(np.asarray(windows.speed_now, np.float64), steps),
+                                       cfg.frame_seconds))[:, -1, :2]
+    return {"recovered_m": np.linalg.norm(found.poses[:, -1, :2].cpu().numpy() - truth, axis=-1),
+            "constant_velocity_m": np.linalg.norm(cv - truth, axis=-1),
+            "distance_recovered": found.distance.cpu().numpy(), "distance_logged": true_distance.cpu().numpy()}

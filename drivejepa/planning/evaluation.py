@@ -1,0 +1,246 @@
+"""The planning section of ``drivejepa evaluate``: open-loop planning metrics and action recovery on the evaluated
+scenes, written under ``metrics.json["planning"]`` and as a table of ``report.md`` (:func:`format_planning`).
+
+Runs in the driver process after the factual evaluation: loads the checkpoint, fits (or finds, beside the run) the
+planner's cost heads and the ego-status MLP on the run's train split, then per evaluated scene encodes every key
+frame once with the target encoder and plans every window with the world-model planner and the baselines
+(``openloop.py``), and recovers actions on a seeded subset of factual and branch windows (``recovery.py``). The
+energy landscape of one window (a branch window when there is one) is drawn beside the metrics
+(``planning_landscape.png`` + ``.json``).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SUBSETS = ("factual", "branch")
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def planning_section(checkpoint: str | Path, shard_dir: str | Path, scenes: list[str], plan_cfg, out: str | Path, *,
+                     retrain: bool = False, progress: bool = True) -> dict:
+    """Metrics of the planning section of a checkpoint (see the module docstring); writes the landscape figure into
+    ``out``."""
+    from drivejepa.runtime import select_device
+    from drivejepa.training.checkpoint import load_world_model
+
+    model, train_cfg = load_world_model(checkpoint, select_device(plan_cfg.device))
+    return planning_metrics(model, train_cfg, checkpoint, shard_dir, scenes, plan_cfg, out, retrain=retrain,
+                            progress=progress)
+
+
+def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | Path, scenes: list[str], plan_cfg,
+                     out: str | Path, *, retrain: bool = False, progress: bool = True) -> dict:
+    """:func:`planning_section` for a loaded ``model`` and its ``train_cfg`` (``checkpoint`` names the file the cost
+    heads and the ego-status MLP are kept beside)."""
+    from tqdm import tqdm
+
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.evaluation.latents import encode_frames
+    from drivejepa.planning.costs import Situation
+    from drivejepa.planning.ego_mlp import ensure_ego_mlp
+    from drivejepa.planning.heads import agent_ids, ensure_heads, model_device
+    from drivejepa.planning.motion import constant_velocity_controls, controls_to_actions, integrate
+    from drivejepa.planning.openloop import PROTOCOLS, score
+    from drivejepa.planning.planner import Planner
+    from drivejepa.planning.recovery import energy_landscape, plot_landscape, recovery_errors
+    from drivejepa.planning.windows import concatenate, scene_windows
+    from drivejepa.visualization.decoder_training import camera_index
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    device = model_device(model)
+    context, horizon, dt = int(train_cfg.data.context), int(plan_cfg.horizon), float(plan_cfg.frame_seconds)
+    heads, heads_meta, _ = ensure_heads(checkpoint, model, train_cfg, shard_dir, plan_cfg, retrain=retrain,
+                                        progress=progress)
+    ego, ego_meta, _ = ensure_ego_mlp(checkpoint, train_cfg, shard_dir, plan_cfg, retrain=retrain,
+                                      progress=progress)
+    planner = Planner(model, heads, plan_cfg, device=device)
+    ids = agent_ids(plan_cfg.agent_classes)
+    past_steps = max(plan_cfg.ego_mlp.past_steps, context - 1, 1)
+    rec = plan_cfg.recovery
+    rec_steps = sorted({min(horizon, max(1, round(t / dt))) for t in rec.seconds})
+
+    shards = {scene: read_shard(shard_path(shard_dir, scene)) for scene in scenes}
+    per_scene = {scene: scene_windows(shard, context, horizon, past_steps, plan_cfg, ids)
+                 for scene, shard in shards.items()}
+    chosen = _recovery_choice(per_scene, rec.max_windows, plan_cfg.optimizer.seed)
+    landscape_at = next(((sc, i) for subset in ("branch", "factual") for sc, i in chosen[subset]), None)
+
+    parts, predictions, recovered, landscape = [], {"world_model": [], "ego_mlp": []}, [], None
+    plan_seconds = 0.0
+    for scene in tqdm(scenes, desc="planning", unit="scene", disable=not progress, leave=False):
+        windows = per_scene[scene]
+        if not len(windows):
+            continue
+        shard = shards[scene]
+        _, states = encode_frames(model, shard.arrays, shard.frames, 16, device, camera_index(shard, model),
+                                  with_online=False)
+        parts.append(windows)
+        predictions["ego_mlp"].append(ego.plan(windows.past, windows.command)[1])
+        t1 = time.perf_counter()
+        for lo in range(0, len(windows), 16):
+            sl = slice(lo, lo + 16)
+            s = windows.start[sl]
+            ctx = torch.from_numpy(np.ascontiguousarray(
+                states[s[:, None] + np.arange(-context + 1, 1)[None]], dtype=np.float32)).to(device)
+            past = None if context < 2 else torch.from_numpy(
+                np.ascontiguousarray(windows.past[sl, -(context - 1):], dtype=np.float32)).to(device)
+            situation = Situation(torch.from_numpy(windows.speed_now[sl]).to(device),
+                                  torch.from_numpy(windows.command[sl]).to(device), ctx, past)
+            predictions["world_model"].append(planner.decide(situation).poses.cpu().numpy())
+        plan_seconds += time.perf_counter() - t1
+        mine = [i for subset in SUBSETS for sc, i in chosen[subset] if sc == scene]
+        if mine:
+            picked = windows.take(mine)
+            for steps in rec_steps:
+                errors = recovery_errors(model, states, picked, context, steps, plan_cfg, model.space)
+                recovered.append({"steps": steps, "branch": picked.branch, **errors})
+        if landscape_at is not None and landscape_at[0] == scene:
+            landscape = _landscape(model, states, windows.take([landscape_at[1]]), context, max(rec_steps),
+                                   plan_cfg, out, energy_landscape, plot_landscape)
+    windows = concatenate(parts)
+    if windows is None:
+        log.warning("no planning window of %d context and %d future key frames in the evaluated scenes", context,
+                    horizon)
+        return {"windows": 0}
+    speed = windows.speed_now.astype(np.float64)
+    poses = {"world_model": np.concatenate(predictions["world_model"]),
+             "constant_velocity": integrate(controls_to_actions(constant_velocity_controls(speed, horizon), dt)),
+             "ego_mlp": np.concatenate(predictions["ego_mlp"]),
+             "expert": windows.truth}
+    seconds = [float(t) for t in rec.seconds]
+    open_loop = {"protocols": PROTOCOLS, "seconds": seconds}
+    for subset in SUBSETS:
+        keep = np.flatnonzero(windows.branch == (subset == "branch"))
+        part = windows.take(keep)
+        open_loop[subset] = {"windows": int(len(keep)),
+                             "methods": {name: score(p[keep], part, plan_cfg, seconds) for name, p in poses.items()}
+                             if len(keep) else {}}
+    section = {
+        "windows": int(len(windows)),
+        "open_loop": open_loop,
+        "action_recovery": _recovery_summary(recovered, rec_steps, dt),
+        "planner": {"method": plan_cfg.optimizer.method, "candidates": plan_cfg.optimizer.candidates,
+                    "iterations": plan_cfg.optimizer.iterations, "horizon_steps": horizon, "device": str(device),
+                    "seconds_per_window_batched": round(plan_seconds / len(windows), 4)},
+        "cost_heads": heads_meta.get("held_out_scores", heads_meta.get("train_scores")),
+        "ego_mlp": {"train_windows": ego_meta.get("train_windows"), "train_mean_l2_m": ego_meta.get("train_mean_l2_m")},
+        "landscape": landscape,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    return section
+
+
+def _recovery_choice(per_scene: dict, max_windows: int, seed: int) -> dict:
+    """Seeded (scene, window index) picks of up to ``max_windows`` factual and branch windows (0 = every one)."""
+    rng = np.random.default_rng(seed)
+    chosen = {}
+    for subset in SUBSETS:
+        pool = [(scene, i) for scene, w in per_scene.items() for i in range(len(w))
+                if bool(w.branch[i]) == (subset == "branch")]
+        if max_windows and len(pool) > max_windows:
+            pool = [pool[j] for j in sorted(rng.choice(len(pool), max_windows, replace=False))]
+        chosen[subset] = pool
+    return chosen
+
+
+def _recovery_summary(recovered: list, steps: list, dt: float) -> dict:
+    out = {"seconds": [s * dt for s in steps]}
+    for subset in SUBSETS:
+        rows = {"windows": 0, "endpoint_error_m": [], "constant_velocity_m": [], "ratio": [],
+                "latent_distance_recovered": [], "latent_distance_logged": []}
+        for k in steps:
+            parts = [(r, r["branch"] == (subset == "branch")) for r in recovered if r["steps"] == k]
+            pick = {key: np.concatenate([r[key][m] for r, m in parts]) if parts else np.zeros(0)
+                    for key in ("recovered_m", "constant_velocity_m", "distance_recovered", "distance_logged")}
+            rows["windows"] = int(len(pick["recovered_m"]))
+            err, cv = _mean(pick["recovered_m"].tolist()), _mean(pick["constant_velocity_m"].tolist())
+            rows["endpoint_error_m"].append(err)
+            rows["constant_velocity_m"].append(cv)
+            rows["ratio"].append(err / cv if err is not None and cv else None)
+            rows["latent_distance_recovered"].append(_mean(pick["distance_recovered"].tolist()))
+            rows["latent_distance_logged"].append(_mean(pick["distance_logged"].tolist()))
+        out[subset] = rows
+    return out
+
+
+def _landscape(model, states, window, context, steps, cfg, out, energy_landscape, plot_landscape) -> dict:
+    from drivejepa import latent_space
+    from drivejepa.planning.heads import model_device
+    from drivejepa.planning.motion import actions_to_controls
+
+    device = model_device(model)
+    s = int(window.start[0])
+    ctx = torch.from_numpy(np.ascontiguousarray(states[s - context + 1:s + 1][None], dtype=np.float32)).to(device)
+    past = None if context < 2 else torch.from_numpy(
+        np.ascontiguousarray(window.past[:, -(context - 1):], dtype=np.float32)).to(device)
+    goal = latent_space.targets(torch.from_numpy(np.ascontiguousarray(states[s + steps][None], dtype=np.float32)),
+                                model.space).to(device)
+    true = torch.from_numpy(actions_to_controls(window.actions[0, :steps]).astype(np.float32)).to(device)
+    land = energy_landscape(model, ctx, past, goal, true, cfg)
+    kind = "branch" if window.branch[0] else "factual"
+    title = f"{window.scene[0]} frame {s}, {steps * cfg.frame_seconds:g} s ahead ({kind} window)"
+    path = plot_landscape(land, Path(out) / "planning_landscape.png", title)
+    dist = np.asarray(land["distance"])
+    i, j = np.unravel_index(np.argmin(dist), dist.shape)
+    return {"png": path.name, "json": path.with_suffix(".json").name, "scene": window.scene[0], "frame": s,
+            "window": kind, "minimum_at": {"speed_change": land["speed_change"][i],
+                                           "yaw_rate_change": land["yaw_rate_change"][j]}}
+
+
+def format_planning(section: dict) -> str:
+    """The planning section of report.md: open-loop L2 and collision rate per protocol and method, then action
+    recovery."""
+    if not section.get("windows"):
+        return "## Planning\n\nNo planning window in the evaluated scenes.\n"
+    ol = section["open_loop"]
+    secs = ol["seconds"]
+    lines = ["## Planning (open loop)", "",
+             f"Planner: {section['planner']['method'].upper()}, {section['planner']['candidates']} candidates x "
+             f"{section['planner']['iterations']} iterations over {section['planner']['horizon_steps']} steps. "
+             "Protocols: " + "; ".join(f"`{k}` = {v}" for k, v in ol["protocols"].items()) + ".", ""]
+    for subset in SUBSETS:
+        block = ol.get(subset, {})
+        if not block.get("windows"):
+            continue
+        head = " | ".join(f"L2 {t:g} s ({p})" for p in ("uniad", "stp3") for t in secs)
+        chead = " | ".join(f"coll. {t:g} s ({p})" for p in ("uniad", "stp3") for t in secs)
+        lines += [f"{subset.capitalize()} windows: {block['windows']}", "", f"| method | {head} | {chead} |",
+                  "|---" * (1 + 4 * len(secs)) + "|"]
+        for name, m in block["methods"].items():
+            l2 = [m["l2_m"][p][i] for p in ("uniad", "stp3") for i in range(len(secs))]
+            col = [m["collision_rate"][p][i] for p in ("uniad", "stp3") for i in range(len(secs))]
+            cells = [f"{v:.3f}" if v is not None else "n/a" for v in l2] + \
+                    [f"{100 * v:.2f}%" if v is not None else "n/a" for v in col]
+            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    ar = section["action_recovery"]
+    lines += ["## Action recovery", "",
+              "End-point error (m) of the action sequence the model maps closest to the true future latent, beside "
+              "constant-velocity extrapolation.", "",
+              "| windows | " + " | ".join(f"{t:g} s recovered / const. vel. (ratio)" for t in ar["seconds"]) + " |",
+              "|---" * (1 + len(ar["seconds"])) + "|"]
+    for subset in SUBSETS:
+        r = ar[subset]
+        if not r["windows"]:
+            continue
+        cells = [f"{e:.2f} / {c:.2f} ({q:.2f})" if None not in (e, c, q) else "n/a"
+                 for e, c, q in zip(r["endpoint_error_m"], r["constant_velocity_m"], r["ratio"])]
+        lines.append(f"| {subset} ({r['windows']}) | " + " | ".join(cells) + " |")
+    if section.get("landscape"):
+        land = section["landscape"]
+        lines += ["", f"![Energy landscape]({land['png']}) minimum at a speed change of "
+                      f"{land['minimum_at']['speed_change']:+.2f} m/s and a yaw-rate change of "
+                      f"{land['minimum_at']['yaw_rate_change']:+.3f} rad/s from the true action"]
+    return "\n".join(lines) + "\n"
