@@ -26,6 +26,11 @@ def _axes_and_corners(box, xp):
     return xp.stack([u, n], -2), corners                                 # [..., 2, 2], [..., 4, 2]
 
 
+def box_corners(box):
+    """Corners ``[..., 4, 2]`` of planar boxes ``[..., 5]`` (numpy), front-left first, going round."""
+    return _axes_and_corners(np.asarray(box, dtype=np.float64), np)[1]
+
+
 def boxes_overlap(a, b):
     """Bool ``[...]``: whether planar boxes ``a`` and ``b`` (``[..., 5]``: x, y, yaw, length, width; leading axes
     broadcast) overlap. Separating-axis test on the four edge normals; touching counts as overlap."""

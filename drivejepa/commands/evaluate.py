@@ -18,6 +18,9 @@ def add_arguments(parser) -> None:
                         help="Ray actors, one per group of scenes (default: one per CPU); 0 = run in this process")
     parser.add_argument("--allow-other-shards", action="store_true",
                         help="use shards made with another preprocessing config than the checkpoint was trained on")
+    parser.add_argument("--plan-config", default=None,
+                        help="planner YAML (e.g. pipelines/plan.yaml): adds open-loop planning metrics and action "
+                             "recovery (metrics.json 'planning', report.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="suite overrides key=value (for example horizon=4)")
 
@@ -35,7 +38,7 @@ def run(args) -> int:
     refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
     metrics = evaluate(args.checkpoint, args.shards, args.out, split=args.split, suite=args.suite,
                        overrides=args.overrides, address=args.address, num_workers=args.num_workers,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, plan_config=args.plan_config)
     print(format_headline(metrics))
     best = {name: b["action_sensitivity"]["mse_ratio"][-1] for name, b in metrics["scenarios"].items()
             if b["windows"]}

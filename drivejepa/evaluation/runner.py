@@ -30,9 +30,11 @@ def default_suite() -> Path:
 
 def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, split: str = "val",
              suite: Optional[str | Path] = None, overrides=(), address: Optional[str] = None,
-             num_workers: Optional[int] = None, progress: bool = True) -> dict:
+             num_workers: Optional[int] = None, progress: bool = True, plan_config: Optional[str | Path] = None
+             ) -> dict:
     """Evaluate a checkpoint on the scenes of ``split``; writes OUT/metrics.json, report.md, plots, probes.pt and
-    returns the metrics. ``num_workers=0`` runs in this process, otherwise in Ray actors (see :func:`run_jobs`)."""
+    returns the metrics. ``num_workers=0`` runs in this process, otherwise in Ray actors (see :func:`run_jobs`).
+    With ``plan_config`` (a planner YAML) the planning section is added (drivejepa/planning/evaluation.py)."""
     import datetime
 
     from drivejepa import __version__
@@ -107,5 +109,15 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
         "drivejepa_version": __version__,
     }
     metrics = {"provenance": metrics.pop("provenance"), **metrics}
+    if plan_config is not None:
+        from drivejepa.config import PlanConfig
+        from drivejepa.planning.evaluation import planning_section
+
+        metrics["planning"] = planning_section(checkpoint, shards, metrics["provenance"]["eval_scenes"],
+                                               load_config(PlanConfig, plan_config), out, progress=progress)
     write_outputs(out, metrics, fitted)
+    if plan_config is not None:
+        from drivejepa.planning.evaluation import append_report
+
+        append_report(out, metrics["planning"])
     return metrics

@@ -194,37 +194,37 @@ def _landscape(model, states, window, context, steps, cfg, out, energy_landscape
     path = plot_landscape(land, Path(out) / "planning_landscape.png", title)
     dist = np.asarray(land["distance"])
     i, j = np.unravel_index(np.argmin(dist), dist.shape)
+    flat = np.ptp(dist) <= 1e-9 * max(1.0, float(np.abs(dist).max()))
     return {"png": path.name, "json": path.with_suffix(".json").name, "scene": window.scene[0], "frame": s,
-            "window": kind, "minimum_at": {"speed_change": land["speed_change"][i],
-                                           "yaw_rate_change": land["yaw_rate_change"][j]}}
+            "window": kind, "minimum_at": None if flat else {"speed_change": land["speed_change"][i],
+                                                             "yaw_rate_change": land["yaw_rate_change"][j]}}
 
 
 def format_planning(section: dict) -> str:
     """The planning section of report.md: open-loop L2 and collision rate per protocol and method, then action
     recovery."""
     if not section.get("windows"):
-        return "## Planning\n\nNo planning window in the evaluated scenes.\n"
-    ol = section["open_loop"]
+        return "## Planning (open loop)\n\nNo planning window in the evaluated scenes.\n"
+    ol, pl = section["open_loop"], section["planner"]
     secs = ol["seconds"]
     lines = ["## Planning (open loop)", "",
-             f"Planner: {section['planner']['method'].upper()}, {section['planner']['candidates']} candidates x "
-             f"{section['planner']['iterations']} iterations over {section['planner']['horizon_steps']} steps. "
-             "Protocols: " + "; ".join(f"`{k}` = {v}" for k, v in ol["protocols"].items()) + ".", ""]
+             f"World-model planner: {pl['method'].upper()}, {pl['candidates']} candidates x {pl['iterations']} "
+             f"iterations over {pl['horizon_steps']} steps. L2 in metres, collision rate of the planned ego box "
+             "against the annotated agent boxes.", ""]
     for subset in SUBSETS:
         block = ol.get(subset, {})
         if not block.get("windows"):
             continue
-        head = " | ".join(f"L2 {t:g} s ({p})" for p in ("uniad", "stp3") for t in secs)
-        chead = " | ".join(f"coll. {t:g} s ({p})" for p in ("uniad", "stp3") for t in secs)
-        lines += [f"{subset.capitalize()} windows: {block['windows']}", "", f"| method | {head} | {chead} |",
-                  "|---" * (1 + 4 * len(secs)) + "|"]
-        for name, m in block["methods"].items():
-            l2 = [m["l2_m"][p][i] for p in ("uniad", "stp3") for i in range(len(secs))]
-            col = [m["collision_rate"][p][i] for p in ("uniad", "stp3") for i in range(len(secs))]
-            cells = [f"{v:.3f}" if v is not None else "n/a" for v in l2] + \
-                    [f"{100 * v:.2f}%" if v is not None else "n/a" for v in col]
-            lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
-        lines.append("")
+        for protocol, meaning in ol["protocols"].items():
+            lines += [f"{subset.capitalize()} windows ({block['windows']}), `{protocol}`: {meaning}", "",
+                      "| method | " + " | ".join(f"L2 {t:g} s" for t in secs) + " | "
+                      + " | ".join(f"collision {t:g} s" for t in secs) + " |",
+                      "|---" * (1 + 2 * len(secs)) + "|"]
+            for name, m in block["methods"].items():
+                cells = [f"{v:.3f}" if v is not None else "n/a" for v in m["l2_m"][protocol]]
+                cells += [f"{100 * v:.2f}%" if v is not None else "n/a" for v in m["collision_rate"][protocol]]
+                lines.append(f"| {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+            lines.append("")
     ar = section["action_recovery"]
     lines += ["## Action recovery", "",
               "End-point error (m) of the action sequence the model maps closest to the true future latent, beside "
@@ -238,9 +238,19 @@ def format_planning(section: dict) -> str:
         cells = [f"{e:.2f} / {c:.2f} ({q:.2f})" if None not in (e, c, q) else "n/a"
                  for e, c, q in zip(r["endpoint_error_m"], r["constant_velocity_m"], r["ratio"])]
         lines.append(f"| {subset} ({r['windows']}) | " + " | ".join(cells) + " |")
-    if section.get("landscape"):
-        land = section["landscape"]
-        lines += ["", f"![Energy landscape]({land['png']}) minimum at a speed change of "
-                      f"{land['minimum_at']['speed_change']:+.2f} m/s and a yaw-rate change of "
-                      f"{land['minimum_at']['yaw_rate_change']:+.3f} rad/s from the true action"]
+    land = section.get("landscape")
+    if land:
+        at = land["minimum_at"]
+        where = ("flat: every action of the grid is as near" if at is None else
+                 f"minimum at a speed change of {at['speed_change']:+.2f} m/s and a yaw-rate change of "
+                 f"{at['yaw_rate_change']:+.3f} rad/s from the true action")
+        lines += ["", f"![Energy landscape]({land['png']}) {land['scene']} key frame {land['frame']}: {where}"]
     return "\n".join(lines) + "\n"
+
+def append_report(out: str | Path, section: dict) -> Path:
+    """Add the planning section to ``out/report.md`` (rewritten atomically)."""
+    from drivejepa.io import atomic_write_text
+
+    path = Path(out) / "report.md"
+    before = path.read_text() if path.is_file() else ""
+    return atomic_write_text(path, before.rstrip("\n") + "\n\n" + format_planning(section))

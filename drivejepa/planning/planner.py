@@ -12,7 +12,7 @@ once (open-loop evaluation plans many windows together), on the CPU or a GPU (``
 The API the closed-loop driver and evaluation call::
 
     planner = Planner(model, heads, cfg)           # or Planner(cfg=cfg, scene_cost=OracleCost(...)) without a model
-    plan = planner.plan(obs_history, actions_history, "left")
+    plan = planner.plan(obs_history, actions_history, "left")     # or plan_states(context, ...) with cached states
     plan.actions, plan.trajectory, plan.candidates, plan.cost, plan.latency_ms
 """
 from __future__ import annotations
@@ -59,6 +59,24 @@ class Decisions:
     candidate_costs: torch.Tensor      # [B, P]
 
 
+def observation_history(arrays: Mapping, frames, camera_index=None) -> dict:
+    """Shard-like arrays of key frames ``frames`` (oldest first) for :meth:`Planner.plan`: the sensor keys the
+    encoder reads, per-frame ones sliced to those frames, per-camera calibration kept per camera, cameras picked and
+    ordered by ``camera_index`` (the model's cameras in a shard's camera axis)."""
+    from drivejepa.data.shards import PER_CAMERA, SENSOR_KEYS
+
+    frames = np.asarray(frames)
+    out = {}
+    for key in SENSOR_KEYS:
+        if key not in arrays:
+            continue
+        value = np.asarray(arrays[key]) if key in PER_CAMERA else np.asarray(arrays[key][frames])
+        if camera_index is not None and (key in PER_CAMERA or key in ("images", "image_mask", "cam_to_key_ego")):
+            value = value[camera_index] if key in PER_CAMERA else value[:, camera_index]
+        out[key] = np.ascontiguousarray(value)
+    return out
+
+
 class Planner:
     """MPC over the world model (``model`` and its cost ``heads``), or over any ``scene_cost`` (a callable
     ``(situation, actions [B, P, H, 5], poses [B, P, H+1, 3]) -> {term: [B, P]}``, e.g. ``costs.OracleCost``).
@@ -88,8 +106,9 @@ class Planner:
     # ------------------------------------------------------------------------------------------------ one decision
     @torch.no_grad()
     def encode(self, obs_history: Mapping) -> torch.Tensor:
-        """Context states ``[1, Tc, *S]`` of the frames of ``obs_history``: shard-like arrays with a leading axis of
-        Tc key frames, oldest first, each in its own key ego frame (per-camera calibration without that axis)."""
+        """Context states ``[1, Tc, *S]`` of the frames of ``obs_history``: shard-like arrays of the model's cameras
+        with a leading axis of Tc key frames, oldest first, each in its own key ego frame (per-camera calibration
+        without that axis): what :func:`observation_history` gives."""
         from drivejepa.data.shards import PER_CAMERA
         from drivejepa.evaluation.latents import frames_as_obs
 
@@ -104,11 +123,19 @@ class Planner:
         ego's past actions (``actions_history`` ``[n, 5]``, oldest first, the last one the motion into the current
         frame; at least the ``Tc - 1`` of the earlier context frames). ``command``: left / straight / right. Warm
         starts from the previous plan shifted by ``steps_since_last`` key-frame steps."""
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         start = time.perf_counter()
         context = self.encode(obs_history) if obs_history is not None else None
-        sync()
-        encoded = time.perf_counter()
+        self._sync()
+        plan = self.plan_states(context, actions_history, command, steps_since_last)
+        plan.latency_ms["encode"] = 1e3 * (time.perf_counter() - start) - plan.latency_ms["optimise"]
+        plan.latency_ms["total"] = plan.latency_ms["encode"] + plan.latency_ms["optimise"]
+        return plan
+
+    def plan_states(self, context: Optional[torch.Tensor], actions_history, command,
+                    steps_since_last: int = 1) -> Plan:
+        """:meth:`plan` from context states ``[1, Tc, *S]`` already encoded (a closed-loop driver encodes each new
+        frame once, ``encode`` of a one-frame history, and keeps the last ``Tc``)."""
+        start = time.perf_counter()
         history = torch.as_tensor(np.asarray(actions_history, dtype=np.float32).reshape(-1, 5), device=self.device)
         past = None
         if context is not None and context.shape[1] > 1:
@@ -118,18 +145,22 @@ class Planner:
             past = history[len(history) - (context.shape[1] - 1):][None]
         speed = history[-1:, 3] if len(history) else torch.zeros(1, device=self.device)
         index = command_index(command)
+        context = None if context is None else context.to(self.device)
         situation = Situation(speed, torch.tensor([index], device=self.device), context, past)
         warm = None if self._previous is None else shift(self._previous, steps_since_last)
         decision = self.decide(situation, warm)
-        sync()
-        done = time.perf_counter()
+        self._sync()
+        optimise = 1e3 * (time.perf_counter() - start)
         self._previous = decision.controls
         return Plan(controls=decision.controls[0].cpu().numpy(), actions=decision.actions[0].cpu().numpy(),
                     trajectory=decision.poses[0].cpu().numpy(), candidates=decision.candidates[0].cpu().numpy(),
                     candidate_costs=decision.candidate_costs[0].cpu().numpy(), cost=float(decision.cost[0]),
                     terms={k: float(v[0]) for k, v in decision.terms.items()}, command=COMMANDS[index],
-                    latency_ms={"encode": 1e3 * (encoded - start), "optimise": 1e3 * (done - encoded),
-                                "total": 1e3 * (done - start)})
+                    latency_ms={"encode": 0.0, "optimise": optimise, "total": optimise})
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------------------------------------ B problems
     def evaluate(self, situation: Situation, controls: torch.Tensor) -> tuple[torch.Tensor, dict]:
