@@ -203,3 +203,22 @@ def test_planner_with_an_oracle_cost_avoids_a_stopped_car_that_constant_velocity
     end, hits = drive(plan)
     assert not any(hits)
     assert end[0] > 5.0                                                        # and it still drives on
+
+
+def test_cost_heads_map_tokens_to_their_cells():
+    """Token i * G + j holds the s x s cells of x bin i and y bin j; reading a few cells gives the full map's values."""
+    from drivejepa.planning.heads import CostHeads, HeadSpec
+
+    torch.manual_seed(0)
+    heads = CostHeads(HeadSpec(channels=3, bev_size=4, bev_range=8.0, subcells=2, hidden=8, kind="linear"))
+    torch.nn.init.normal_(heads.bias)
+    states = torch.randn(5, 16, 3)
+    full = heads(states)
+    assert full.shape == (5, 2, 8, 8)
+    cells = torch.tensor([0, 9, 27, 36, 63])
+    np.testing.assert_allclose(heads.logits_at(states, cells).detach().numpy(),
+                               full.flatten(-2)[..., cells].detach().numpy(), atol=1e-6)
+    one = torch.zeros(1, 16, 3)
+    one[0, 6] = 1.0                                                            # token of x bin 1, y bin 2
+    changed = (heads(one) - heads(torch.zeros(1, 16, 3))).abs().sum(1)[0] > 0
+    assert changed.nonzero().tolist() == [[2, 4], [2, 5], [3, 4], [3, 5]]

@@ -114,3 +114,31 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     assert (tmp_path / "eval" / section["landscape"]["png"]).is_file()
     report = format_planning(section)
     assert "(UniAD)" in report and "ST-P3" in report and "world model" in report
+
+
+def test_plan_command_replays_a_logged_scene(shard_dir, tmp_path, monkeypatch, grid_distance, capsys):
+    """``drivejepa plan``: decisions at consecutive key frames, each scored against the log and drawn; the cost
+    heads are fitted once beside the run and found again."""
+    import json
+
+    from drivejepa import cli
+    from drivejepa.config import TrainConfig
+    from drivejepa.training import checkpoint
+
+    ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"a stand-in checkpoint")
+    monkeypatch.setattr(checkpoint, "load_world_model", lambda path, device="cpu": (LidarGridModel(), TrainConfig()))
+    monkeypatch.setattr(checkpoint, "refuse_other_shards", lambda *a, **k: None)
+    args = ["plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--scene", "scene-0001", "--steps", "2",
+            "--out", str(tmp_path / "plan"), "--no-progress", "heads.steps=50", "optimizer.candidates=16", "device=cpu"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [d["frame"] for d in summary["decisions"]] == [1, 2]
+    for d in summary["decisions"]:
+        assert len(d["trajectory"]) == 7 and len(d["l2_m"]) == 6 and d["command"] in ("left", "straight", "right")
+        assert (tmp_path / "plan" / d["figure"]).stat().st_size > 0
+    assert "2 decisions" in printed and (tmp_path / "run" / "planning_heads" / "best.pt").is_file()
+    assert cli.main(args[:-3] + ["--command", "u-turn", "device=cpu"]) == 2            # one clear line
+    assert "--command u-turn" in capsys.readouterr().err

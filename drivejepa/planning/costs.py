@@ -96,7 +96,7 @@ class LatentSceneCost:
 
     def __init__(self, model, heads, cfg, chunk: int = 512):
         self.model, self.heads, self.cfg, self.chunk = model, heads, cfg, chunk
-        self.mask = footprint(heads.spec.grid, heads.spec.bev_range, cfg)
+        self.cells = torch.nonzero(footprint(heads.spec.grid, heads.spec.bev_range, cfg).flatten())[:, 0]
 
     def __call__(self, situation: Situation, actions: torch.Tensor, poses: torch.Tensor) -> dict:
         from drivejepa.planning.heads import TASKS
@@ -104,11 +104,11 @@ class LatentSceneCost:
 
         if situation.context is None:
             raise ValueError("the latent scene cost needs the context states of the decision")
-        mask = self.mask.to(actions.device)
+        cells = self.cells.to(actions.device)
         occ, free = TASKS.index("occupancy"), TASKS.index("drivable")
 
         def reduce(pred, rows):
-            prob = self.heads.probabilities(pred)[..., mask]                    # [n, H, 2, cells]
+            prob = torch.sigmoid(self.heads.logits_at(pred, cells))             # [n, H, 2, cells]
             collision = prob[:, :, occ].amax(-1).mean(-1)
             off_road = (1.0 - prob[:, :, free]).mean(-1).mean(-1)
             return torch.stack([collision, off_road], dim=-1)

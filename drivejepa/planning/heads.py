@@ -80,6 +80,18 @@ class CostHeads(nn.Module):
     def probabilities(self, states: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self(states))
 
+    def logits_at(self, states: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., 2, M]`` of the output cells ``cells`` (``[M]`` flat indices ``I * G*s + J``) only: the
+        tokens holding them go through the head, nothing else (the planner reads the few cells under the ego)."""
+        g, s, t = self.spec.bev_size, self.spec.subcells, len(TASKS)
+        row, col = cells // (g * s), cells % (g * s)
+        tokens, which = torch.unique((row // s) * g + col // s, return_inverse=True)
+        x = (states.index_select(-2, tokens).float() - self.mean) / self.std             # [..., K, C]
+        out = self.head(x).unflatten(-1, (t, s * s))[..., which, :, :]                  # [..., M, T, s*s]
+        sub = ((row % s) * s + col % s).view(-1, 1, 1).expand(*out.shape[:-1], 1)
+        picked = out.gather(-1, sub)[..., 0].transpose(-1, -2)                          # [..., T, M]
+        return picked + self.bias[:, row, col]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Labels and data

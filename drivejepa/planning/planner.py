@@ -136,7 +136,7 @@ class Planner:
         """:meth:`plan` from context states ``[1, Tc, *S]`` already encoded (a closed-loop driver encodes each new
         frame once, ``encode`` of a one-frame history, and keeps the last ``Tc``)."""
         start = time.perf_counter()
-        history = torch.as_tensor(np.asarray(actions_history, dtype=np.float32).reshape(-1, 5), device=self.device)
+        history = torch.tensor(np.array(actions_history, dtype=np.float32).reshape(-1, 5), device=self.device)
         past = None
         if context is not None and context.shape[1] > 1:
             if len(history) < context.shape[1] - 1:

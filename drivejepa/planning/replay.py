@@ -59,14 +59,14 @@ def plan_scene(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: s
         name = COMMANDS[int(windows.command[w])] if command == "logged" else command
         plan = planner.plan(obs, history, name)
         one = windows.take([w])
-        cv = integrate(controls_to_actions(constant_velocity_controls(np.float64(one.speed_now[0]), horizon),
+        cv = integrate(controls_to_actions(constant_velocity_controls(one.speed_now.astype(np.float64), horizon),
                                            cfg.frame_seconds))
         decisions.append({
             "frame": s, "command": name, "command_source": command if command != "logged" else "logged 3 s ahead",
             "controls": plan.controls.tolist(), "actions": plan.actions.tolist(),
             "trajectory": plan.trajectory.tolist(), "logged": one.truth[0].tolist(),
             "l2_m": l2_errors(plan.trajectory[None, 1:, :2], one.truth[:, 1:, :2])[0].tolist(),
-            "constant_velocity_l2_m": l2_errors(cv[None, 1:, :2], one.truth[:, 1:, :2])[0].tolist(),
+            "constant_velocity_l2_m": l2_errors(cv[:, 1:, :2], one.truth[:, 1:, :2])[0].tolist(),
             "collides": collisions(plan.trajectory[None], one.boxes, one.box_mask, cfg)[0].tolist(),
             "cost": plan.cost, "terms": plan.terms, "latency_ms": plan.latency_ms,
             "figure": draw_decision(out / f"plan_t{s:03d}.png", shard, s, plan, one, cv, cfg).name,
