@@ -435,6 +435,8 @@ class RecoveryConfig:
     max_windows: int = 48                             # factual and branch windows each (seeded choice); 0 = all
     candidates: int = 64
     iterations: int = 4
+    gradient_steps: int = 50                          # then Adam on the controls through the model (0 = CEM only)
+    gradient_lr: float = 0.05
     landscape_size: int = 9                           # grid points per axis
     landscape_speed: float = 4.0                      # m/s either side of the true speed change
     landscape_yaw_rate: float = 0.3                   # rad/s either side of the true yaw-rate change
@@ -561,7 +563,8 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _require(value > 0, source, key, value, "must be positive")
         _require(len(r.seconds) > 0 and min(r.seconds) > 0, source, "recovery.seconds", r.seconds,
                  "must list positive horizons")
-        _at_least(r, "recovery.", source, 0, "max_windows")
+        _at_least(r, "recovery.", source, 0, "max_windows", "gradient_steps")
+        _require(r.gradient_lr > 0, source, "recovery.gradient_lr", r.gradient_lr, "must be positive")
         _at_least(r, "recovery.", source, 2, "candidates", "landscape_size")
         _at_least(r, "recovery.", source, 1, "iterations")
     elif isinstance(cfg, EvalConfig):

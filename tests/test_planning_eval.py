@@ -92,6 +92,7 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     cfg = PlanConfig(device="cpu")
     cfg.optimizer.candidates, cfg.optimizer.iterations = 16, 2
     cfg.recovery.candidates, cfg.recovery.iterations, cfg.recovery.max_windows = 8, 1, 3
+    cfg.recovery.gradient_steps = 2
     cfg.heads.steps, cfg.ego_mlp.steps = 150, 150
     cfg.recovery.landscape_size = 3
     train_cfg = TrainConfig()

@@ -2,7 +2,7 @@
 
 From a window's context and the true future latent ``h`` steps ahead (1, 2 and 3 s), the sampling optimiser
 (``optimizer.py``) searches the ``h``-step control sequence whose rollout ends nearest that latent
-(``latent_space.distance`` in the model's space). The recovered controls are driven the planner's way
+(``latent_space.distance`` in the model's space), and projected gradient descent through the model refines it. The recovered controls are driven the planner's way
 (``motion.py``) and the end point compared with the true one (the ego poses of the shard): the error in metres,
 beside the error of constant-velocity extrapolation (the current speed held straight ahead). A model that follows
 its actions recovers the motion that produced the future; one that ignores them can do no better than its prior.
@@ -78,8 +78,42 @@ def recover(model, context: torch.Tensor, past_actions: Optional[torch.Tensor], 
 
     start = constant_velocity_controls(speed_now, steps)
     result = SamplingOptimizer(opt_cfg, lower, upper, project).minimize(cost, start)
-    actions = controls_to_actions(result.best, dt)
-    return Recovered(result.best, actions, integrate(actions), result.best_cost)
+    best, distance = result.best, result.best_cost
+    if cfg.recovery.gradient_steps > 0:
+        refined = refine(model, context, past_actions, goal, best, project, cfg)
+        d = cost(refined[:, None])[:, 0]
+        better = d < distance
+        best, distance = torch.where(better[:, None, None], refined, best), torch.where(better, d, distance)
+    actions = controls_to_actions(best, dt)
+    return Recovered(best, actions, integrate(actions), distance)
+
+
+def refine(model, context, past_actions, goal, controls: torch.Tensor, project, cfg) -> torch.Tensor:
+    """Projected Adam on ``controls`` ``[B, h, 2]`` through the model's rollout (the model's weights untouched;
+    ``project`` takes ``[B, P, h, 2]``): the sampling search finds the basin, the gradient its bottom. Returns the
+    controls of the lowest distance met."""
+    from drivejepa import latent_space
+
+    dt = float(cfg.frame_seconds)
+    scale = torch.tensor([1.0, 0.1], device=controls.device)               # one step moves speed and yaw rate alike
+    z = (controls / scale).detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=cfg.recovery.gradient_lr)
+    best, best_d = controls.detach().clone(), torch.full(controls.shape[:1], float("inf"), device=controls.device)
+    for _ in range(int(cfg.recovery.gradient_steps)):
+        x = z * scale
+        with torch.enable_grad():
+            pred = model.rollout(context, controls_to_actions(x, dt), past_actions)[:, -1]
+            d = latent_space.distance(latent_space.predictions(pred.float(), model.space), goal)
+            (grad,) = torch.autograd.grad(d.sum(), z)
+        with torch.no_grad():
+            better = d < best_d
+            best = torch.where(better[:, None, None], x.detach(), best)
+            best_d = torch.where(better, d.detach(), best_d)
+        z.grad = grad
+        opt.step()
+        with torch.no_grad():
+            z.copy_(project((z * scale)[:, None])[:, 0] / scale)
+    return best
 
 
 def energy_landscape(model, context, past_actions, goal, true_controls: torch.Tensor, cfg,
