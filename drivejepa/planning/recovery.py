@@ -104,12 +104,13 @@ def refine(model, context, past_actions, goal, controls: torch.Tensor, project, 
         with torch.enable_grad():
             pred = model.rollout(context, controls_to_actions(x, dt), past_actions)[:, -1]
             d = latent_space.distance(latent_space.predictions(pred.float(), model.space), goal)
-            (grad,) = torch.autograd.grad(d.sum(), z)
         with torch.no_grad():
             better = d < best_d
             best = torch.where(better[:, None, None], x.detach(), best)
             best_d = torch.where(better, d.detach(), best_d)
-        z.grad = grad
+        if not d.requires_grad:                           # a rollout that does not depend on the actions
+            break
+        (z.grad,) = torch.autograd.grad(d.sum(), z)
         opt.step()
         with torch.no_grad():
             z.copy_(project((z * scale)[:, None])[:, 0] / scale)
