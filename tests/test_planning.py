@@ -223,3 +223,32 @@ def test_cost_heads_map_tokens_to_their_cells():
     one[0, 6] = 1.0                                                            # token of x bin 1, y bin 2
     changed = (heads(one) - heads(torch.zeros(1, 16, 3))).abs().sum(1)[0] > 0
     assert changed.nonzero().tolist() == [[2, 4], [2, 5], [3, 4], [3, 5]]
+
+
+def test_ego_mlp_learns_the_future_from_past_motion_and_the_command():
+    """The ego-status baseline: from the past speed and the route command it learns to hold the speed and turn the
+    way the command says (toy windows: speeds 2-15 m/s, left / straight / right at +-0.25 rad/s)."""
+    from drivejepa.config import EgoMLPConfig
+    from drivejepa.planning.ego_mlp import EgoMLP, EgoSpec, fit_ego_mlp
+    from drivejepa.planning.windows import Windows
+
+    rng = np.random.default_rng(0)
+    n, horizon = 512, 6
+    speed = rng.uniform(2.0, 15.0, n)
+    command = rng.integers(0, 3, n)
+    yaw_rate = np.array([0.25, 0.0, -0.25])[command]
+    past = controls_to_actions(np.stack([speed, np.zeros(n)], -1)[:, None].repeat(4, 1), 0.5)
+    truth = integrate(controls_to_actions(np.stack([speed, yaw_rate], -1)[:, None].repeat(horizon, 1), 0.5))
+    windows = Windows(scene=["toy"] * n, start=np.zeros(n, int), branch=np.zeros(n, bool), past=past,
+                      speed_now=speed.astype(np.float32), command=command, truth=truth,
+                      actions=np.zeros((n, horizon, 5), np.float32), boxes=np.zeros((n, horizon, 0, 5)),
+                      box_mask=np.zeros((n, horizon, 0), bool))
+    model = fit_ego_mlp(windows, EgoSpec(past_steps=4, horizon=horizon, frame_seconds=0.5),
+                        EgoMLPConfig(steps=600), progress=False)
+    assert isinstance(model, EgoMLP)
+    actions, trajectory = model.plan(past[:64], command[:64])
+    assert actions.shape == (64, horizon, 5) and trajectory.shape == (64, horizon + 1, 3)
+    error = np.linalg.norm(trajectory[:, -1, :2] - truth[:64, -1, :2], axis=-1)
+    assert error.mean() < 1.0, error.mean()
+    lateral = trajectory[:, -1, 1]
+    assert np.all(lateral[command[:64] == 0] > 0.5) and np.all(lateral[command[:64] == 2] < -0.5)
