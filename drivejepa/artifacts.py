@@ -5,9 +5,10 @@ checkpoint it was trained for (its SHA-256 in the saved ``meta``): a retrained c
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from drivejepa.errors import UserError
 from drivejepa.io import atomic_path, atomic_write_json, file_sha256
@@ -53,3 +54,23 @@ def find_artifact(checkpoint: str | Path, kind: str, what: str) -> Optional[dict
         log.info("%s was trained for another version of %s; retraining", path, checkpoint)
         return None
     return state
+
+
+def save_module(path: str | Path, module, spec, meta: dict, fmt: int) -> Path:
+    """A torch module with its dataclass ``spec`` (what rebuilds it), ``meta`` and format version; the JSON beside it
+    holds the spec and the meta."""
+    state = {"format": fmt, "spec": dataclasses.asdict(spec), "meta": meta, "state_dict": module.state_dict()}
+    return save_artifact(path, state, {"spec": state["spec"], **meta})
+
+
+def module_from_state(state: dict, path, build: Callable[[dict], object], what: str, fmt: Optional[int] = None):
+    """(module in eval mode, meta) of a state written by :func:`save_module`; ``build(spec dict)`` makes the empty
+    module. A state of another format or whose weights do not fit is a UserError naming the file."""
+    try:
+        if fmt is not None and state.get("format") != fmt:
+            raise ValueError(f"format {state.get('format')}, this code reads {fmt}")
+        module = build(state["spec"])
+        module.load_state_dict(state["state_dict"])
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}); delete it to retrain") from exc
+    return module.eval(), dict(state.get("meta", {}))

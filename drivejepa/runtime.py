@@ -1,6 +1,7 @@
 """Process set-up shared by every command: logging, seeding, device choice, Ray start-up."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -30,6 +31,20 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch intra-op threads, then restore the setting. Small models (probes, heads,
+    decoders) fit faster on one: on a shared machine extra threads only fight for the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def select_device(name: str = "auto"):

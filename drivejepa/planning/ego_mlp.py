@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from drivejepa.artifacts import artifact_path, find_artifact, save_artifact
+from drivejepa.artifacts import artifact_path, find_artifact, module_from_state, save_module
 from drivejepa.errors import UserError
 from drivejepa.planning.motion import controls_to_actions, integrate
 from drivejepa.models.predictor import ACTION_SCALES
@@ -74,17 +74,18 @@ def fit_ego_mlp(windows, spec: EgoSpec, cfg, progress: bool = True) -> EgoMLP:
     """Fit on ``windows`` (``planning.windows.Windows``); ``cfg`` is a ``config.EgoMLPConfig``."""
     from tqdm import tqdm
 
-    torch.manual_seed(cfg.seed)
+    from drivejepa.runtime import torch_threads
+
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = EgoMLP(spec)
+    with torch.random.fork_rng(devices=[]):                  # seeded weights; the caller's random state untouched
+        torch.manual_seed(cfg.seed)
+        model = EgoMLP(spec)
     past = torch.from_numpy(np.ascontiguousarray(windows.past[:, -spec.past_steps:], dtype=np.float32))
     command = torch.from_numpy(np.asarray(windows.command, dtype=np.int64))
     truth = torch.from_numpy(np.ascontiguousarray(windows.truth[:, 1:spec.horizon + 1, :2], dtype=np.float32))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         bar = tqdm(range(cfg.steps), desc="fitting the ego-status MLP", unit="step", disable=not progress,
                    leave=False)
         for _ in bar:
@@ -95,8 +96,6 @@ def fit_ego_mlp(windows, spec: EgoSpec, cfg, progress: bool = True) -> EgoMLP:
             opt.step()
             sched.step()
             bar.set_postfix(l2=f"{loss.item():.2f}", refresh=False)
-    finally:
-        torch.set_num_threads(threads)
     return model.eval()
 
 
@@ -105,18 +104,11 @@ def ego_mlp_path(checkpoint: str | Path) -> Path:
 
 
 def save_ego_mlp(path, model: EgoMLP, meta: dict) -> Path:
-    state = {"format": FORMAT, "spec": dataclasses.asdict(model.spec), "meta": meta, "state_dict": model.state_dict()}
-    return save_artifact(path, state, {"spec": state["spec"], **meta})
+    return save_module(path, model, model.spec, meta, FORMAT)
 
 
 def ego_mlp_from_state(state: dict, path) -> tuple[EgoMLP, dict]:
-    try:
-        model = EgoMLP(EgoSpec(**state["spec"]))
-        model.load_state_dict(state["state_dict"])
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable ego-status MLP ({type(exc).__name__}: {exc}); delete it to "
-                        "retrain") from exc
-    return model.eval(), dict(state.get("meta", {}))
+    return module_from_state(state, path, lambda spec: EgoMLP(EgoSpec(**spec)), "ego-status MLP", FORMAT)
 
 
 def ensure_ego_mlp(checkpoint: str | Path, train_cfg, shard_dir: str | Path, plan_cfg, *, retrain: bool = False,

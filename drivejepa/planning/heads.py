@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drivejepa.artifacts import artifact_path, find_artifact, save_artifact
+from drivejepa.artifacts import artifact_path, find_artifact, module_from_state, save_module
 from drivejepa.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -163,10 +163,12 @@ def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progr
     from tqdm import tqdm
 
     from drivejepa.evaluation.probes import best_threshold
+    from drivejepa.runtime import torch_threads
 
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    heads = CostHeads(spec)
+    with torch.random.fork_rng(devices=[]):                  # seeded weights; the caller's random state untouched
+        torch.manual_seed(cfg.seed)
+        heads = CostHeads(spec)
     x = torch.from_numpy(np.ascontiguousarray(states, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.float32))
     heads.mean.copy_(x.mean(dim=(0, 1)))
@@ -177,9 +179,7 @@ def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progr
     positive = y.mean(dim=(0, 2, 3)).clamp(1e-3, 1 - 1e-3)
     pos_weight = ((1 - positive) / positive).clamp(max=50.0)[:, None, None]
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # small ops: extra threads only fight for the cores (see decoder.py)
-    try:
+    with torch_threads(1):
         heads.train()
         bar = tqdm(range(cfg.steps), desc="fitting cost heads", unit="step", disable=not progress, leave=False)
         for _ in bar:
@@ -191,8 +191,6 @@ def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progr
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         heads.eval()
         prob = predict(heads, states)
-    finally:
-        torch.set_num_threads(threads)
     truth = np.asarray(labels, dtype=bool)
     heads.threshold.copy_(torch.tensor([best_threshold(prob[:, t], truth[:, t]) for t in range(len(TASKS))]))
     return heads
@@ -227,19 +225,11 @@ def heads_path(checkpoint: str | Path) -> Path:
 
 
 def save_heads(path: str | Path, heads: CostHeads, meta: dict) -> Path:
-    state = {"format": FORMAT, "spec": dataclasses.asdict(heads.spec), "meta": meta,
-             "state_dict": heads.state_dict()}
-    return save_artifact(path, state, {"spec": state["spec"], **meta})
+    return save_module(path, heads, heads.spec, meta, FORMAT)
 
 
 def heads_from_state(state: dict, path) -> tuple[CostHeads, dict]:
-    try:
-        heads = CostHeads(HeadSpec(**state["spec"]))
-        heads.load_state_dict(state["state_dict"])
-    except Exception as exc:
-        raise UserError(f"{path}: not readable cost heads ({type(exc).__name__}: {exc}); delete it to retrain") \
-            from exc
-    return heads.eval(), dict(state.get("meta", {}))
+    return module_from_state(state, path, lambda spec: CostHeads(HeadSpec(**spec)), "set of cost heads", FORMAT)
 
 
 def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path, plan_cfg, *,

@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drivejepa.artifacts import artifact_path, find_artifact, load_artifact, save_artifact
-from drivejepa.errors import UserError
+from drivejepa.artifacts import artifact_path, find_artifact, load_artifact, module_from_state, save_module
 from drivejepa.latent_space import layer_norm
 from drivejepa.evaluation.probes import grid_centers, iou, occupancy_grid
 
@@ -225,18 +224,11 @@ def decoder_path(checkpoint: str | Path) -> Path:
 
 def save_decoder(path: str | Path, decoder: LatentDecoder, meta: dict) -> Path:
     """Atomically write the decoder (and its numbers as JSON beside it)."""
-    state = {"format": FORMAT, "spec": dataclasses.asdict(decoder.spec), "meta": meta,
-             "state_dict": decoder.state_dict()}
-    return save_artifact(path, state, {"spec": state["spec"], **meta})
+    return save_module(path, decoder, decoder.spec, meta, FORMAT)
 
 
 def _decoder_from_state(state: dict, path) -> tuple[LatentDecoder, dict]:
-    try:
-        decoder = LatentDecoder(DecoderSpec(**state["spec"]))
-        decoder.load_state_dict(state["state_dict"])
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable decoder ({type(exc).__name__}: {exc}); delete it to retrain") from exc
-    return decoder.eval(), dict(state.get("meta", {}))
+    return module_from_state(state, path, lambda spec: LatentDecoder(DecoderSpec(**spec)), "decoder")
 
 
 def load_decoder(path: str | Path) -> tuple[LatentDecoder, dict]:
