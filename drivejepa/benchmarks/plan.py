@@ -142,8 +142,8 @@ def run(args) -> dict:
                                   "optimise": decide, "decision": decision}, args.repeats, args.warmup)
     o = cfg.optimizer
     row = {"resnet18_224x400_ms": round(ms["resnet18_224x400"], 2), "encode_ms": round(ms["encode"], 2),
-           "optimise_ms": round(ms["optimise"], 2), "decision_ms": round(ms["decision"], 2), "method": o.method, "candidates": o.candidates,
-           "iterations": o.iterations, "horizon_steps": cfg.horizon,
+           "optimise_ms": round(ms["optimise"], 2), "decision_ms": round(ms["decision"], 2), "method": o.method,
+           "candidates": o.candidates, "iterations": o.iterations, "horizon_steps": cfg.horizon,
            "rollouts_per_decision": o.candidates * o.iterations + 2,
            "state": [int(model.bev_size), int(model.bev_size), int(model.latent_dim)], "context_frames": context}
     result = {"benchmark": "plan", "model": source, "observations": obs_source, "device": str(device),
