@@ -51,7 +51,7 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
     from drivejepa.planning.ego_mlp import ensure_ego_mlp
     from drivejepa.planning.heads import agent_ids, ensure_heads, model_device
     from drivejepa.planning.motion import constant_velocity_controls, controls_to_actions, integrate
-    from drivejepa.planning.openloop import PROTOCOLS, score
+    from drivejepa.planning.openloop import PROTOCOLS, SECONDS, score
     from drivejepa.planning.planner import Planner
     from drivejepa.planning.recovery import energy_landscape, plot_landscape, recovery_errors
     from drivejepa.planning.windows import concatenate, scene_windows
@@ -119,7 +119,7 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
              "constant_velocity": integrate(controls_to_actions(constant_velocity_controls(speed, horizon), dt)),
              "ego_mlp": np.concatenate(predictions["ego_mlp"]),
              "expert": windows.truth}
-    seconds = [float(t) for t in rec.seconds]
+    seconds = list(SECONDS)
     open_loop = {"protocols": PROTOCOLS, "seconds": seconds}
     for subset in SUBSETS:
         keep = np.flatnonzero(windows.branch == (subset == "branch"))

@@ -19,6 +19,7 @@ import numpy as np
 from drivejepa.boxes import boxes_overlap, ego_boxes
 
 PROTOCOLS = {"uniad": "the value at t (UniAD)", "stp3": "the mean over the 0.5 s steps up to t (ST-P3, VAD)"}
+SECONDS = (1.0, 2.0, 3.0)                   # the protocol's horizons
 
 
 def step_of(seconds: float, dt: float) -> int:
