@@ -115,9 +115,9 @@ def test_config_hash_changes_with_values():
 
 def test_every_yaml_in_pipelines_loads(repo_root):
     """The shipped experiment files stay valid against the schema."""
-    from drivejepa.config import PreprocessConfig, TrainConfig
+    from drivejepa.config import PlanConfig, PreprocessConfig, TrainConfig
 
-    schemas = {"train_": TrainConfig, "preprocess": PreprocessConfig}
+    schemas = {"train_": TrainConfig, "preprocess": PreprocessConfig, "plan": PlanConfig}
     checked = 0
     for path in sorted((repo_root / "pipelines").glob("*.yaml")):
         for prefix, cls in schemas.items():
@@ -125,3 +125,14 @@ def test_every_yaml_in_pipelines_loads(repo_root):
                 load_config(cls, path)
                 checked += 1
     assert checked >= 1
+
+
+def test_plan_config_refuses_values_out_of_range(repo_root):
+    from drivejepa.config import PlanConfig
+
+    cfg = load_config(PlanConfig, repo_root / "pipelines/plan.yaml", ["optimizer.method=mppi"])
+    assert cfg.optimizer.method == "mppi" and cfg.horizon == 6
+    for bad, key in (("optimizer.elites=1000", "optimizer.elites"), ("limits.max_decel=0", "limits.max_decel"),
+                     ("optimizer.method=random", "optimizer.method"), ("weights.collision=-1", "collision")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(PlanConfig, repo_root / "pipelines/plan.yaml", [bad])
