@@ -1,0 +1,81 @@
+"""The planner on a real (smoke-trained) checkpoint: cost heads fitted beside the run, the library API a driver
+calls, the ``plan`` verb, the evaluation's planning section and ``bench plan``."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from drivejepa.config import ModelConfig, PlanConfig
+
+pytestmark = pytest.mark.skipif("bev_size" not in {f.name for f in dataclasses.fields(ModelConfig)},
+                                reason="the planner reads bird's-eye grid states (issue 15's model, not on main yet)")
+
+
+@pytest.fixture(scope="module")
+def small_plan_cfg():
+    cfg = PlanConfig(device="cpu")
+    cfg.optimizer.candidates, cfg.optimizer.iterations = 8, 2
+    cfg.heads.steps, cfg.ego_mlp.steps = 60, 60
+    cfg.recovery.candidates, cfg.recovery.iterations, cfg.recovery.gradient_steps = 8, 1, 2
+    cfg.recovery.max_windows, cfg.recovery.landscape_size = 2, 3
+    return cfg
+
+
+def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cfg):
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.planning.heads import ensure_heads, heads_path
+    from drivejepa.planning.motion import controls_to_actions, integrate
+    from drivejepa.planning.planner import Planner, observation_history
+    from drivejepa.training.checkpoint import load_world_model
+    from drivejepa.visualization.decoder_training import camera_index
+
+    ckpt = smoke_run / "checkpoints" / "last.pt"
+    model, train_cfg = load_world_model(ckpt)
+    heads, meta, path = ensure_heads(ckpt, model, train_cfg, shard_dir, small_plan_cfg, progress=False)
+    assert path == heads_path(ckpt) and path.is_file() and meta["train_frames"] > 0
+    assert heads.spec.bev_size == model.bev_size
+    again, _, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, small_plan_cfg, progress=False)
+    assert all((a == b).all() for a, b in zip(again.state_dict().values(), heads.state_dict().values()))
+
+    shard = read_shard(shard_path(shard_dir, "scene-0003"))
+    context = train_cfg.data.context
+    planner = Planner(model, heads, small_plan_cfg)
+    plans = []
+    for t in (context, context + 1):                                     # receding horizon, warm started
+        obs = observation_history(shard.arrays, np.arange(t - context + 1, t + 1), camera_index(shard, model))
+        plans.append(planner.plan(obs, np.asarray(shard.arrays["actions"][:t]), "straight"))
+    for plan in plans:
+        h = small_plan_cfg.horizon
+        assert plan.actions.shape == (h, 5) and plan.trajectory.shape == (h + 1, 3)
+        np.testing.assert_allclose(plan.actions, controls_to_actions(plan.controls, 0.5), atol=1e-5)
+        np.testing.assert_allclose(plan.trajectory, integrate(plan.actions), atol=1e-4)
+        assert plan.candidates.shape == (small_plan_cfg.optimizer.candidates, h + 1, 3)
+        assert np.isfinite(plan.cost) and set(plan.terms) == {"collision", "drivable", "progress", "command",
+                                                              "comfort"}
+        assert plan.latency_ms["encode"] > 0 and plan.latency_ms["optimise"] > 0
+
+
+def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cfg, tmp_path,
+                                                                 capsys):
+    from drivejepa import cli
+    from drivejepa.planning.evaluation import planning_section
+
+    ckpt = smoke_run / "checkpoints" / "last.pt"
+    section = planning_section(ckpt, shard_dir, ["scene-0003"], small_plan_cfg, tmp_path / "eval", progress=False)
+    methods = section["open_loop"]["factual"]["methods"]
+    assert set(methods) == {"world_model", "constant_velocity", "ego_mlp", "expert"}
+    assert all(v is not None and v >= 0 for v in methods["world_model"]["l2_m"]["stp3"])
+    assert section["action_recovery"]["factual"]["windows"] == 2
+    args = ["plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--scene", "scene-0003", "--out",
+            str(tmp_path / "plan"), "--no-progress", "optimizer.candidates=8", "optimizer.iterations=1", "device=cpu"]
+    assert cli.main(args) == 0
+    summary = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert len(summary["decisions"]) == 1 and "1 decisions" in capsys.readouterr().out
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "plan", "--checkpoint", str(ckpt), "--repeats", "1", "--warmup", "0", "--threads", "1",
+                     "--out", str(out), "optimizer.candidates=8", "optimizer.iterations=1"]) == 0
+    bench = json.loads(out.read_text())
+    assert bench["decision_ms"] > 0 and bench["encode_ms"] > 0 and bench["rollouts_per_decision"] == 10
