@@ -290,7 +290,7 @@ def boxes_frame(boxes: dict[str, np.ndarray], key_pose: np.ndarray, cfg: Preproc
 # ----------------------------------------------------------------------------------------------------------------
 # One scene
 # ----------------------------------------------------------------------------------------------------------------
-def _process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
+def process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
     key_pose = frame["ego_pose"]
     w, h = cfg.image_size
     images = np.zeros((len(cfg.cameras), h, w, 3), dtype=np.uint8)
@@ -354,7 +354,7 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
         if frame is None:
             continue
         try:
-            kept.append((index, _process_frame(frame, cfg, calib)))
+            kept.append((index, process_frame(frame, cfg, calib)))
         except FrameError as exc:
             skipped.append({"index": index, "sample": frame["sample"], "path": exc.path, "reason": exc.reason})
     skipped.sort(key=lambda s: s["index"])
