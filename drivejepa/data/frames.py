@@ -291,6 +291,9 @@ def boxes_frame(boxes: dict[str, np.ndarray], key_pose: np.ndarray, cfg: Preproc
 # One scene
 # ----------------------------------------------------------------------------------------------------------------
 def process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
+    """One key frame's task (its readings' paths, poses and calibrations, its boxes) -> its shard arrays. The one
+    path from sensor files to what a model sees: preprocessing and the closed-loop simulator (drivejepa/driving)
+    both call it. ``calib`` collects each camera's scaled intrinsics on first sight."""
     key_pose = frame["ego_pose"]
     w, h = cfg.image_size
     images = np.zeros((len(cfg.cameras), h, w, 3), dtype=np.uint8)

@@ -53,6 +53,11 @@ class SceneJob:
     branch_frames: int = 8          # key frames each branch runs past its branch point
 
 
+def scene_start_us(number: int) -> int:
+    """Time stamp (us) of the first key frame of scene ``number`` (scenes are an hour apart)."""
+    return START_US + (int(number) - 1) * 3_600_000_000
+
+
 def _sensors(cameras: Sequence[str]) -> list[tuple[str, str]]:
     return [(c, "camera") for c in cameras] + [(r, "radar") for r in ALL_RADARS] + [("LIDAR_TOP", "lidar")]
 
@@ -190,7 +195,7 @@ def _render_scene(job: SceneJob, world, samples: int, noise, tok, tables: dict, 
 
     log_token, scene_token = tok("log", name), tok("scene", name)
     logfile = f"synth-s{job.seed}-{name}"
-    start = START_US + (job.number - 1) * 3_600_000_000
+    start = scene_start_us(job.number)
     sample_tokens = [tok("sample", name, i) for i in range(samples)]
     tables["log"].append(dict(token=log_token, logfile=logfile, vehicle="synth-ego", date_captured="2018-08-01",
                               location=location))

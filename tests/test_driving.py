@@ -1,0 +1,126 @@
+"""Closed-loop driving in the synthetic world: the simulator, the drivers, the metrics (drivejepa/driving/)."""
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES, SIZE = 12, (320, 180)          # the session world of conftest.synth_root
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    from drivejepa.config import PreprocessConfig, load_config
+
+    return load_config(PreprocessConfig, REPO / "tests/data/preprocess_tiny.yaml")
+
+
+def _run(number, driver, cfg, start=1, steps=0):
+    from drivejepa.driving.simulator import ClosedLoop, Scenario
+
+    loop = ClosedLoop(Scenario(number, seed=0, start=start, samples=SAMPLES, image_size=SIZE, steps=steps), cfg)
+    try:
+        return loop.run(driver)
+    finally:
+        loop.close()
+
+
+def test_expert_reproduces_the_logged_scene(shard_dir, tiny_cfg):
+    """Driven by the expert, the closed loop is the scene `drivejepa synth` wrote: every agent's pose, speed and
+    presence at every 20 Hz step, and every sensor array of every key frame as preprocessing made it."""
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.data.synth.world import build_world
+    from drivejepa.driving.drivers import Expert
+
+    loop = _run(2, Expert(), tiny_cfg)
+    assert loop.end_reason == "end" and len(loop.frames) == SAMPLES
+    logged = build_world(2, 0, (SAMPLES - 1) * 0.5, margin=0.05)
+    w = loop.world
+    assert w.steps == logged.steps
+    for key in ("agent_xy", "agent_yaw", "agent_speed", "agent_active"):
+        assert np.array_equal(getattr(w, key), getattr(logged, key)), key
+    shard = read_shard(shard_path(shard_dir, "scene-0002"))
+    for key in loop.frames[0]:
+        observed = np.stack([f[key] for f in loop.frames])
+        assert observed.dtype == shard.arrays[key].dtype, key
+        assert np.array_equal(observed, shard.arrays[key]), key
+    assert np.array_equal(loop.observer.intrinsics(), shard.arrays["cam_intrinsics"])
+    assert np.array_equal(loop.realised_actions(), shard.arrays["actions"][:SAMPLES - 1])
+
+
+def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(synth_root, tiny_cfg):
+    """Scene 4 (congestion): the leader slows down; repeating the last action drives into it, the IDM expert
+    keeps its distance."""
+    from drivejepa.driving import motion
+    from drivejepa.driving.drivers import ConstantVelocity, Expert
+    from drivejepa.driving.metrics import scenario_metrics
+
+    cv = _run(4, ConstantVelocity(), tiny_cfg, start=2)
+    expert = _run(4, Expert(), tiny_cfg, start=2)
+    assert cv.end_reason == "collision"
+    w, k, other = cv.world, cv.end_step, cv.collision_agent
+    ego = (w.agent_xy[k, 0, 0], w.agent_xy[k, 0, 1], w.agent_yaw[k, 0])
+    rel = motion.relative(ego, (w.agent_xy[k, other, 0], w.agent_xy[k, other, 1], w.agent_yaw[k, other]))
+    assert rel[0] > 2.0 and abs(rel[1]) < 1.0 and abs(rel[2]) < 0.3       # it was ahead, in the ego's lane
+    assert w.agent_speed[k, other] < w.agent_speed[k, 0]                    # and slower
+    m_cv, m_expert = scenario_metrics(cv), scenario_metrics(expert)
+    assert expert.end_reason == "end" and not m_expert["collision"] and m_cv["collision"]
+    assert m_cv["min_ttc_s"] == 0.0 and m_expert["min_ttc_s"] > 1.0
+
+
+def test_a_commanded_action_is_what_the_ego_does(synth_root, tiny_cfg):
+    """A planner given as a plain callable drives: braking makes the ego travel less than the expert, and the
+    motion between key frames is the commanded one."""
+    from drivejepa.driving.drivers import CallableDriver, Expert
+    from drivejepa.driving.metrics import path_length
+
+    commanded = []
+
+    def brake(history, status, command):
+        assert command in ("left", "straight", "right") and len(history) >= 2
+        last = status.past_actions[-1]
+        action = np.array([0.5 * last[0], 0.5 * last[1], 0.5 * last[2], 0.5 * last[3], 0.5 * last[4]])
+        commanded.append(action)
+        return action
+
+    steps = 3
+    braked = _run(2, CallableDriver("brake", brake), tiny_cfg, start=2, steps=steps)
+    expert = _run(2, Expert(), tiny_cfg, start=2, steps=steps)
+    k0, k1 = braked.key_step(2), braked.key_step(2 + steps)
+    assert len(commanded) == steps and braked.end_reason == "end"
+    assert path_length(braked.ego_local[k0:k1 + 1, :2]) < 0.8 * path_length(expert.ego_local[k0:k1 + 1, :2])
+    realised = braked.realised_actions()[2:2 + steps]
+    assert np.allclose(realised[:, :3], np.array(commanded)[:, :3], atol=1e-4)
+
+
+def test_metrics_of_a_hand_made_trajectory():
+    from drivejepa.data.synth.geometry import Path as RoutePath
+    from drivejepa.driving import safety
+    from drivejepa.driving.metrics import jerk, path_length, per_km, route_progress, summarise
+
+    assert jerk([0.0, 1.0, 3.0, 6.0], 0.5) == (4.0, 4.0)          # accel 2, 4, 6 m/s^2: jerk 4 m/s^3
+    assert jerk([5.0, 5.0], 0.5) == (None, None)
+    route = RoutePath(np.array([[0.0, 0.0], [50.0, 0.0], [50.0, 50.0]]))
+    assert route_progress(route, (10.0, 1.0), (40.0, -2.0)) == pytest.approx(30.0)
+    assert route_progress(route, (10.0, 0.0), (52.0, 20.0)) == pytest.approx(60.0)   # round the corner
+    assert path_length(np.array([[0.0, 0.0], [3.0, 4.0], [3.0, 10.0]])) == pytest.approx(11.0)
+    assert per_km(3, 1500.0) == pytest.approx(2.0) and per_km(0, 0.0) is None
+    # time to collision: the ego at 10 m/s towards a car standing 30 m ahead (both 4 m long): 26 m of gap, 2.6 s
+    world = types.SimpleNamespace(ego_index=0, agent_xy=np.array([[[0.0, 0.0], [30.0, 0.5]]]),
+                                  agent_yaw=np.zeros((1, 2)), agent_speed=np.array([[10.0, 0.0]]),
+                                  agent_active=np.ones((1, 2), bool))
+    lw = np.array([[4.0, 2.0], [4.0, 2.0]])
+    assert safety.time_to_collision(world, 0, lw, 3.0) == pytest.approx(2.6)
+    assert safety.time_to_collision(world, 0, lw, 2.0) == float("inf")
+    world.agent_xy[0, 1] = (3.9, 1.9)                              # corners touching: a collision now
+    assert safety.time_to_collision(world, 0, lw, 3.0) == 0.0
+    runs = [dict(driver="a", distance_m=1500.0, collision=True, end="collision", progress=0.5, off_drivable_s=0.0,
+                 off_road=False, min_ttc_s=0.0, jerk_mean=1.0, driver_ms=2.0, observe_ms=10.0),
+            dict(driver="a", distance_m=500.0, collision=False, end="end", progress=1.0, off_drivable_s=1.0,
+                 off_road=False, min_ttc_s=None, jerk_mean=3.0, driver_ms=4.0, observe_ms=10.0)]
+    s = summarise(runs)["a"]
+    assert (s["runs"], s["collisions"], s["collision_rate"], s["collisions_per_km"]) == (2, 1, 0.5, 0.5)
+    assert (s["progress_mean"], s["jerk_mean"], s["min_ttc_s"], s["completed"]) == (0.75, 2.0, 0.0, 1)
