@@ -22,6 +22,7 @@ VERBS = {
     "train": "drivejepa.commands.train",
     "evaluate": "drivejepa.commands.evaluate",
     "visualize": "drivejepa.commands.visualize",
+    "drive": "drivejepa.commands.drive",
     "bench": "drivejepa.commands.bench",
     "demo": "drivejepa.commands.demo",
 }

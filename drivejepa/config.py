@@ -184,8 +184,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of a config's values (used to detect stale outputs)."""
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
+    """Stable short hash of a config's values, or of a plain mapping of them (used to detect stale outputs)."""
+    blob = json.dumps(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -367,6 +367,40 @@ class EvalConfig:
     scenarios: dict[str, Any] = dataclasses.field(default_factory=lambda: {"all": {}})
 
 
+@dataclasses.dataclass
+class DriverSpec:
+    """One driver of ``drivejepa drive`` (drivejepa/driving/drivers.py): ``kind`` expert or constant_velocity, or
+    ``factory`` with ``factory: module:function`` called with ``options`` (how the world-model planner and the
+    ego-status MLP plug in). ``name`` labels its runs."""
+    name: str = "expert"
+    kind: str = "expert"
+    factory: str = ""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _default_drivers() -> list[DriverSpec]:
+    return [DriverSpec("expert", "expert"), DriverSpec("constant_velocity", "constant_velocity")]
+
+
+@dataclasses.dataclass
+class DriveConfig:
+    """Closed-loop driving in the synthetic world (``drivejepa drive``); ``eval/drive.yaml`` fills it. The world
+    fields must match the ``drivejepa synth`` run the drivers' models were trained on; ``observation`` is the
+    preprocessing config of their shards (what the rendered sensors become)."""
+    seed: int = 0                                     # the world's seed (synth --seed)
+    samples_per_scene: int = 40                       # key frames of a scene (synth --samples-per-scene): its end
+    image_size: tuple[int, int] = (800, 450)          # camera images as the world stores them (synth --image-size)
+    split: str = "val"                                # scenes of this split of datasets/synthetic/splits.json ...
+    world_scenes: int = 30                            # ... among the world's first N scenes (synth --scenes)
+    scenes: list[str] = dataclasses.field(default_factory=list)   # or these scene names
+    start_frame: int = 2                              # the driver takes over at this key frame (before: as logged)
+    steps: int = 0                                    # key frames driven per scenario; 0 = to the end of the scene
+    ttc_horizon: float = 3.0                          # seconds of constant-velocity look-ahead for time to collision
+    observation: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    drivers: list[DriverSpec] = dataclasses.field(default_factory=_default_drivers)
+    render_size: tuple[int, int] = (640, 480)         # --render: pixels of each step's view
+
+
 def resolve_train_config(cfg: "TrainConfig") -> "TrainConfig":
     """``cfg`` with its model architecture resolved: what a run builds, saves in RUN/config.yaml and checkpoints."""
     return dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
@@ -396,7 +430,8 @@ def _cameras(cameras: Sequence[str], key: str, source: str) -> None:
 
 def check_config(cfg: Any, source: str = "<config>") -> None:
     """ConfigError naming the key when a value is out of range or inconsistent with another (the type checks
-    happen while loading). Knows TrainConfig, PreprocessConfig and EvalConfig; other configs pass unchecked."""
+    happen while loading). Knows TrainConfig, PreprocessConfig, EvalConfig and DriveConfig (whose driver kinds
+    drivejepa/driving/drivers.py checks); other configs pass unchecked."""
     if isinstance(cfg, PreprocessConfig):
         _cameras(cfg.cameras, "cameras", source)
         _require(min(cfg.image_size) >= 1, source, "image_size", list(cfg.image_size), "must be positive (W, H)")
@@ -439,6 +474,23 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _at_least(o, "optim.", source, 1, "t0", "t_mult", "epochs")
         _at_least(cfg, "", source, 1, "log_every", "max_bad_steps", "keep_checkpoints")
         _at_least(cfg, "", source, 0, "ckpt_every", "threads")
+    elif isinstance(cfg, DriveConfig):
+        _at_least(cfg, "", source, 0, "seed", "start_frame", "steps")
+        _at_least(cfg, "", source, 1, "world_scenes")
+        _require(cfg.samples_per_scene >= 2, source, "samples_per_scene", cfg.samples_per_scene, "must be at least 2")
+        _require(cfg.start_frame < cfg.samples_per_scene - 1, source, "start_frame", cfg.start_frame,
+                 f"must be below samples_per_scene - 1 = {cfg.samples_per_scene - 1}")
+        _require(min(cfg.image_size) >= 16, source, "image_size", list(cfg.image_size), "must be at least 16 a side")
+        _require(min(cfg.render_size) >= 64, source, "render_size", list(cfg.render_size), "must be at least 64 a side")
+        _require(cfg.ttc_horizon > 0, source, "ttc_horizon", cfg.ttc_horizon, "must be positive")
+        bad = [s for s in cfg.scenes if not (s.startswith("scene-") and s[6:].isdigit() and int(s[6:]) >= 1)]
+        _require(not bad, source, "scenes", cfg.scenes, f"has names that are not scene-NNNN: {bad}")
+        _cameras(cfg.observation.cameras, "observation.cameras", source)
+        _at_least(cfg.observation, "observation.", source, 1, "lidar_points", "radar_points", "lidar_sweeps",
+                  "max_boxes")
+        names = [d.name for d in cfg.drivers]
+        _require(len(names) > 0, source, "drivers", names, "must name at least one driver")
+        _require(len(set(names)) == len(names), source, "drivers", names, "names a driver twice")
     elif isinstance(cfg, EvalConfig):
         _at_least(cfg, "", source, 0, "horizon", "max_train_scenes", "probe_epochs")
         _at_least(cfg, "", source, 1, "batch_size", "grid_size", "probe_hidden")

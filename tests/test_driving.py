@@ -51,7 +51,7 @@ def test_expert_reproduces_the_logged_scene(shard_dir, tiny_cfg):
     assert np.array_equal(loop.realised_actions(), shard.arrays["actions"][:SAMPLES - 1])
 
 
-def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(synth_root, tiny_cfg):
+def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(tiny_cfg):
     """Scene 4 (congestion): the leader slows down; repeating the last action drives into it, the IDM expert
     keeps its distance."""
     from drivejepa.driving import motion
@@ -71,7 +71,7 @@ def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(synth_r
     assert m_cv["min_ttc_s"] == 0.0 and m_expert["min_ttc_s"] > 1.0
 
 
-def test_a_commanded_action_is_what_the_ego_does(synth_root, tiny_cfg):
+def test_a_commanded_action_is_what_the_ego_does(tiny_cfg):
     """A planner given as a plain callable drives: braking makes the ego travel less than the expert, and the
     motion between key frames is the commanded one."""
     from drivejepa.driving.drivers import CallableDriver, Expert
@@ -124,3 +124,60 @@ def test_metrics_of_a_hand_made_trajectory():
     s = summarise(runs)["a"]
     assert (s["runs"], s["collisions"], s["collision_rate"], s["collisions_per_km"]) == (2, 1, 0.5, 0.5)
     assert (s["progress_mean"], s["jerk_mean"], s["min_ttc_s"], s["completed"]) == (0.75, 2.0, 0.0, 1)
+
+
+TINY = ["samples_per_scene=12", "image_size=[320,180]", "scenes=[scene-0004]", "observation.cameras=[CAM_FRONT]",
+        "observation.image_size=[112,64]", "observation.lidar_points=1024", "observation.radar_points=64"]
+
+
+def test_drive_command_compares_drivers_on_the_same_scenarios_and_resumes(tmp_path, ray_session, capsys):
+    import json
+
+    from drivejepa.cli import main
+
+    out = tmp_path / "drive"
+    args = ["drive", "--out", str(out), "--no-progress", *TINY, "steps=2"]
+    assert main(args) == 0
+    shown = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert [(r["scenario"], r["driver"], r["decisions"]) for r in m["runs"]] == [
+        ("scene-0004", "expert", 2), ("scene-0004", "constant_velocity", 2)]
+    expert = m["runs"][0]
+    assert expert["progress"] == pytest.approx(1.0, abs=1e-6) and not expert["collision"]
+    plotted = json.loads((out / "drive.json").read_text())
+    assert plotted["series"]["progress"]["constant_velocity"]["scene-0004"] == m["runs"][1]["progress"]
+    assert (out / "drive.png").stat().st_size > 0
+    assert all(name in shown for name in ("expert", "constant_velocity", "simulator:"))
+    assert main(args) == 0                                            # a rerun of the same config resumes
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["provenance"]["runs_now"] == 0 and again["runs"] == m["runs"]
+
+
+def test_drive_refuses_an_unknown_driver_in_one_line(tmp_path, capsys):
+    from drivejepa.cli import main
+
+    code = main(["drive", "--out", str(tmp_path / "d"), "--num-workers", "0", *TINY,
+                 "drivers=[{name: mine, kind: planner}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "mine" in err[0] and "planner" in err[0]
+    assert not (tmp_path / "d" / "metrics.json").exists()
+
+
+def test_drive_render_writes_a_view_per_key_frame_and_a_gif(tmp_path):
+    from drivejepa.config import DriveConfig, load_config
+    from drivejepa.driving.runner import drive
+    from drivejepa.visualization.headless import probe_rendering
+
+    support = probe_rendering()
+    if not support.ok:
+        pytest.skip(support.message)
+    cfg = load_config(DriveConfig, REPO / "eval/drive.yaml", [*TINY, "steps=2", "render_size=[160,120]",
+                                                               "drivers=[{name: expert, kind: expert}]"])
+    metrics = drive(cfg, tmp_path / "d", render=True, num_workers=0, progress=False)
+    files = metrics["rendered"]["runs"]["scene-0004__expert"]
+    assert files == ["render/scene-0004__expert/step_02.png", "render/scene-0004__expert/step_03.png",
+                     "render/scene-0004__expert/run.gif"]
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "d" / files[0]).convert("RGB"))
+    assert img.shape[1] == 160 and img.std() > 5                      # a drawn scene, not a blank frame

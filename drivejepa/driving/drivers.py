@@ -171,8 +171,9 @@ def _named(driver, name: str):
     return driver
 
 
-def build_driver(spec) -> Driver:
-    """A driver from a config entry (config.DriverSpec: name, kind, factory, options)."""
+def check_spec(spec) -> Callable:
+    """The function that builds the driver of a config entry (config.DriverSpec); a UserError naming the driver
+    when its kind is unknown or its factory cannot be imported."""
     if spec.kind == "factory":
         if ":" not in spec.factory:
             raise UserError(f"driver {spec.name!r}: factory must be 'module:function', got {spec.factory!r}")
@@ -181,10 +182,15 @@ def build_driver(spec) -> Driver:
             make = getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError) as exc:
             raise UserError(f"driver {spec.name!r}: cannot import factory {spec.factory!r} ({exc})") from None
-        driver = make(**dict(spec.options))
-        driver.name = spec.name
-        return driver
+        if not callable(make):
+            raise UserError(f"driver {spec.name!r}: factory {spec.factory!r} is not callable")
+        return lambda name, **options: _named(make(**options), name)
     if spec.kind not in KINDS:
         raise UserError(f"driver {spec.name!r}: unknown kind {spec.kind!r} (known: {', '.join(sorted(KINDS))}, "
                         "factory)")
-    return KINDS[spec.kind](spec.name, **dict(spec.options))
+    return KINDS[spec.kind]
+
+
+def build_driver(spec) -> Driver:
+    """A driver from a config entry (config.DriverSpec: name, kind, factory, options)."""
+    return check_spec(spec)(spec.name, **dict(spec.options))
