@@ -102,9 +102,11 @@ def window(history: list, status, n: int) -> dict:
 class Expert:
     """The simulator's own driver: the logged ego's IDM on its route, reacting to the closed-loop traffic (it
     reads the simulation's state: the upper bound). Its motion is what that IDM does over the next key frame, found
-    by stepping a copy of the traffic; the simulator then lets the traffic drive the ego (``Action.route``)."""
+    by stepping a copy of the traffic (``PLAN_S`` ahead, the plan it draws); the simulator then lets the traffic
+    drive the ego (``Action.route``)."""
     name = "expert"
     privileged = True
+    PLAN_S = 3.0
 
     def reset(self, info: RunInfo) -> None:
         if info.simulator is None:
@@ -112,31 +114,35 @@ class Expert:
         self.sim = info.simulator
 
     def act(self, history: list, status, command: str) -> Action:
+        from drivejepa.data.synth.traffic import DT
         from drivejepa.driving import motion
         from drivejepa.driving.simulator import KEY_PERIOD_S, KEY_STEPS
 
         sim = self.sim
         fork = sim.traffic.copy()
-        poses = []
-        for _ in range(KEY_STEPS - 1):
+        key = sim.ego_local[sim.k - 1]              # a driver acts one step after its key frame
+        plan = []
+        for _ in range(int(round(self.PLAN_S / DT)) - 1):
             fork.step()
             x, y, h = sim.route.at(min(fork.s[0], sim.route.length))
-            poses.append((x, y, h))
-        key = sim.ego_local[sim.k - 1]              # a driver acts one step after its key frame
-        plan = np.array([motion.relative(key, p) for p in poses])
-        return Action(motion.action_between(key, poses[-1], KEY_PERIOD_S), plan=plan, route=True)
+            plan.append(motion.relative(key, (x, y, h)))
+        plan = np.array(plan)
+        return Action(motion.action_from_relative(plan[KEY_STEPS - 2], KEY_PERIOD_S), plan=plan, route=True)
 
 
 class ConstantVelocity:
-    """Repeats the last realised action (the ego keeps its speed and yaw rate); stands still before it has one."""
+    """Repeats the last realised action (the ego keeps its speed and yaw rate); stands still before it has one.
+    Its plan is that action repeated for ``PLAN_S``."""
     name = "constant_velocity"
+    PLAN_S = 3.0
 
     def reset(self, info: RunInfo) -> None:
-        pass
+        self.repeat = max(1, int(round(self.PLAN_S / info.key_period)))
 
     def act(self, history: list, status, command: str) -> np.ndarray:
         past = np.asarray(status.past_actions).reshape(-1, 5)
-        return past[-1].astype(np.float64) if len(past) else np.zeros(5)
+        last = past[-1].astype(np.float64) if len(past) else np.zeros(5)
+        return np.repeat(last[None], self.repeat, axis=0)
 
 
 class CallableDriver:

@@ -65,11 +65,12 @@ def extend(track: np.ndarray, previous) -> np.ndarray:
     return compose(track[-1], relative(before, track[-1]))
 
 
-def action_between(pose_a, pose_b, dt: float) -> np.ndarray:
-    """The action (dx, dy, dyaw, speed, yaw_rate) of moving from ``pose_a`` to ``pose_b`` in ``dt`` seconds."""
+def action_from_relative(pose, dt: float) -> np.ndarray:
+    """The action (dx, dy, dyaw, speed, yaw_rate) of moving from the origin to ``pose`` (x, y, yaw in the start
+    frame) in ``dt`` seconds, built by ``frames.action_from_motion``."""
     from drivejepa.data.frames import action_from_motion
 
-    return action_from_motion(relative(pose_a, pose_b), dt)
+    return action_from_motion(np.asarray(pose, dtype=np.float64)[:3], dt).astype(np.float64)
 
 
 def speeds(track: np.ndarray, previous, dt: float) -> np.ndarray:
