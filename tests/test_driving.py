@@ -74,13 +74,17 @@ def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(tiny_cf
 def test_a_commanded_action_is_what_the_ego_does(tiny_cfg):
     """A planner given as a plain callable drives: braking makes the ego travel less than the expert, and the
     motion between key frames is the commanded one."""
-    from drivejepa.driving.drivers import CallableDriver, Expert
+    from drivejepa.driving.drivers import CallableDriver, Expert, window
     from drivejepa.driving.metrics import path_length
 
     commanded = []
 
     def brake(history, status, command):
-        assert command in ("left", "straight", "right") and len(history) >= 2
+        assert command in ("left", "straight", "right") and len(history) >= 3
+        w = window(history, status, 3)                   # what a model-based planner would stack
+        assert w["lidar"].shape == (3, 1024, 5) and w["images"].shape == (3, 1, 64, 112, 3)
+        assert np.array_equal(w["actions"][:2], status.past_actions[-2:]) and w["action_valid"].tolist() == [
+            True, True, False]
         last = status.past_actions[-1]
         action = np.array([0.5 * last[0], 0.5 * last[1], 0.5 * last[2], 0.5 * last[3], 0.5 * last[4]])
         commanded.append(action)

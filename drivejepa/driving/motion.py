@@ -71,9 +71,3 @@ def action_from_relative(pose, dt: float) -> np.ndarray:
     from drivejepa.data.frames import action_from_motion
 
     return action_from_motion(np.asarray(pose, dtype=np.float64)[:3], dt).astype(np.float64)
-
-
-def speeds(track: np.ndarray, previous, dt: float) -> np.ndarray:
-    """[N] speed arriving at each pose of ``track`` [N, 3] (chord of its step over ``dt``)."""
-    pts = np.concatenate([np.asarray(previous, dtype=np.float64)[None, :2], track[:, :2]])
-    return np.hypot(*np.diff(pts, axis=0).T) / dt

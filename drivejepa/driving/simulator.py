@@ -251,6 +251,8 @@ class ClosedLoop:
             command = self.command(frame)
             t0 = time.perf_counter()
             action = as_action(driver.act(history, status, command))
+            if action.route and not getattr(driver, "privileged", False):
+                raise ValueError(f"driver {driver.name!r} asked for the route (Action.route) without being privileged")
             seconds = time.perf_counter() - t0
             self.decisions.append(Decision(frame, command, action.motion, seconds, action.plan, action.candidates))
             if self._apply(frame, action):
