@@ -41,7 +41,7 @@ def test_constant_velocity_is_exact_on_a_linear_trajectory_and_copy_last_is_not(
     import torch
 
     t = torch.arange(12, dtype=torch.float64)[:, None]
-    latents = torch.cat([2.0 * t, -t + 3.0], dim=1)
+    latents = torch.cat([2.0 * t, -t + 3.0], dim=1).view(12, 1, 2)                  # states of one token
     starts = torch.tensor([1, 4, 5])
     context = latents[starts[:, None] + torch.arange(-1, 1)[None]]              # frames s-1, s
     target = latents[starts[:, None] + torch.arange(1, 5)[None]]
@@ -96,20 +96,28 @@ def test_constant_velocity_boxes_follow_a_moving_box_seen_from_a_moving_ego():
     assert np.allclose(held[0], (np.linalg.inv(pose1) @ np.array([10.0, 2.0, 0.0, 1.0]))[:2])
 
 
-def test_probes_recover_a_linear_signal_and_beat_the_train_mean():
+def test_probes_read_a_signal_off_the_token_grid_and_beat_the_train_mean():
     rng = np.random.default_rng(1)
-    w = rng.normal(size=8)
-    x_train, x_test = rng.normal(size=(300, 8)), rng.normal(size=(100, 8))
+    w = rng.normal(size=(16, 4))                                   # every cell of a 4 x 4 grid weighs differently
+    x_train, x_test = rng.normal(size=(300, 16, 4)), rng.normal(size=(100, 16, 4))
+    label = lambda x: np.einsum("nkc,kc->n", x, w) + 5
+    groups = np.repeat(np.arange(10), 30)                          # ten scenes of 30 frames
     for kind in ("linear", "mlp"):
-        probe = P.fit_probe("speed", kind, x_train, x_train @ w + 5, epochs=150, lr=2e-2, weight_decay=0.0,
-                            hidden=32, seed=0)
-        scores = P.regression_scores(probe.predict(x_test), x_test @ w + 5, probe.y_mean)
-        assert scores["r2"] > 0.9 and scores["mae"] < 0.3 * scores["mae_train_mean"]
-    occupied = np.stack([x_train[:, 0] > 0, x_train[:, 1] > 0], axis=1)
-    occ = P.fit_probe("occupancy", "linear", x_train, occupied, epochs=150, lr=2e-2, weight_decay=0.0,
-                      hidden=32, seed=0)
-    truth = np.stack([x_test[:, 0] > 0, x_test[:, 1] > 0], axis=1)
-    assert P.iou(occ.predict_occupancy(x_test), truth) > 0.8
+        probe = P.fit_regression_probe("speed", kind, x_train, label(x_train), groups, epochs=300, lr=2e-2,
+                                       weight_decay=0.0, hidden=64, seed=0)
+        scores = P.regression_scores(probe.predict(x_test), label(x_test), probe.y_mean)
+        assert scores["r2"] > 0.9 and scores["mae"] < 0.3 * scores["mae_train_mean"], (kind, scores)
+    occ = P.fit_occupancy_probe("linear", x_train, x_train[..., 0] > 0, epochs=150, lr=2e-2, weight_decay=0.0,
+                                hidden=32, seed=0)                 # a cell is occupied where its own token says so
+    assert P.iou(occ.predict_occupancy(x_test), x_test[..., 0] > 0) > 0.8
+
+
+def test_tokens_are_resampled_onto_the_evaluation_grid_by_position():
+    coarse = P.grid_centers(8, 32.0)                               # a token holding its own cell's (x, y)
+    tokens = coarse[None].astype(np.float32)
+    assert P.tokens_on_grid(tokens, 8, 32.0, 8, 32.0) is tokens
+    fine = P.tokens_on_grid(tokens, 8, 32.0, 16, 16.0)             # 16 cells over the central +-16 m
+    assert np.allclose(fine[0], P.grid_centers(16, 16.0), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------- suite

@@ -16,6 +16,7 @@ from typing import Optional
 from drivejepa.io import atomic_path, atomic_write_json, atomic_write_text
 
 LABELS = {"model": "model", "shuffled_actions": "model, shuffled actions", "copy_last": "copy last",
+          "warp_last": "warp last (ego motion only)",
           "const_velocity": "constant velocity", "mean_of_context": "mean of context",
           "probe_on_true_future": "probe on true future latent",
           "const_velocity_boxes": "constant-velocity boxes", "copy_last_boxes": "copy-last boxes"}
@@ -58,7 +59,8 @@ def headline_rows(metrics: dict, seconds=(0.5, 1.5, 3.0)) -> list[dict]:
             continue
         rows.append({
             "seconds": sec,
-            **{f"mse_{m}": mse[m][i] for m in ("model", "copy_last", "const_velocity", "shuffled_actions")},
+            **{f"mse_{m}": mse[m][i] for m in ("model", "copy_last", "warp_last", "const_velocity",
+                                               "shuffled_actions") if m in mse},
             "action_sensitivity_gap": overall["action_sensitivity"]["mse_gap"][i],
             "action_sensitivity_ratio": overall["action_sensitivity"]["mse_ratio"][i],
             "top1_model": top1.get("model", [None] * (i + 1))[i],
@@ -71,14 +73,14 @@ def format_headline(metrics: dict) -> str:
     """The headline table as fixed-width text for a terminal (``make demo`` prints it)."""
     seconds = metrics.get("settings", {}).get("headline_seconds", (0.5, 1.5, 3.0))
     rows = headline_rows(metrics, seconds)
-    head = (f"{'horizon':>8} | {'model':>8} {'copy-last':>9} {'const-vel':>9} {'shuffled':>9} | "
+    head = (f"{'horizon':>8} | {'model':>8} {'copy-last':>9} {'warp-last':>9} {'const-vel':>9} {'shuffled':>9} | "
             f"{'act.gap':>8} {'act.ratio':>9} | {'top1 model':>10} {'top1 copy':>9}")
     lines = ["Latent prediction error (MSE, lower is better) and retrieval top-1 over "
              f"{metrics['settings']['windows']} windows (chance "
              f"{_f(metrics['settings']['retrieval_chance'].get('top1'), 3)})", head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['seconds']:>7.1f}s | {_f(r['mse_model']):>8} {_f(r['mse_copy_last']):>9} "
-                     f"{_f(r['mse_const_velocity']):>9} {_f(r['mse_shuffled_actions']):>9} | "
+                     f"{_f(r.get('mse_warp_last')):>9} {_f(r['mse_const_velocity']):>9} {_f(r['mse_shuffled_actions']):>9} | "
                      f"{_f(r['action_sensitivity_gap']):>8} {_f(r['action_sensitivity_ratio'], 3):>9} | "
                      f"{_f(r['top1_model'], 3):>10} {_f(r['top1_copy_last'], 3):>9}")
     return "\n".join(lines)

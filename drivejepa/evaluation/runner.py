@@ -36,7 +36,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
     import datetime
 
     from drivejepa import __version__
-    from drivejepa.config import config_hash, config_to_dict, load_config
+    from drivejepa.config import config_hash, config_to_dict, load_config, resolve_model_config
     from drivejepa.data.shards import load_manifest, scenes_in_split
     from drivejepa.evaluation.report import headline_rows, write_outputs
     from drivejepa.evaluation.scenarios import assign_scenes, parse_scenarios
@@ -91,7 +91,9 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
     eval_results = [r for r in results if r["role"] == "eval"]
     train_results = [r for r in results if r["role"] == "train"]
     log.info("scoring: retrieval, baselines, %d probes, %d scenarios", 8 if train_results else 0, len(scenarios))
-    metrics, fitted = score(eval_results, train_results, cfg, horizon, context, scenario_scenes)
+    arch = resolve_model_config(train_cfg.model)
+    metrics, fitted = score(eval_results, train_results, cfg, horizon, context, scenario_scenes,
+                            (arch.bev_size, arch.bev_range), settings["space"])
     metrics["settings"]["headline_seconds"] = list(cfg.headline_seconds)
     metrics["settings"]["nonfinite_windows"] = sum(r["windows"] for r in nonfinite if r["role"] == "eval")
     metrics["headline"] = headline_rows(metrics, cfg.headline_seconds)

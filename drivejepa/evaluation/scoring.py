@@ -17,7 +17,7 @@ from drivejepa.evaluation import metrics as M
 from drivejepa.evaluation import probes as P
 from drivejepa.evaluation.latents import future_index
 
-METHODS = ("model", "shuffled_actions", "copy_last", "const_velocity", "mean_of_context")
+METHODS = ("model", "shuffled_actions", "copy_last", "warp_last", "const_velocity", "mean_of_context")
 OCC_METHODS = ("model", "probe_on_true_future", "const_velocity_boxes", "copy_last_boxes")
 
 
@@ -50,6 +50,7 @@ class Windows:
             starts.append(s)
             preds["model"].append(r["model"])
             preds["shuffled_actions"].append(r["shuffled_actions"])
+            preds["warp_last"].append(r["warp_last"])
             # frames s-n+1..s (n >= 2: window starts have a previous frame for the constant-velocity baseline)
             n = max(context, 2)
             ctx = torch.from_numpy(r["target"][s[:, None] + np.arange(-n + 1, 1)[None, :]])
@@ -64,11 +65,13 @@ class Windows:
         truth64 = torch.from_numpy(self.truth).double()
         self.mse = {m: latent_space.distance(torch.from_numpy(p).double(), truth64).numpy()
                     for m, p in self.preds.items()}
-        self.cosine = {m: M.cosine_distance(p, self.truth) for m, p in self.preds.items()}
+        w, h = self.truth.shape[:2]
+        flat_truth = self.truth.reshape(w, h, -1)
+        self.cosine = {m: M.cosine_distance(p.reshape(w, h, -1), flat_truth) for m, p in self.preds.items()}
         self.ranks = {}
+        gallery = self.gallery.reshape(len(self.gallery), -1)
         for m, p in self.preds.items():
-            w, h, d = p.shape
-            ranks = M.retrieval_ranks(p.reshape(w * h, d), self.gallery, self.gallery_index.reshape(-1))
+            ranks = M.retrieval_ranks(p.reshape(w * h, -1), gallery, self.gallery_index.reshape(-1))
             self.ranks[m] = ranks.reshape(w, h)
 
     def __len__(self) -> int:
@@ -89,36 +92,60 @@ class Windows:
         return out
 
 
-def fit_probes(train_results: list[dict], cfg: EvalConfig) -> dict:
-    """kind -> task -> FittedProbe, fitted on the train scenes' target latents (frames with valid motion labels only
+def _stack(results: list[dict], key: str) -> np.ndarray:
+    return np.concatenate([r[key] for r in results])
+
+
+def _labels(results: list[dict]) -> dict:
+    return {k: np.concatenate([r["labels"][k] for r in results]) for k in results[0]["labels"]}
+
+
+class ProbeInputs:
+    """Where probes read the states: tokens as they are (regression) and on the evaluation grid (occupancy)."""
+
+    def __init__(self, cfg: EvalConfig, model_grid: tuple[int, float]):
+        self.cfg, self.model_grid = cfg, model_grid
+
+    def occupancy(self, states: np.ndarray) -> np.ndarray:
+        return P.tokens_on_grid(states, *self.model_grid, self.cfg.grid_size, self.cfg.grid_range)
+
+
+def fit_probes(train_results: list[dict], cfg: EvalConfig, inputs: ProbeInputs) -> dict:
+    """kind -> task -> FittedProbe, fitted on the train scenes' target states (frames with valid motion labels only
     for speed and yaw rate)."""
-    x = np.concatenate([r["target"] for r in train_results])
-    labels = {k: np.concatenate([r["labels"][k] for r in train_results]) for k in train_results[0]["labels"]}
+    x = _stack(train_results, "target")
+    labels = _labels(train_results)
+    groups = np.concatenate([[r["scene"]] * len(r["target"]) for r in train_results])
+    common = dict(epochs=cfg.probe_epochs, lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
+                  hidden=cfg.probe_hidden, seed=cfg.probe_seed)
+    grid_tokens = inputs.occupancy(x)
     fitted: dict = {}
     for kind in ("linear", "mlp"):
         fitted[kind] = {}
-        for task in P.REGRESSION_TASKS + ("occupancy",):
+        for task in P.REGRESSION_TASKS:
             keep = labels["motion_valid"] if task in ("speed", "yaw_rate") else np.ones(len(x), bool)
-            fitted[kind][task] = P.fit_probe(task, kind, x[keep], labels[task][keep], epochs=cfg.probe_epochs,
-                                             lr=cfg.probe_lr, weight_decay=cfg.probe_weight_decay,
-                                             hidden=cfg.probe_hidden, seed=cfg.probe_seed)
+            fitted[kind][task] = P.fit_regression_probe(task, kind, x[keep], labels[task][keep], groups[keep],
+                                                        **common)
+        fitted[kind]["occupancy"] = P.fit_occupancy_probe(kind, grid_tokens, labels["occupancy"], **common)
     fitted["prior_grid"] = P.prior_grid(labels["occupancy"])
     return fitted
 
 
-def probe_scores(fitted: dict, eval_results: list[dict]) -> dict:
-    """Probe accuracy on the evaluated split's target latents, each beside its latent-free baseline."""
-    x = np.concatenate([r["target"] for r in eval_results])
-    labels = {k: np.concatenate([r["labels"][k] for r in eval_results]) for k in eval_results[0]["labels"]}
+def probe_scores(fitted: dict, eval_results: list[dict], inputs: ProbeInputs) -> dict:
+    """Probe accuracy on the evaluated split's target states, each beside its latent-free baseline."""
+    x = _stack(eval_results, "target")
+    labels = _labels(eval_results)
+    grid_tokens = inputs.occupancy(x)
     out: dict = {}
     for kind in ("linear", "mlp"):
         out[kind] = {}
         for task in P.REGRESSION_TASKS:
             keep = labels["motion_valid"] if task in ("speed", "yaw_rate") else np.ones(len(x), bool)
             probe = fitted[kind][task]
-            out[kind][task] = P.regression_scores(probe.predict(x[keep]), labels[task][keep], probe.y_mean)
+            out[kind][task] = {**P.regression_scores(probe.predict(x[keep]), labels[task][keep], probe.y_mean),
+                               **probe.extra}
         occ = fitted[kind]["occupancy"]
-        out[kind]["occupancy"] = {"iou": P.iou(occ.predict_occupancy(x), labels["occupancy"]),
+        out[kind]["occupancy"] = {"iou": P.iou(occ.predict_occupancy(grid_tokens), labels["occupancy"]),
                                   "iou_prior_grid": P.iou(np.broadcast_to(fitted["prior_grid"],
                                                                           labels["occupancy"].shape),
                                                           labels["occupancy"]),
@@ -127,9 +154,10 @@ def probe_scores(fitted: dict, eval_results: list[dict]) -> dict:
 
 
 class OccupancyForecasts:
-    """Occupancy grids at the IoU horizons for every window: the probe on predicted latents and the baselines."""
+    """Occupancy grids at the IoU horizons for every window: the probe on predicted states and the baselines."""
 
-    def __init__(self, windows: Windows, eval_results: list[dict], probe: "P.FittedProbe", steps: list[int]):
+    def __init__(self, windows: Windows, eval_results: list[dict], probe: "P.FittedProbe", steps: list[int],
+                 inputs: ProbeInputs):
         self.steps = steps
         grids = {m: [] for m in OCC_METHODS}
         truth = []
@@ -140,15 +168,16 @@ class OccupancyForecasts:
             truth.append(occ[fut])
             grids["copy_last_boxes"].append(np.repeat(occ[s][:, None], len(steps), axis=1))
             grids["const_velocity_boxes"].append(r["cv_box_grids"][:, [k - 1 for k in steps]])
-            grids["probe_on_true_future"].append(self._probe(probe, r["target"][fut]))
-            grids["model"].append(self._probe(probe, r["model"][:, [k - 1 for k in steps]]))
+            grids["probe_on_true_future"].append(self._probe(probe, inputs, r["target"][fut]))
+            grids["model"].append(self._probe(probe, inputs, r["model"][:, [k - 1 for k in steps]]))
         self.truth = np.concatenate(truth)
         self.grids = {m: np.concatenate(v) for m, v in grids.items()}
 
     @staticmethod
-    def _probe(probe, latents: np.ndarray) -> np.ndarray:
-        w, n, d = latents.shape
-        return probe.predict_occupancy(latents.reshape(w * n, d)).reshape(w, n, -1)
+    def _probe(probe, inputs: ProbeInputs, states: np.ndarray) -> np.ndarray:
+        w, n = states.shape[:2]
+        flat = inputs.occupancy(states.reshape(w * n, *states.shape[2:]))
+        return probe.predict_occupancy(flat).reshape(w, n, -1)
 
     def block(self, mask: np.ndarray) -> dict:
         return {m: [P.iou(g[mask, j], self.truth[mask, j]) for j in range(len(self.steps))]
@@ -156,7 +185,8 @@ class OccupancyForecasts:
 
 
 def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, horizon: int, context: int,
-          scenario_scenes: dict[str, list[str]]) -> tuple[dict, Optional[dict]]:
+          scenario_scenes: dict[str, list[str]], model_grid: tuple[int, float],
+          space: str = "layer_norm") -> tuple[dict, Optional[dict]]:
     """(metrics without provenance, fitted probes or None). See report.py for the layout of the metrics."""
     import torch
 
@@ -165,9 +195,10 @@ def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, 
     windows = Windows(eval_results, horizon, context, cfg.retrieval_k)
     seconds = [round(k * cfg.frame_seconds, 6) for k in range(1, horizon + 1)]
     iou_steps = [k for k in (int(round(t / cfg.frame_seconds)) for t in cfg.iou_seconds) if 1 <= k <= horizon]
-    fitted = fit_probes(train_results, cfg) if train_results else None
-    forecasts = OccupancyForecasts(windows, eval_results, fitted[cfg.forecast_probe]["occupancy"], iou_steps) \
-        if fitted and iou_steps else None
+    inputs = ProbeInputs(cfg, model_grid)
+    fitted = fit_probes(train_results, cfg, inputs) if train_results else None
+    forecasts = OccupancyForecasts(windows, eval_results, fitted[cfg.forecast_probe]["occupancy"], iou_steps,
+                                   inputs) if fitted and iou_steps else None
 
     def block(mask: np.ndarray) -> dict:
         b = windows.block(mask)
@@ -194,8 +225,11 @@ def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, 
         "overall": block(everything),
         "scenarios": scenarios,
         "scenes": per_scene,
-        "probes": probe_scores(fitted, eval_results) if fitted else None,
+        "probes": probe_scores(fitted, eval_results, inputs) if fitted else None,
         "collapse": {
+            "target_summaries": {**collapse_diagnostics(latent_space.summary(torch.from_numpy(windows.gallery),
+                                                                               space)),
+                                 "dim": int(windows.gallery.shape[-1])},
             "target_latents": collapse_diagnostics(torch.from_numpy(windows.gallery)),
             "online_latents": collapse_diagnostics(torch.from_numpy(windows.online)),
             "predictions_0.5s": collapse_diagnostics(k1, k1, torch.from_numpy(windows.truth[:, 0]),
