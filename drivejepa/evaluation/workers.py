@@ -40,6 +40,10 @@ class SceneWorker:
         self.agent_ids = np.array([CLASSES.index(c) for c in settings["agent_classes"]])
 
     def run(self, job: SceneJob) -> dict:
+        from drivejepa.evaluation.counterfactual import BranchPointJob, encode_branch_point
+
+        if isinstance(job, BranchPointJob):     # counterfactual futures: evaluation/counterfactual.py
+            return encode_branch_point(self.model, job, self.settings["batch_size"], self.device)
         from drivejepa.data.shards import camera_positions, read_shard
         from drivejepa.evaluation.latents import encode_frames, rollout_windows
         from drivejepa.evaluation.probes import box_baseline_grids, frame_labels

@@ -97,8 +97,9 @@ class Predictor(nn.Module):
         return base + self.change_gate * scale * change
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
-                past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Autoregressive prediction of K steps; see WorldModel.rollout. Keeps the last ``max_context`` steps."""
+                past_actions: Optional[torch.Tensor] = None, future_known: bool = True) -> torch.Tensor:
+        """Autoregressive prediction of K steps; see WorldModel.rollout. Keeps the last ``max_context`` steps.
+        ``future_known=False`` gives the K future actions the 'unknown' token too (only ``actions.shape`` is read)."""
         b, tc, _ = context_states.shape
         k = actions.shape[1]
         if past_actions is None:
@@ -110,7 +111,8 @@ class Predictor(nn.Module):
                                  f"got {tuple(past_actions.shape)}")
             past_known = torch.ones(b, tc - 1, dtype=torch.bool, device=actions.device)
         all_actions = torch.cat([past_actions.to(actions.dtype), actions], dim=1)
-        known = torch.cat([past_known, torch.ones(b, k, dtype=torch.bool, device=actions.device)], dim=1)
+        known = torch.cat([past_known, torch.full((b, k), future_known, dtype=torch.bool, device=actions.device)],
+                          dim=1)
         seq = context_states
         preds = []
         for step in range(k):
