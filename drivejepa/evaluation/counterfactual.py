@@ -176,13 +176,14 @@ def point_scores(result: dict) -> dict:
     [K, H] (an index into the point's futures) and every distance [K (prediction), K (true future), H]."""
     import torch
 
-    truth = torch.from_numpy(np.asarray(result["truth"])).double()
+    def tensor(x):                      # a float64 copy: arrays handed over by Ray are read-only
+        return torch.from_numpy(np.array(x, dtype=np.float64))
+
+    truth = tensor(result["truth"])
     k, h = truth.shape[:2]
-    preds = {"model": torch.from_numpy(np.asarray(result["model"])).double(),
-             "action_blind": torch.from_numpy(np.asarray(result["action_blind"])).double().unsqueeze(0)
-             .expand(k, *truth.shape[1:]),
-             "copy_last": torch.from_numpy(np.asarray(result["copy_last"])).double().unsqueeze(0).unsqueeze(0)
-             .expand(k, h, *truth.shape[2:])}
+    preds = {"model": tensor(result["model"]),
+             "action_blind": tensor(result["action_blind"]).unsqueeze(0).expand(k, *truth.shape[1:]),
+             "copy_last": tensor(result["copy_last"]).unsqueeze(0).unsqueeze(0).expand(k, h, *truth.shape[2:])}
     out = {}
     for m, p in preds.items():
         d = latent_space.distance(p.unsqueeze(1), truth.unsqueeze(0)).numpy()    # [K (pred), K (truth), H]
