@@ -259,7 +259,9 @@ class ModelConfig:
     mlp_ratio: Optional[float] = None
     drop_path: float = 0.1
     modality_dropout: float = 0.1
-    action_dropout: float = 0.1                       # training: share of actions replaced by the 'unknown' token
+    # Training: share of actions replaced by the 'unknown' token. 1 = every action, in training and every rollout:
+    # the action-blind model that `drivejepa evaluate --action-blind-checkpoint` reports as a baseline.
+    action_dropout: float = 0.1
     action_dim: int = 5                               # dx, dy, dyaw, speed, yaw_rate
     max_context: int = 2                              # states the predictor sees (all warped into the next frame)
 
@@ -355,6 +357,10 @@ class EvalConfig:
     batch_size: int = 16                              # frames encoded at once
     device: str = "auto"                              # auto (CUDA when available) | cpu | cuda | cuda:N
     shuffle_seed: int = 0                             # permutation of actions across windows (shuffled baseline)
+    # A window "departs" when two consecutive actions among a_{s-1}..a_{s+H-1} (the last context frame's, then the
+    # future's) differ by at least this much in dx (metres per 0.5 s step) or dyaw (radians per step).
+    departure_dx: float = 0.3
+    departure_dyaw: float = 0.03
     retrieval_k: list[int] = dataclasses.field(default_factory=lambda: [1, 5])
     headline_seconds: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5, 3.0])
     iou_seconds: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0])
@@ -436,8 +442,10 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _require(r.latent_dim % getattr(r, key) == 0, source, f"model.{key}", getattr(r, key),
                      f"must divide model.latent_dim = {r.latent_dim}")
         _require(r.mlp_ratio > 0, source, "model.mlp_ratio", r.mlp_ratio, "must be positive")
-        for key in ("drop_path", "modality_dropout", "action_dropout"):
+        for key in ("drop_path", "modality_dropout"):
             _require(0 <= getattr(m, key) < 1, source, f"model.{key}", getattr(m, key), "must be in [0, 1)")
+        _require(0 <= m.action_dropout <= 1, source, "model.action_dropout", m.action_dropout,
+                 "must be in [0, 1] (1 = every action masked: the action-blind baseline)")
         _require(loss.temperature > 0, source, "loss.temperature", loss.temperature, "must be positive")
         _at_least(loss, "loss.", source, 1, "rollout_steps")
         _at_least(loss, "loss.", source, 0, "vicreg_weight", "vicreg_var_weight", "vicreg_cov_weight",
@@ -452,5 +460,5 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
     elif isinstance(cfg, EvalConfig):
         _at_least(cfg, "", source, 0, "horizon", "max_train_scenes", "probe_epochs")
         _at_least(cfg, "", source, 1, "batch_size", "grid_size", "probe_hidden")
-        for key in ("frame_seconds", "grid_range", "count_radius", "probe_lr"):
+        for key in ("frame_seconds", "grid_range", "count_radius", "probe_lr", "departure_dx", "departure_dyaw"):
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")

@@ -58,15 +58,17 @@ def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = No
 
 
 def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camera_index=None,
-                  with_online: bool = True):
-    """(online [T, N, C] or None, target [T, N, C]) float32 numpy states of every key frame. Rollouts need only the
-    target latents (``WorldModel.context_states``); the online ones feed the collapse diagnostics."""
+                  with_online: bool = True, index: np.ndarray | None = None):
+    """(online [T, N, C] or None, target [T, N, C]) float32 numpy states of every key frame (or of the key frames
+    ``index``, in that order). Rollouts need only the target states (``WorldModel.context_states``); the online
+    ones feed the collapse diagnostics."""
     import torch
 
+    frames = np.arange(num_frames) if index is None else np.asarray(index, dtype=np.int64)
     online, target = [], []
     with torch.no_grad():
-        for lo in range(0, num_frames, batch_size):
-            idx = np.arange(lo, min(num_frames, lo + batch_size))
+        for lo in range(0, len(frames), batch_size):
+            idx = frames[lo:lo + batch_size]
             obs = {k: v.to(device) for k, v in frames_as_obs(arrays, idx, camera_index).items()}
             if with_online:
                 online.append(model.encode(obs, target=False).float().cpu().numpy())

@@ -1,8 +1,10 @@
 """Turning the workers' latents, rollouts and labels into every number of the report.
 
 Every metric is computed per window and future step first, then averaged over the windows of a block: all windows,
-each scenario of the suite, each scene. Retrieval always searches the gallery of every evaluated key frame, whatever
-the block, so per-scenario top-k accuracies share one chance level.
+each scenario of the suite, each scene. Retrieval searches, for each window, the key frames of its own scene after
+its context (``metrics.retrieval_ranks``); its chance level is the mean of 1/gallery size over the windows. Action
+sensitivity is reported on every window and on the windows whose actions depart from the previous one
+(``plan.departing_windows``), where the past alone cannot tell the future motion.
 """
 from __future__ import annotations
 
@@ -36,18 +38,18 @@ class Windows:
 
         self.horizon = horizon
         self.retrieval_k = retrieval_k
-        offsets = np.cumsum([0] + [len(r["target"]) for r in eval_results])
         self.gallery = np.concatenate([r["target"] for r in eval_results])
         self.online = np.concatenate([r["online"] for r in eval_results])
         preds = {m: [] for m in METHODS}
-        truth, gindex, scene, starts = [], [], [], []
-        for r, off in zip(eval_results, offsets):
+        truth, scene, starts, departing, gallery_sizes = [], [], [], [], []
+        for r in eval_results:
             s = np.asarray(r["starts"], dtype=np.int64)
             fut = future_index(s, horizon)
             truth.append(r["target"][fut])
-            gindex.append(fut + off)
             scene += [r["scene"]] * len(s)
             starts.append(s)
+            departing.append(np.asarray(r.get("departing", np.zeros(len(s), bool)), dtype=bool))
+            gallery_sizes.append(len(r["target"]) - 1 - s)
             preds["model"].append(r["model"])
             preds["shuffled_actions"].append(r["shuffled_actions"])
             preds["warp_last"].append(r["warp_last"])
@@ -58,9 +60,10 @@ class Windows:
             preds["const_velocity"].append(B.constant_velocity(ctx, horizon).numpy())
             preds["mean_of_context"].append(B.mean_of_context(ctx[:, n - context:], horizon).numpy())
         self.truth = np.concatenate(truth)
-        self.gallery_index = np.concatenate(gindex)
         self.scene = np.array(scene)
         self.starts = np.concatenate(starts)
+        self.departing = np.concatenate(departing)
+        self.gallery_sizes = np.concatenate(gallery_sizes)
         self.preds = {m: np.concatenate(v) for m, v in preds.items()}
         truth64 = torch.from_numpy(self.truth).double()
         self.mse = {m: latent_space.distance(torch.from_numpy(p).double(), truth64).numpy()
@@ -68,11 +71,10 @@ class Windows:
         w, h = self.truth.shape[:2]
         flat_truth = self.truth.reshape(w, h, -1)
         self.cosine = {m: M.cosine_distance(p.reshape(w, h, -1), flat_truth) for m, p in self.preds.items()}
-        self.ranks = {}
-        gallery = self.gallery.reshape(len(self.gallery), -1)
-        for m, p in self.preds.items():
-            ranks = M.retrieval_ranks(p.reshape(w * h, -1), gallery, self.gallery_index.reshape(-1))
-            self.ranks[m] = ranks.reshape(w, h)
+        bounds = np.cumsum([0] + [len(r["starts"]) for r in eval_results])
+        self.ranks = {m: np.concatenate([M.retrieval_ranks(p[lo:hi], r["target"], r["starts"])
+                                         for r, lo, hi in zip(eval_results, bounds[:-1], bounds[1:])])
+                      for m, p in self.preds.items()}
 
     def __len__(self) -> int:
         return len(self.scene)
@@ -84,12 +86,15 @@ class Windows:
                "cosine_distance": {m: _nanmean(v[mask]).tolist() for m, v in self.cosine.items()}}
         for k in self.retrieval_k:
             out[f"retrieval_top{k}"] = {m: M.topk_accuracy(v[mask], k).tolist() for m, v in self.ranks.items()}
-        model = np.asarray(out["latent_mse"]["model"])
-        shuffled = np.asarray(out["latent_mse"]["shuffled_actions"])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out["action_sensitivity"] = {"mse_gap": (shuffled - model).tolist(),
-                                         "mse_ratio": (shuffled / model).tolist()}
+        out["action_sensitivity"] = self._sensitivity(mask)
+        out["action_sensitivity_departing"] = {"windows": int((mask & self.departing).sum()),
+                                               **self._sensitivity(mask & self.departing)}
         return out
+
+    def _sensitivity(self, mask: np.ndarray) -> dict:
+        model, shuffled = _nanmean(self.mse["model"][mask]), _nanmean(self.mse["shuffled_actions"][mask])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return {"mse_gap": (shuffled - model).tolist(), "mse_ratio": (shuffled / model).tolist()}
 
 
 def _stack(results: list[dict], key: str) -> np.ndarray:
@@ -217,8 +222,12 @@ def score(eval_results: list[dict], train_results: list[dict], cfg: EvalConfig, 
     metrics = {
         "settings": {"horizon": horizon, "seconds": seconds, "frame_seconds": cfg.frame_seconds,
                      "methods": list(METHODS), "retrieval_k": list(cfg.retrieval_k),
-                     "gallery_size": int(len(windows.gallery)), "windows": int(len(windows)),
-                     "retrieval_chance": {f"top{k}": M.chance_topk(len(windows.gallery), k) for k in cfg.retrieval_k},
+                     "retrieval_gallery": "each window's own scene, key frames after its context",
+                     "gallery_size_mean": float(np.mean(windows.gallery_sizes)) if len(windows) else None,
+                     "windows": int(len(windows)),
+                     "retrieval_chance": {f"top{k}": M.chance_topk(windows.gallery_sizes, k) for k in cfg.retrieval_k},
+                     "departing": {"dx_m": cfg.departure_dx, "dyaw_rad": cfg.departure_dyaw,
+                                   "windows": int(windows.departing.sum())},
                      "occupancy": {"steps": iou_steps, "seconds": [round(k * cfg.frame_seconds, 6) for k in iou_steps],
                                    "methods": list(OCC_METHODS), "forecast_probe": cfg.forecast_probe,
                                    "grid_size": cfg.grid_size, "grid_range": cfg.grid_range}},

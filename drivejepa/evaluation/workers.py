@@ -43,6 +43,10 @@ class SceneWorker:
         import torch
 
         from drivejepa.baselines import warp_last
+        from drivejepa.evaluation.counterfactual import BranchPointJob, encode_branch_point
+
+        if isinstance(job, BranchPointJob):     # counterfactual futures: evaluation/counterfactual.py
+            return encode_branch_point(self.model, job, self.settings["batch_size"], self.device)
         from drivejepa.data.shards import camera_positions, read_shard
         from drivejepa.evaluation.latents import encode_frames, rollout_windows
         from drivejepa.evaluation.probes import box_baseline_grids, frame_labels

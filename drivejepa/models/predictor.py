@@ -164,9 +164,9 @@ class Predictor(nn.Module):
         return self.step(win_states, win_actions, win_known).view(b, t, *states.shape[2:])
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
-                past_actions: Optional[torch.Tensor] = None,
-                action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Autoregressive prediction of K steps; see WorldModel.rollout."""
+                past_actions: Optional[torch.Tensor] = None, future_known: bool = True) -> torch.Tensor:
+        """Autoregressive prediction of K steps; see WorldModel.rollout. ``future_known=False`` gives the K future
+        actions the 'unknown' token too (only ``actions.shape`` is read then)."""
         b, tc = context_states.shape[:2]
         k = actions.shape[1]
         if past_actions is None:
@@ -177,10 +177,9 @@ class Predictor(nn.Module):
                 raise ValueError(f"past_actions must hold the {tc - 1} actions before the last context frame, "
                                  f"got {tuple(past_actions.shape)}")
             past_known = torch.ones(b, tc - 1, dtype=torch.bool, device=actions.device)
-        future_known = torch.ones(b, k, dtype=torch.bool, device=actions.device) if action_known is None \
-            else action_known.to(torch.bool)
         all_actions = torch.cat([past_actions.to(actions.dtype), actions], dim=1)
-        known = torch.cat([past_known, future_known], dim=1)
+        known = torch.cat([past_known, torch.full((b, k), future_known, dtype=torch.bool, device=actions.device)],
+                          dim=1)
         frames = list(context_states.unbind(1))
         preds = []
         for step in range(k):

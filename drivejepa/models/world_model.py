@@ -105,14 +105,22 @@ class WorldModel(nn.Module):
         return self.predictor(states, actions, action_known)
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
-                past_actions: Optional[torch.Tensor] = None,
-                action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
+                past_actions: Optional[torch.Tensor] = None, future_known: bool = True) -> torch.Tensor:
         """Autoregressive: context [B, Tc, N, C] and actions a_t..a_{t+K-1} [B, K, 5] (a_t = action of the last
         context frame) -> predicted states s_{t+1}..s_{t+K} [B, K, N, C]. ``past_actions`` [B, Tc-1, 5] are the
         actions of the earlier context frames; without them the predictor uses its learned 'unknown action' token
-        there (and does not warp those frames). ``action_known`` [B, K] marks future actions unknown where False
-        (an action-blind rollout)."""
-        return self.predictor.rollout(context_states, actions, past_actions, action_known)
+        there (and does not warp those frames). ``future_known=False`` puts that token in place of the future actions
+        too (an action-blind rollout: no warp, no modulation by the action). A model trained with
+        ``model.action_dropout = 1`` never saw an action, so its rollouts are always action-blind (the 'same
+        predictor trained with actions masked' baseline of ``drivejepa evaluate --action-blind-checkpoint``)."""
+        if self.action_blind:
+            past_actions, future_known = None, False
+        return self.predictor.rollout(context_states, actions, past_actions, future_known)
+
+    @property
+    def action_blind(self) -> bool:
+        """Trained with every action masked (``model.action_dropout = 1``)."""
+        return self.cfg.action_dropout >= 1.0
 
     # ---------------------------------------------------------------------------------------------- training
     def loss(self, batch: Mapping[str, torch.Tensor], loss_cfg: LossConfig, context: int):
