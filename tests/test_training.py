@@ -217,10 +217,11 @@ def test_validation_reports_how_much_the_predictions_depend_on_the_actions():
     uses = validate(model, batches, cfg, info, contextlib.nullcontext)
     assert {"shuffled_h1", "action_ratio_h3", "action_ratio"} <= set(uses)
     assert uses["action_ratio"] != pytest.approx(1.0, abs=1e-6)
-    with torch.no_grad():       # cut the action pathways: the predictor now ignores the action entirely
-        for layer in (model.predictor.speed_in[-1], model.predictor.motion_in[-1]):
-            layer.weight.zero_()
-            layer.bias.zero_()
+    with torch.no_grad():       # cut both action pathways: the predictor now ignores the action entirely
+        model.predictor.action_in[-1].weight.zero_()
+        model.predictor.action_in[-1].bias.zero_()
+    from drivejepa.models.bev import motion_matrix
+    model.predictor.motion = lambda actions, known: motion_matrix(torch.zeros(*actions.shape[:-1], 3))
     ignores = validate(model, batches, cfg, info, contextlib.nullcontext)
     assert ignores["action_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert all(ignores[f"action_ratio_h{k}"] == pytest.approx(1.0, abs=1e-6) for k in (1, 2, 3))
@@ -258,8 +259,7 @@ def test_weight_decay_spares_embeddings_tokens_gates_biases_and_norms():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decayed | not_decayed == trainable and not decayed & not_decayed
     assert not any(n.startswith("target_encoder.") for n in decayed | not_decayed)
-    embeddings = ("pos_embed", "time_embed", "type_embed", "camera_embed", "sector_embed", "modality_embed",
-                  "cls_token", "empty_token", "unknown_speed", "unknown_motion", "change_gate")
+    embeddings = ("pos_embed", "age_embed", "missing", "empty", "unseen", "unknown_action", "change_gate")
     for suffix in embeddings:
         found = [n for n in trainable if n.endswith(suffix)]
         assert found and all(n in not_decayed for n in found), suffix

@@ -91,7 +91,8 @@ LIDAR_CHANNELS = ("x", "y", "z", "intensity", "time_lag")
 # Arrays with one row per camera, not per frame.
 PER_CAMERA = ("cam_intrinsics",)
 
-SENSOR_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")  # what the encoder reads
+# What the encoder reads: the sensors with their masks, and the camera calibration that lifts images into the grid.
+SENSOR_KEYS = ("images", "image_mask", "cam_intrinsics", "cam_to_key_ego", "lidar", "lidar_mask", "radar", "radar_mask")
 
 
 def camera_positions(shard_cameras: list[str], cameras: list[str], source) -> list[int]:

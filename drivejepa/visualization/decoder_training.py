@@ -31,7 +31,7 @@ def camera_index(shard, model) -> list[int]:
 
 @torch.no_grad()
 def scene_pairs(model, shard, spec: DecoderSpec, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(latents [N, D], grids [N, 3, G, G], is_prediction [N]) of one scene: a target latent for every key frame
+    """(states [n, N, C], grids [n, 3, G, G], is_prediction [n]) of one scene: a target latent for every key frame
     and a one-step prediction for every frame whose predecessor is the previous key frame with a valid action."""
     from drivejepa.evaluation.latents import encode_frames
 
@@ -98,16 +98,14 @@ def ensure_decoder(checkpoint: str | Path, model, cfg, shard_dir: str | Path, *,
                    retrain: bool = False, progress: bool = True) -> tuple[LatentDecoder, dict, Path]:
     """The decoder saved for this checkpoint (unless ``retrain``), or a new one trained, scored and saved atomically
     beside the run (replacing the old one only once the new one is complete). Returns (decoder, meta, path)."""
-    from drivejepa.data.shards import load_manifest
-
     path = decoder_path(checkpoint)
     found = None if retrain else find_decoder(checkpoint)
     if found is not None:
         return found[0], found[1], path
     t0 = time.perf_counter()
-    pre = load_manifest(shard_dir).get("config", {})
     train_scenes, held_scenes = _split_scenes(shard_dir, cfg)
-    spec = DecoderSpec(latent_dim=int(model.latent_dim), range=float(pre.get("lidar_range", 50.0)))
+    spec = DecoderSpec(latent_dim=int(model.latent_dim), bev_size=model.bev_size, grid=decoder_cells(model.bev_size),
+                       range=float(model.bev_range))
     lat, grids, is_pred = collect_pairs(model, shard_dir, train_scenes, spec, progress=progress)
     spec = _with_box_stats(spec, shard_dir, train_scenes)
     decoder = train_decoder(lat, grids, spec, steps=steps, progress=progress)
@@ -120,6 +118,14 @@ def ensure_decoder(checkpoint: str | Path, model, cfg, shard_dir: str | Path, *,
     save_decoder(path, decoder, meta)
     log.info("visualisation decoder saved to %s (%.1f s)", path, meta["train_seconds"])
     return decoder, meta, path
+
+
+def decoder_cells(bev_size: int, finest: int = 64) -> int:
+    """Decoded cells per side: the state's grid refined by the largest power of two that stays within ``finest``."""
+    cells = bev_size
+    while cells * 2 <= finest:
+        cells *= 2
+    return cells
 
 
 def _with_box_stats(spec: DecoderSpec, shard_dir, scenes: list[str]) -> DecoderSpec:

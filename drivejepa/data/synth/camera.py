@@ -65,6 +65,14 @@ def rotation(name: str) -> np.ndarray:
     return rz @ BASE
 
 
+def camera_to_ego(name: str) -> np.ndarray:
+    """[4, 4] camera frame -> ego frame of the synthetic rig's camera ``name`` (its calibrated_sensor record)."""
+    out = np.eye(4)
+    out[:3, :3] = rotation(name)
+    out[:3, 3] = CAMERAS[name][0]
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def _sky(width: int, height: int, cy: float, weather: str) -> np.ndarray:
     _, _, top, horizon = STYLE[weather]
