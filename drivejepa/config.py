@@ -403,6 +403,9 @@ class DriveConfig:
     seed: int = 0                                     # the world's seed (synth --seed)
     samples_per_scene: int = 40                       # key frames of a scene (synth --samples-per-scene): its end
     image_size: tuple[int, int] = (800, 450)          # camera images as the world stores them (synth --image-size)
+    branches: int = 0                                 # synth --branches (a scene's branches share its map and frame)
+    branch_points: int = 1                            # synth --branch-points
+    branch_frames: int = 8                            # synth --branch-frames
     split: str = "val"                                # scenes of this split of datasets/synthetic/splits.json ...
     world_scenes: int = 30                            # ... among the world's first N scenes (synth --scenes)
     scenes: list[str] = dataclasses.field(default_factory=list)   # or these scene names
@@ -493,8 +496,8 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _at_least(cfg, "", source, 1, "log_every", "max_bad_steps", "keep_checkpoints")
         _at_least(cfg, "", source, 0, "ckpt_every", "threads")
     elif isinstance(cfg, DriveConfig):
-        _at_least(cfg, "", source, 0, "seed", "start_frame", "steps")
-        _at_least(cfg, "", source, 1, "world_scenes")
+        _at_least(cfg, "", source, 0, "seed", "start_frame", "steps", "branches")
+        _at_least(cfg, "", source, 1, "world_scenes", "branch_points", "branch_frames")
         _require(cfg.samples_per_scene >= 2, source, "samples_per_scene", cfg.samples_per_scene, "must be at least 2")
         _require(cfg.start_frame < cfg.samples_per_scene - 1, source, "start_frame", cfg.start_frame,
                  f"must be below samples_per_scene - 1 = {cfg.samples_per_scene - 1}")

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import BRANCH_FRAMES
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES, SIZE = 12, (320, 180)          # the session world of conftest.synth_root
 
@@ -18,31 +20,41 @@ def tiny_cfg():
     return load_config(PreprocessConfig, REPO / "tests/data/preprocess_tiny.yaml")
 
 
-def _run(number, driver, cfg, start=1, steps=0):
+def _run(number, driver, cfg, start=1, steps=0, **world):
     from drivejepa.driving.simulator import ClosedLoop, Scenario
 
-    loop = ClosedLoop(Scenario(number, seed=0, start=start, samples=SAMPLES, image_size=SIZE, steps=steps), cfg)
+    world = {"samples": SAMPLES, "image_size": SIZE, **world}
+    loop = ClosedLoop(Scenario(number, seed=0, start=start, steps=steps, **world), cfg)
     try:
         return loop.run(driver)
     finally:
         loop.close()
 
 
-def test_expert_reproduces_the_logged_scene(shard_dir, tiny_cfg):
+@pytest.mark.parametrize("shards, world", [
+    ("shard_dir", {}),
+    ("branch_shards", {"image_size": (96, 54), "branches": 5, "branch_frames": BRANCH_FRAMES}),
+], ids=["plain world", "world with branches"])
+def test_expert_reproduces_the_logged_scene(request, shards, world, tiny_cfg):
     """Driven by the expert, the closed loop is the scene `drivejepa synth` wrote: every agent's pose, speed and
-    presence at every 20 Hz step, and every sensor array of every key frame as preprocessing made it."""
+    presence at every 20 Hz step, and every sensor array of every key frame as preprocessing made it (also in a
+    world whose scenes have counterfactual branches, which share the scene's map and global frame)."""
     from drivejepa.data.shards import read_shard, shard_path
-    from drivejepa.data.synth.world import build_world
+    from drivejepa.data.synth.branches import family
+    from drivejepa.data.synth.world import place, simulate_scene
     from drivejepa.driving.drivers import Expert
 
-    loop = _run(2, Expert(), tiny_cfg)
+    loop = _run(2, Expert(), tiny_cfg, **world)
     assert loop.end_reason == "end" and len(loop.frames) == SAMPLES
-    logged = build_world(2, 0, (SAMPLES - 1) * 0.5, margin=0.05)
+    sim = simulate_scene(2, 0, (SAMPLES - 1) * 0.5, margin=0.05)
+    branches = (world.get("branches", 0), 1, world.get("branch_frames", 8))
+    _, tracks, paths = family(sim, SAMPLES, 0, *branches)
+    logged = place(sim, tracks, paths)[0]
     w = loop.world
     assert w.steps == logged.steps
     for key in ("agent_xy", "agent_yaw", "agent_speed", "agent_active"):
         assert np.array_equal(getattr(w, key), getattr(logged, key)), key
-    shard = read_shard(shard_path(shard_dir, "scene-0002"))
+    shard = read_shard(shard_path(request.getfixturevalue(shards), "scene-0002"))
     for key in loop.frames[0]:
         observed = np.stack([f[key] for f in loop.frames])
         assert observed.dtype == shard.arrays[key].dtype, key

@@ -43,7 +43,8 @@ def scenarios_of(cfg: DriveConfig) -> list[Scenario]:
             raise UserError(f"{SYNTH_SPLIT_FILE}: split '{cfg.split}' has no scene among the first "
                             f"{cfg.world_scenes}")
     return [Scenario(int(n[6:]), seed=cfg.seed, start=cfg.start_frame, samples=cfg.samples_per_scene,
-                     image_size=tuple(cfg.image_size), steps=cfg.steps) for n in sorted(names)]
+                     image_size=tuple(cfg.image_size), steps=cfg.steps, branches=cfg.branches,
+                     branch_points=cfg.branch_points, branch_frames=cfg.branch_frames) for n in sorted(names)]
 
 
 def run_one(scenario: Scenario, spec: DriverSpec, observation, ttc_horizon: float, render: bool) -> dict:

@@ -36,6 +36,7 @@ import numpy as np
 
 from drivejepa.config import PreprocessConfig
 from drivejepa.data.frames import compute_actions
+from drivejepa.data.synth.branches import family
 from drivejepa.data.synth.traffic import DT, Traffic
 from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
 from drivejepa.data.synth.writer import DEFAULT_IMAGE_SIZE, KEY_PERIOD_US, SENSOR_MARGIN_S
@@ -53,13 +54,18 @@ COMMANDS = ("left", "straight", "right")
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     """A synthetic scene (``number``, 1-based, of the world written with ``seed``, ``samples`` key frames a scene,
-    cameras stored at ``image_size``) driven from key frame ``start`` for ``steps`` key frames (0: to its end)."""
+    cameras stored at ``image_size``, ``branches`` / ``branch_points`` / ``branch_frames`` as ``drivejepa synth``
+    was given them: a scene's branches share its map and global frame) driven from key frame ``start`` for
+    ``steps`` key frames (0: to its end)."""
     number: int
     seed: int = 0
     start: int = 2
     samples: int = 40
     image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE
     steps: int = 0
+    branches: int = 0
+    branch_points: int = 1
+    branch_frames: int = 8
 
     @property
     def name(self) -> str:
@@ -120,9 +126,9 @@ class ClosedLoop:
         self.sim = sim = simulate_scene(scenario.number, scenario.seed, duration, margin=SENSOR_MARGIN_S)
         self.movers = movers = sim.builder.movers
         self.route = movers[0].path
-        ego = movers[0]
-        logged_tracks = mover_tracks(movers, sim.S, sim.V, sim.A)
-        self.logged = place(sim, [logged_tracks], [ego.path.piece(ego.s0, ego.path.length, 10.0)])[0]
+        _, tracks, paths = family(sim, scenario.samples, scenario.seed, scenario.branches, scenario.branch_points,
+                                  scenario.branch_frames)
+        self.logged = place(sim, tracks, paths)[0]
         K, A, M = sim.S.shape[0], len(self.logged.agents), len(movers)
         self.offset = self.logged.offset
         self._xy = np.zeros((K, A, 2))

@@ -123,23 +123,14 @@ def write_scene(job: SceneJob) -> dict:
     from drivejepa.data.synth.sensors import SensorNoise
     from drivejepa.data.synth.tables import token
     from drivejepa.data.synth.scenarios import scenario
-    from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
+    from drivejepa.data.synth.world import place, simulate_scene
 
     t0 = time.time()
     out = Path(job.out)
     seed, n = job.seed, job.number
     duration = (job.samples - 1) * KEY_PERIOD_US / 1e6
     sim = simulate_scene(n, seed, duration, margin=SENSOR_MARGIN_S)
-    ego = sim.builder.movers[0]
-    parent_tracks = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
-    plans, family = [], [parent_tracks]
-    for candidates in (cf.plan(sim, job.samples, job.branch_points, job.branch_frames, seed) if job.branches else []):
-        end = (candidates[0].frame + job.branch_frames) * KEY_PERIOD_US / 1e6 + SENSOR_MARGIN_S
-        for br, tracks in cf.grow(sim, parent_tracks, candidates, job.branches, end):
-            plans.append(br)
-            family.append(tracks)
-    paths = [ego.path.piece(ego.s0, ego.path.length, 10.0)] + [br.path.piece(0, br.path.length, 10.0)
-                                                              for br in plans if br.path is not None]
+    plans, family, paths = cf.family(sim, job.samples, seed, job.branches, job.branch_points, job.branch_frames)
     worlds = place(sim, family, paths)
     for br, w in zip(plans, worlds[1:]):
         cf.finish(w, sim, br)
