@@ -367,7 +367,7 @@ class EvalConfig:
     train_split: str = "train"                        # probes are fitted on this split's target latents
     max_train_scenes: int = 0                         # 0 = every train scene
     probe_seed: int = 0
-    probe_epochs: int = 300                           # full-batch optimiser steps per probe
+    probe_epochs: int = 300                           # optimiser steps per probe (occupancy: on minibatches)
     probe_hidden: int = 256
     probe_lr: float = 3e-3
     probe_weight_decay: float = 1e-4

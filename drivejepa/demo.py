@@ -26,12 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclasses.dataclass
 class DemoPlan:
     out: Path
-    scenes: int = 40                # 24 train, 8 val, 8 test (datasets/synthetic/splits.json)
+    scenes: int = 35                # 21 train, 7 val, 7 test (datasets/synthetic/splits.json): each held-out split
+                                    # has every scenario type
     samples_per_scene: int = 40
     image_size: str = "800x450"
     seed: int = 0
     branches: int = 5               # futures per branch point, the scene's own included
-    branch_frames: int = 8          # key frames each branch runs past its branch point (4 s)
+    branch_frames: int = 6          # key frames each branch runs past its branch point (3 s: the horizon)
     preprocess_config: Path = REPO / "pipelines/preprocess.yaml"
     train_config: Path = REPO / "pipelines/train_demo.yaml"
     suite: Path = REPO / "eval/scenarios/default.yaml"

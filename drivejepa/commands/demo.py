@@ -7,13 +7,13 @@ HELP = ("run every stage on the synthetic world: synth, preprocess (Ray), train,
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out/demo", help="output directory for every stage (default: out/demo)")
-    parser.add_argument("--scenes", type=int, default=40,
-                        help="scenes in the synthetic world (default 40: 24 train, 8 val, 8 test)")
+    parser.add_argument("--scenes", type=int, default=35,
+                        help="scenes in the synthetic world (default 35: 21 train, 7 val, 7 test)")
     parser.add_argument("--samples-per-scene", type=int, default=40, help="key frames per scene")
     parser.add_argument("--branches", type=int, default=5,
                         help="futures per branch point, the scene's own included (default 5; 0 = no branches)")
-    parser.add_argument("--branch-frames", type=int, default=8,
-                        help="key frames each branch runs past its branch point (default 8)")
+    parser.add_argument("--branch-frames", type=int, default=6,
+                        help="key frames each branch runs past its branch point (default 6: the 3 s horizon)")
     parser.add_argument("--image-size", default="800x450", help="camera images of the world, WxH")
     parser.add_argument("--preprocess-config", default=None, help="default: pipelines/preprocess.yaml")
     parser.add_argument("--train-config", default=None, help="default: pipelines/train_demo.yaml")

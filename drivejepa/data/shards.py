@@ -377,6 +377,15 @@ def scenes_in_split(shard_dir: str | Path, split: Optional[str] = None) -> list[
     return [s for s in scenes if s in members]
 
 
+def factual_scenes(shard_dir: str | Path, scenes: list[str]) -> list[str]:
+    """``scenes`` without the counterfactual branch scenes (``drivejepa synth --branches``): a branch repeats its
+    parent's key frames up to the branch frame, so the factual scenes are the ones that are each a drive of its own."""
+    from drivejepa.data.synth.scenarios import branch_of
+
+    described = load_manifest(shard_dir)["scenes"]
+    return [s for s in scenes if branch_of(described.get(s, {}).get("description", "")) is None]
+
+
 def empty_manifest(config: dict[str, Any], config_hash: str, dataroot: str, version: str) -> dict:
     return {"schema_version": SCHEMA_VERSION, "config_hash": config_hash, "config": config, "dataroot": dataroot,
             "version": version, "splits": {}, "scenes": {}}

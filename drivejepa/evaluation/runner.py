@@ -19,7 +19,6 @@ import numpy as np
 from drivejepa import latent_space
 from drivejepa.config import EvalConfig
 from drivejepa.errors import UserError
-from drivejepa.data.synth.scenarios import branch_of
 from drivejepa.evaluation.counterfactual import branch_points, plan_branch_points, score_branch_points
 from drivejepa.evaluation.plan import plan_jobs
 from drivejepa.evaluation.workers import run_jobs
@@ -45,7 +44,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
 
     from drivejepa import __version__
     from drivejepa.config import config_hash, config_to_dict, load_config, resolve_model_config
-    from drivejepa.data.shards import load_manifest, scenes_in_split
+    from drivejepa.data.shards import factual_scenes, load_manifest, scenes_in_split
     from drivejepa.evaluation.report import headline_rows, write_outputs
     from drivejepa.evaluation.scenarios import assign_scenes, parse_scenarios
     from drivejepa.evaluation.scoring import score
@@ -67,14 +66,14 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
     manifest = load_manifest(shards)
     listed = scenes_in_split(shards, split)
     descriptions = {s: manifest["scenes"].get(s, {}).get("description", "") for s in manifest["scenes"]}
-    eval_scenes = [s for s in listed if branch_of(descriptions.get(s, "")) is None]
+    eval_scenes = factual_scenes(shards, listed)
     points = branch_points({s: descriptions.get(s, "") for s in listed})
     if not eval_scenes:
         raise UserError(f"{shards}: split '{split}' has no scene in this shard directory"
                         + (" other than counterfactual branches" if listed else ""))
     try:
-        train_scenes = [s for s in scenes_in_split(shards, cfg.train_split)
-                        if s not in set(listed) and branch_of(descriptions.get(s, "")) is None]
+        train_scenes = [s for s in factual_scenes(shards, scenes_in_split(shards, cfg.train_split))
+                        if s not in set(listed)]
     except UserError as exc:
         log.warning("no probes: %s", exc)
         train_scenes = []

@@ -1,8 +1,8 @@
 """Training the visualisation decoder of one checkpoint on detached latents, scoring it, saving it beside the run.
 
-Pairs (latent, bird's-eye grids of the true frame) come from every key frame of the training split's scenes: the
-target encoder's latent of the frame, and the predictor's teacher-forced one-step prediction of it from the previous
-frame and its action. Scores on the held-out split are saved with the decoder, next to the score of the trivial
+Pairs (latent, bird's-eye grids of the true frame) come from every key frame of the training split's factual scenes
+(branches left out): the target encoder's latent of the frame, and the predictor's teacher-forced one-step prediction
+of it from the previous frame and its action. Scores on the held-out split are saved with the decoder, next to the score of the trivial
 decoder that outputs the mean training grid, so a reader can tell whether the decoder learned anything.
 """
 from __future__ import annotations
@@ -81,9 +81,10 @@ def collect_pairs(model, shard_dir: str | Path, scenes: list[str], spec: Decoder
 
 
 def _split_scenes(shard_dir: str | Path, cfg) -> tuple[list[str], list[str]]:
-    from drivejepa.data.shards import readable_scenes, scenes_in_split
+    """Factual train and val scenes: a counterfactual branch's frames up to its branch frame are its parent's."""
+    from drivejepa.data.shards import factual_scenes, readable_scenes, scenes_in_split
 
-    every, _ = readable_scenes(shard_dir, scenes_in_split(shard_dir, None), "visualisation")
+    every, _ = readable_scenes(shard_dir, factual_scenes(shard_dir, scenes_in_split(shard_dir, None)), "visualisation")
     try:
         train = [s for s in scenes_in_split(shard_dir, cfg.data.train_split) if s in every]
         held = [s for s in scenes_in_split(shard_dir, cfg.data.val_split) if s in every]
