@@ -23,6 +23,7 @@ VERBS = {
     "evaluate": "drivejepa.commands.evaluate",
     "visualize": "drivejepa.commands.visualize",
     "plan": "drivejepa.commands.plan",
+    "drive": "drivejepa.commands.drive",
     "bench": "drivejepa.commands.bench",
     "demo": "drivejepa.commands.demo",
 }

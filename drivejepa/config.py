@@ -184,8 +184,8 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of a config's values (used to detect stale outputs)."""
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
+    """Stable short hash of a config's values, or of a plain mapping of them (used to detect stale outputs)."""
+    blob = json.dumps(config_to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -237,18 +237,23 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Sizes of the encoder branches, the fusion transformer and the predictor. Architecture fields left None are
-    filled by the ``size`` preset (:data:`SIZE_PRESETS`, :func:`resolve_model_config`)."""
+    """Sizes of the bird's-eye state, the encoder branches, the fusion transformer and the predictor. Architecture
+    fields left None are filled by the ``size`` preset (:data:`SIZE_PRESETS`, :func:`resolve_model_config`).
+
+    The state is a ``bev_size x bev_size`` grid of ``latent_dim``-channel tokens over ``[-bev_range, bev_range]``
+    metres around the ego (drivejepa/models/bev.py)."""
     size: Literal["tiny", "demo", "base", "custom"] = "demo"
-    latent_dim: Optional[int] = None
+    latent_dim: Optional[int] = None                  # channels of each BEV token (and width of the transformers)
+    bev_size: Optional[int] = None                    # cells per side of the state grid
+    bev_range: float = 32.0                           # metres: the grid covers [-range, range] in x and y
+    pillar_factor: Optional[int] = None               # lidar pillars per cell side (pooled to a cell by a conv)
     image_backbone: str = "resnet18"
     image_weights: str = ""                           # local .pth/.safetensors file; empty = random init
     image_size: Optional[tuple[int, int]] = None      # (width, height) the backbone sees; null = as in the shards
-    image_tokens: Optional[int] = None                # tokens per camera after pooling
+    image_stage: Optional[int] = None                 # last backbone stage used (2: stride 8, 3: 16, 4: 32)
+    lift_heights: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5])   # metres, sampled per cell
     lidar_widths: Optional[list[int]] = None
-    lidar_tokens: Optional[int] = None
     radar_widths: Optional[list[int]] = None
-    radar_tokens: Optional[int] = None
     fusion_depth: Optional[int] = None
     fusion_heads: Optional[int] = None
     predictor_depth: Optional[int] = None
@@ -256,20 +261,24 @@ class ModelConfig:
     mlp_ratio: Optional[float] = None
     drop_path: float = 0.1
     modality_dropout: float = 0.1
-    action_dropout: float = 0.1                       # training: share of actions replaced by the 'unknown' token
+    # Training: share of actions replaced by the 'unknown' token. 1 = every action, in training and every rollout:
+    # the action-blind model that `drivejepa evaluate --action-blind-checkpoint` reports as a baseline.
+    action_dropout: float = 0.1
     action_dim: int = 5                               # dx, dy, dyaw, speed, yaw_rate
-    max_context: int = 16
+    max_context: int = 2                              # states the predictor sees (all warped into the next frame)
 
 
 # Architecture fields set by model.size ("custom" fills the unset ones from "demo").
 SIZE_PRESETS: dict[str, dict] = {
-    "tiny": dict(latent_dim=32, image_tokens=2, lidar_widths=[16, 32], lidar_tokens=4, radar_widths=[16, 32],
-                 radar_tokens=2, fusion_depth=1, fusion_heads=2, predictor_depth=2, predictor_heads=2, mlp_ratio=2.0),
-    "demo": dict(latent_dim=256, image_tokens=8, lidar_widths=[32, 64, 128], lidar_tokens=16, radar_widths=[32, 64],
-                 radar_tokens=4, fusion_depth=2, fusion_heads=4, predictor_depth=2, predictor_heads=4, mlp_ratio=2.0),
-    "base": dict(latent_dim=384, image_tokens=16, lidar_widths=[64, 128, 256], lidar_tokens=32,
-                 radar_widths=[32, 64, 128], radar_tokens=8, fusion_depth=4, fusion_heads=6, predictor_depth=4,
-                 predictor_heads=6, mlp_ratio=4.0),
+    "tiny": dict(latent_dim=16, bev_size=8, pillar_factor=1, image_stage=2, lidar_widths=[16, 32],
+                 radar_widths=[16], fusion_depth=1, fusion_heads=2, predictor_depth=1, predictor_heads=2,
+                 mlp_ratio=2.0),
+    "demo": dict(latent_dim=64, bev_size=16, pillar_factor=2, image_stage=3, lidar_widths=[32, 64],
+                 radar_widths=[32], fusion_depth=2, fusion_heads=4, predictor_depth=2, predictor_heads=4,
+                 mlp_ratio=2.0),
+    "base": dict(latent_dim=128, bev_size=32, pillar_factor=2, image_stage=3, lidar_widths=[64, 128],
+                 radar_widths=[32, 64], fusion_depth=4, fusion_heads=8, predictor_depth=4, predictor_heads=8,
+                 mlp_ratio=4.0),
 }
 
 
@@ -350,13 +359,17 @@ class EvalConfig:
     batch_size: int = 16                              # frames encoded at once
     device: str = "auto"                              # auto (CUDA when available) | cpu | cuda | cuda:N
     shuffle_seed: int = 0                             # permutation of actions across windows (shuffled baseline)
+    # A window "departs" when two consecutive actions among a_{s-1}..a_{s+H-1} (the last context frame's, then the
+    # future's) differ by at least this much in dx (metres per 0.5 s step) or dyaw (radians per step).
+    departure_dx: float = 0.3
+    departure_dyaw: float = 0.03
     retrieval_k: list[int] = dataclasses.field(default_factory=lambda: [1, 5])
     headline_seconds: list[float] = dataclasses.field(default_factory=lambda: [0.5, 1.5, 3.0])
     iou_seconds: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0])
     train_split: str = "train"                        # probes are fitted on this split's target latents
     max_train_scenes: int = 0                         # 0 = every train scene
     probe_seed: int = 0
-    probe_epochs: int = 300                           # full-batch optimiser steps per probe
+    probe_epochs: int = 300                           # optimiser steps per probe (occupancy: on minibatches)
     probe_hidden: int = 256
     probe_lr: float = 3e-3
     probe_weight_decay: float = 1e-4
@@ -466,6 +479,43 @@ class PlanConfig:
     recovery: RecoveryConfig = dataclasses.field(default_factory=RecoveryConfig)
 
 
+@dataclasses.dataclass
+class DriverSpec:
+    """One driver of ``drivejepa drive`` (drivejepa/driving/drivers.py): ``kind`` expert or constant_velocity, or
+    ``factory`` with ``factory: module:function`` called with ``options`` (how the world-model planner and the
+    ego-status MLP plug in). ``name`` labels its runs."""
+    name: str = "expert"
+    kind: str = "expert"
+    factory: str = ""
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _default_drivers() -> list[DriverSpec]:
+    return [DriverSpec("expert", "expert"), DriverSpec("constant_velocity", "constant_velocity")]
+
+
+@dataclasses.dataclass
+class DriveConfig:
+    """Closed-loop driving in the synthetic world (``drivejepa drive``); ``eval/drive.yaml`` fills it. The world
+    fields must match the ``drivejepa synth`` run the drivers' models were trained on; ``observation`` is the
+    preprocessing config of their shards (what the rendered sensors become)."""
+    seed: int = 0                                     # the world's seed (synth --seed)
+    samples_per_scene: int = 40                       # key frames of a scene (synth --samples-per-scene): its end
+    image_size: tuple[int, int] = (800, 450)          # camera images as the world stores them (synth --image-size)
+    branches: int = 0                                 # synth --branches (a scene's branches share its map and frame)
+    branch_points: int = 1                            # synth --branch-points
+    branch_frames: int = 8                            # synth --branch-frames
+    split: str = "val"                                # scenes of this split of datasets/synthetic/splits.json ...
+    world_scenes: int = 30                            # ... among the world's first N scenes (synth --scenes)
+    scenes: list[str] = dataclasses.field(default_factory=list)   # or these scene names
+    start_frame: int = 2                              # the driver takes over at this key frame (before: as logged)
+    steps: int = 0                                    # key frames driven per scenario; 0 = to the end of the scene
+    ttc_horizon: float = 3.0                          # seconds of constant-velocity look-ahead for time to collision
+    observation: PreprocessConfig = dataclasses.field(default_factory=PreprocessConfig)
+    drivers: list[DriverSpec] = dataclasses.field(default_factory=_default_drivers)
+    render_size: tuple[int, int] = (640, 480)         # --render: pixels of each step's view
+
+
 def resolve_train_config(cfg: "TrainConfig") -> "TrainConfig":
     """``cfg`` with its model architecture resolved: what a run builds, saves in RUN/config.yaml and checkpoints."""
     return dataclasses.replace(cfg, model=resolve_model_config(cfg.model))
@@ -495,8 +545,8 @@ def _cameras(cameras: Sequence[str], key: str, source: str) -> None:
 
 def check_config(cfg: Any, source: str = "<config>") -> None:
     """ConfigError naming the key when a value is out of range or inconsistent with another (the type checks
-    happen while loading). Knows TrainConfig, PreprocessConfig, EvalConfig and PlanConfig; other configs pass
-    unchecked."""
+    happen while loading). Knows TrainConfig, PreprocessConfig, EvalConfig, PlanConfig and DriveConfig (whose
+    driver kinds drivejepa/driving/drivers.py checks); other configs pass unchecked."""
     if isinstance(cfg, PreprocessConfig):
         _cameras(cfg.cameras, "cameras", source)
         _require(min(cfg.image_size) >= 1, source, "image_size", list(cfg.image_size), "must be positive (W, H)")
@@ -515,8 +565,13 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             r = resolve_model_config(m)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-        _at_least(r, "model.", source, 1, "latent_dim", "image_tokens", "lidar_tokens", "radar_tokens",
-                  "fusion_depth", "fusion_heads", "predictor_depth", "predictor_heads", "action_dim", "max_context")
+        _at_least(r, "model.", source, 1, "latent_dim", "bev_size", "pillar_factor", "fusion_depth", "fusion_heads",
+                  "predictor_depth", "predictor_heads", "action_dim", "max_context")
+        _require(r.bev_range > 0, source, "model.bev_range", r.bev_range, "must be positive")
+        _require(r.image_stage in (1, 2, 3, 4), source, "model.image_stage", r.image_stage,
+                 "must be 1, 2, 3 or 4 (the backbone stage whose features are lifted)")
+        _require(len(r.lift_heights) > 0, source, "model.lift_heights", r.lift_heights,
+                 "must list at least one height")
         for key in ("lidar_widths", "radar_widths"):
             widths = getattr(r, key)
             _require(len(widths) > 0 and min(widths) >= 1, source, f"model.{key}", widths,
@@ -525,10 +580,10 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _require(r.latent_dim % getattr(r, key) == 0, source, f"model.{key}", getattr(r, key),
                      f"must divide model.latent_dim = {r.latent_dim}")
         _require(r.mlp_ratio > 0, source, "model.mlp_ratio", r.mlp_ratio, "must be positive")
-        for key in ("drop_path", "modality_dropout", "action_dropout"):
+        for key in ("drop_path", "modality_dropout"):
             _require(0 <= getattr(m, key) < 1, source, f"model.{key}", getattr(m, key), "must be in [0, 1)")
-        _require(m.max_context >= d.context, source, "model.max_context", m.max_context,
-                 f"must be at least data.context = {d.context}")
+        _require(0 <= m.action_dropout <= 1, source, "model.action_dropout", m.action_dropout,
+                 "must be in [0, 1] (1 = every action masked: the action-blind baseline)")
         _require(loss.temperature > 0, source, "loss.temperature", loss.temperature, "must be positive")
         _at_least(loss, "loss.", source, 1, "rollout_steps")
         _at_least(loss, "loss.", source, 0, "vicreg_weight", "vicreg_var_weight", "vicreg_cov_weight",
@@ -567,8 +622,25 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _require(r.gradient_lr > 0, source, "recovery.gradient_lr", r.gradient_lr, "must be positive")
         _at_least(r, "recovery.", source, 2, "candidates", "landscape_size")
         _at_least(r, "recovery.", source, 1, "iterations")
+    elif isinstance(cfg, DriveConfig):
+        _at_least(cfg, "", source, 0, "seed", "start_frame", "steps", "branches")
+        _at_least(cfg, "", source, 1, "world_scenes", "branch_points", "branch_frames")
+        _require(cfg.samples_per_scene >= 2, source, "samples_per_scene", cfg.samples_per_scene, "must be at least 2")
+        _require(cfg.start_frame < cfg.samples_per_scene - 1, source, "start_frame", cfg.start_frame,
+                 f"must be below samples_per_scene - 1 = {cfg.samples_per_scene - 1}")
+        _require(min(cfg.image_size) >= 16, source, "image_size", list(cfg.image_size), "must be at least 16 a side")
+        _require(min(cfg.render_size) >= 64, source, "render_size", list(cfg.render_size), "must be at least 64 a side")
+        _require(cfg.ttc_horizon > 0, source, "ttc_horizon", cfg.ttc_horizon, "must be positive")
+        bad = [s for s in cfg.scenes if not (s.startswith("scene-") and s[6:].isdigit() and int(s[6:]) >= 1)]
+        _require(not bad, source, "scenes", cfg.scenes, f"has names that are not scene-NNNN: {bad}")
+        _cameras(cfg.observation.cameras, "observation.cameras", source)
+        _at_least(cfg.observation, "observation.", source, 1, "lidar_points", "radar_points", "lidar_sweeps",
+                  "max_boxes")
+        names = [d.name for d in cfg.drivers]
+        _require(len(names) > 0, source, "drivers", names, "must name at least one driver")
+        _require(len(set(names)) == len(names), source, "drivers", names, "names a driver twice")
     elif isinstance(cfg, EvalConfig):
         _at_least(cfg, "", source, 0, "horizon", "max_train_scenes", "probe_epochs")
         _at_least(cfg, "", source, 1, "batch_size", "grid_size", "probe_hidden")
-        for key in ("frame_seconds", "grid_range", "count_radius", "probe_lr"):
+        for key in ("frame_seconds", "grid_range", "count_radius", "probe_lr", "departure_dx", "departure_dyaw"):
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")

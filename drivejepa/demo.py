@@ -1,5 +1,9 @@
 """The main job end to end on the embedded default: synth -> preprocess -> train -> evaluate -> visualize.
 
+The world has counterfactual branches (``branches`` futures at one branch point a scene): the train scenes' branches
+train the model, best.pt is chosen on the val scenes, and the headline numbers, factual and counterfactual, come
+from the test scenes, which neither training nor the choice of best.pt has seen.
+
 Every stage runs through the same ``drivejepa <verb>`` entry point a user types, in one process (so Ray starts
 once). A rerun resumes: a complete world made with the same parameters is kept, preprocessing skips complete shards,
 training continues from its last checkpoint when that checkpoint was trained with the same config (a run of another
@@ -22,10 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 @dataclasses.dataclass
 class DemoPlan:
     out: Path
-    scenes: int = 30
+    scenes: int = 35                # 21 train, 7 val, 7 test (datasets/synthetic/splits.json): each held-out split
+                                    # has every scenario type
     samples_per_scene: int = 40
     image_size: str = "800x450"
     seed: int = 0
+    branches: int = 5               # futures per branch point, the scene's own included
+    branch_frames: int = 6          # key frames each branch runs past its branch point (3 s: the horizon)
     preprocess_config: Path = REPO / "pipelines/preprocess.yaml"
     train_config: Path = REPO / "pipelines/train_demo.yaml"
     suite: Path = REPO / "eval/scenarios/default.yaml"
@@ -71,13 +78,16 @@ def stage_synth(plan: DemoPlan) -> str:
 
     made = read_summary(plan.world).get("params", {})
     wanted = dict(scenes=plan.scenes, samples_per_scene=plan.samples_per_scene, seed=plan.seed,
-                  image_size=list(parse_image_size(plan.image_size)), branches=0)
+                  image_size=list(parse_image_size(plan.image_size)), branches=plan.branches, branch_points=1,
+                  branch_frames=plan.branch_frames)
     if made and all(made.get(k) == v for k, v in wanted.items()):
         return "kept the complete world from an earlier run"
     _cli(["synth", *_quiet(plan), "--out", str(plan.world), "--scenes", str(plan.scenes),
           "--samples-per-scene", str(plan.samples_per_scene), "--seed", str(plan.seed),
-          "--image-size", plan.image_size, "--overwrite"])
-    return f"{plan.scenes} scenes x {plan.samples_per_scene} key frames"
+          "--image-size", plan.image_size, "--branches", str(plan.branches), "--branch-points", "1",
+          "--branch-frames", str(plan.branch_frames), "--overwrite"])
+    return (f"{plan.scenes} scenes x {plan.samples_per_scene} key frames, "
+            f"{read_summary(plan.world)['summary']['branch_scenes']} counterfactual branch scenes")
 
 
 def stage_preprocess(plan: DemoPlan) -> str:
@@ -117,19 +127,30 @@ def stage_train(plan: DemoPlan) -> str:
 
 def stage_evaluate(plan: DemoPlan) -> str:
     _cli(["evaluate", *_quiet(plan), "--checkpoint", str(plan.run_dir / "checkpoints" / "best.pt"),
-          "--shards", str(plan.shards), "--split", "val", "--suite", str(plan.suite), "--out", str(plan.eval_dir)])
+          "--shards", str(plan.shards), "--split", "test", "--suite", str(plan.suite), "--out", str(plan.eval_dir)])
     return str(plan.eval_dir / "report.md")
 
 
 def stage_visualize(plan: DemoPlan) -> str:
-    from drivejepa.data.shards import scenes_in_split
+    """A held-out test scene predicted 3 s ahead, and a branch point of the test split (one of those with the most
+    futures, a lateral one first: lane changes and exits differ most to the eye): the K predicted futures beside
+    the K true ones."""
+    from drivejepa.data.shards import load_manifest, scenes_in_split
+    from drivejepa.evaluation.counterfactual import branch_points
 
-    val = scenes_in_split(plan.shards, "val")
-    if not val:
-        raise UserError(f"{plan.shards}: no val scene to render")
-    _cli(["visualize", *_quiet(plan), "--checkpoint", str(plan.run_dir / "checkpoints" / "best.pt"),
-          "--shards", str(plan.shards), "--scene", val[0],
+    test = scenes_in_split(plan.shards, "test")
+    if not test:
+        raise UserError(f"{plan.shards}: no test scene to render")
+    checkpoint = str(plan.run_dir / "checkpoints" / "best.pt")
+    scenes = load_manifest(plan.shards)["scenes"]
+    points = sorted(branch_points({s: scenes[s].get("description", "") for s in test}),
+                    key=lambda p: (-len(p.scenes), not any(b.startswith(("lane", "take", "go")) for b in p.behaviours)))
+    factual = points[0].parent if points else test[0]
+    _cli(["visualize", *_quiet(plan), "--checkpoint", checkpoint, "--shards", str(plan.shards), "--scene", factual,
           "--out", str(plan.vis_dir)])
+    if points:
+        _cli(["visualize", *_quiet(plan), "--checkpoint", checkpoint, "--shards", str(plan.shards),
+              "--branch-point", points[0].name, "--size", "480x360", "--out", str(plan.vis_dir / "branch_point")])
     return str(plan.vis_dir)
 
 

@@ -1,5 +1,8 @@
 """The latent space in which a prediction is compared with its target: one definition for every stage.
 
+A state is a bird's-eye grid of tokens, ``[..., N, C]`` (drivejepa/models/bev.py): its last ``STATE_DIMS`` = 2 dims.
+Every normalisation acts per token (over C), so a token's scale says nothing about another's.
+
 The space follows the training objective (``space_of``):
 
 - ``layer_norm`` (JEPA with ``loss.normalize_targets``): targets are the target encoder's latents layer-normalised
@@ -13,7 +16,8 @@ its target as it is). The predictor's residual base is ``targets`` of its input 
 copy-last in the space used. ``distance`` is the squared error that validation (best.pt), evaluation (metrics.json)
 and visualisation all report. Training (``WorldModel.loss``), validation (``training/validation.py``), evaluation
 (``evaluation/``) and rendering (``visualization/``) call these functions and nothing else; the model carries its
-space (``WorldModel.space``), so a checkpoint is always compared in the space it was trained in.
+space (``WorldModel.space``), so a checkpoint is always compared in the space it was trained in. ``summary`` pools a
+state into one vector (the mean token in the space) for what needs a vector: collapse diagnostics, vector probes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 SPACES = ("layer_norm", "raw", "unit")
+STATE_DIMS = 2                  # a state is [N tokens, C channels]
 
 
 def space_of(loss_cfg) -> str:
@@ -62,6 +67,17 @@ def predictions(pred, space: str):
     return F.normalize(pred, dim=-1) if space == "unit" else pred
 
 
-def distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error averaged over the latent dimension, both already in the space: ``[..., D] -> [...]``."""
-    return (pred - target).pow(2).mean(dim=-1)
+def distance(pred, target):
+    """Squared error averaged over the state (tokens and channels), both already in the space:
+    ``[..., N, C] -> [...]`` (tensors or numpy arrays)."""
+    if isinstance(pred, np.ndarray) or isinstance(target, np.ndarray):
+        diff = np.asarray(pred, dtype=np.float64) - np.asarray(target, dtype=np.float64)
+        return np.mean(diff * diff, axis=(-2, -1))
+    return (pred - target).pow(2).mean(dim=(-2, -1))
+
+
+def summary(states, space: str):
+    """The state's pooled vector: the mean of its tokens in ``space``, ``[..., N, C] -> [..., C]``."""
+    if isinstance(states, np.ndarray):
+        return summary(torch.from_numpy(np.asarray(states, dtype=np.float32)), space).numpy()
+    return targets(states, space).mean(dim=-2)

@@ -35,18 +35,19 @@ def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def infonce_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Contrastive prediction: each prediction must pick its own target among the targets of the whole batch (every
-    rank's), except the other frames of its own window.
+    """Contrastive prediction: each predicted state must pick its own target among the targets of the whole batch
+    (every rank's), except the other frames of its own window.
 
-    ``pred`` and ``target`` are ``[B, T, D]`` (or ``[N, D]``: one frame per window). Every (window, time) pair is a
-    row; the cosine similarity of each prediction to every target, divided by ``temperature``, goes through
-    cross-entropy with the matching target as the class. The adjacent frames of the same window are nearly
-    identical to the target, so they are not negatives (their logits are masked out)."""
-    if pred.dim() == 2:
+    ``pred`` and ``target`` are ``[B, T, N, C]`` grids (or ``[B, N, C]``: one frame per window). The similarity of
+    two states is the mean cosine similarity of their tokens, cell by cell (each token unit-normalised, the space
+    ``unit`` of drivejepa/latent_space.py), divided by ``temperature``; cross-entropy picks the matching target. The
+    adjacent frames of the same window are nearly identical to the target, so they are not negatives (masked out)."""
+    if pred.dim() == 3:
         pred, target = pred.unsqueeze(1), target.unsqueeze(1)
-    b, t, d = pred.shape
-    p = F.normalize(pred.reshape(b * t, d).float(), dim=-1)
-    targets, offset = gather_rows(F.normalize(target.reshape(b * t, d).float(), dim=-1))
+    b, t, n, c = pred.shape
+    scale = n ** -0.5
+    p = F.normalize(pred.float(), dim=-1).reshape(b * t, n * c) * scale
+    targets, offset = gather_rows(F.normalize(target.float(), dim=-1).reshape(b * t, n * c) * scale)
     logits = p @ targets.T / temperature
     rows = torch.arange(b * t, device=p.device)
     labels = rows + offset
@@ -58,8 +59,8 @@ def infonce_loss(pred: torch.Tensor, target: torch.Tensor, temperature: float = 
 
 
 def vicreg_terms(z: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """(variance hinge, off-diagonal covariance) of latents ``[..., D]`` flattened to rows, as in VICReg; the
-    statistics are over the rows of every rank (:func:`gather_rows`)."""
+    """(variance hinge, off-diagonal covariance) of vectors ``[..., D]`` flattened to rows, as in VICReg; the
+    statistics are over the rows of every rank (:func:`gather_rows`). For states the rows are their tokens."""
     z, _ = gather_rows(z.reshape(-1, z.shape[-1]).float())
     n, d = z.shape
     z = z - z.mean(dim=0)

@@ -9,23 +9,12 @@ import numpy as np
 import pytest
 
 import test_synth
+from conftest import BRANCH_FRAMES as FRAMES     # key frames each branch runs past its branch point
 from drivejepa.data.synth import SYNTH_VERSION, read_summary, write_world
 from drivejepa.data.synth import branches as cf
 from drivejepa.data.synth.scenarios import branch_of
 from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
 from drivejepa.data.synth.writer import SENSOR_MARGIN_S
-
-FRAMES = 5                      # key frames each branch runs past its branch point
-
-
-@pytest.fixture(scope="module")
-def branch_root(tmp_path_factory):
-    """Scenes 1-4 (left turn, highway, right turn with pedestrians, queue at a red light), each with one branch
-    point of up to 5 futures (as many as the traffic lets differ within 2.5 s)."""
-    out = tmp_path_factory.mktemp("branches") / "nuscenes"
-    write_world(out, scenes=4, samples_per_scene=12, seed=0, image_size=(96, 54), cameras=["CAM_FRONT"], workers=1,
-                progress=False, branches=5, branch_points=1, branch_frames=FRAMES)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -242,18 +231,14 @@ def test_split_keeps_branches_with_their_parents(nusc):
         assert (name in train) == (info["parent"] in train) and (name in splits["val"]) != (name in train)
 
 
-def test_preprocessed_branch_shards_carry_the_tags(nusc, branch_root, tmp_path, ray_session, repo_root):
-    from drivejepa.config import PreprocessConfig, load_config
-    from drivejepa.data.preprocess import preprocess_dataroot
+def test_preprocessed_branch_shards_carry_the_tags(nusc, branch_shards):
     from drivejepa.data.shards import load_manifest, read_shard_meta, scenes_in_split, shard_path
 
-    cfg = load_config(PreprocessConfig, repo_root / "tests/data/preprocess_tiny.yaml")
-    preprocess_dataroot(branch_root, SYNTH_VERSION, tmp_path, cfg, split="val", progress=False)
-    names = scenes_in_split(tmp_path, "val")
+    names = scenes_in_split(branch_shards, "val")
     mine = sorted(n for n, (_, info) in _branches(nusc).items() if info["parent"] == "scene-0003")
-    assert names == ["scene-0003"] + mine and len(load_manifest(tmp_path)["scenes"]) == len(names)
+    assert names == ["scene-0003"] + mine and len(load_manifest(branch_shards)["scenes"]) == len(nusc.scene)
     for name in names[1:]:
-        meta = read_shard_meta(shard_path(tmp_path, name))
+        meta = read_shard_meta(shard_path(branch_shards, name))
         info = branch_of(", ".join(meta["tags"]))
         assert info is not None and info["parent"] == "scene-0003" and "counterfactual" in meta["tags"]
         assert f"behaviour {info['behaviour']}" in meta["tags"] and meta["num_samples"] == info["frame"] + 1 + FRAMES
@@ -269,3 +254,40 @@ def test_synth_command_refuses_impossible_branches_in_one_line(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert said in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_test_split_holds_no_train_scene_and_keeps_branches_with_their_parents():
+    """The split file itself: test_synth.py. A branch of a test scene is a test scene, one of a train scene is not."""
+    from types import SimpleNamespace
+
+    from drivejepa.data.nuscenes_tasks import select_scenes
+    from drivejepa.data.synth.scenarios import branch_tags
+
+    scenes = [dict(name=f"scene-{n:04d}", description="city") for n in range(1, 11)]
+    scenes += [dict(name="scene-0005-b07-brake", description=", ".join(["city", *branch_tags("scene-0005", 7, "brake")])),
+               dict(name="scene-0004-b03-brake", description=", ".join(branch_tags("scene-0004", 3, "brake")))]
+    nusc = SimpleNamespace(scene=scenes, dataroot="/nowhere")
+    chosen, splits = select_scenes(nusc, SYNTH_VERSION, "test")
+    assert [s["name"] for s in chosen] == ["scene-0005", "scene-0005-b07-brake", "scene-0010"]
+    assert not set(splits["test"]) & set(splits["train"]) and "scene-0004-b03-brake" in splits["train"]
+
+
+def test_training_windows_of_a_branch_reach_past_its_branch_frame(branch_shards):
+    """The train split's branches are training data (nothing leaves them out), but a branch window wholly within
+    the key frames shared with its parent is the parent's window again and is not repeated."""
+    from drivejepa.data.dataset import WindowDataset
+    from drivejepa.data.shards import read_shard_meta, scenes_in_split, shard_path
+
+    train = scenes_in_split(branch_shards, "train")
+    ds = WindowDataset(branch_shards, train, context=2, horizon=3)
+    branches = {s: branch_of(read_shard_meta(shard_path(branch_shards, s))["description"]) for s in train}
+    branches = {s: info for s, info in branches.items() if info is not None}
+    assert branches and {info["parent"] for info in branches.values()} == {"scene-0001", "scene-0002", "scene-0004"}
+    starts: dict[str, list[int]] = {}
+    for scene, start in ds.index:
+        starts.setdefault(scene, []).append(start)
+    for scene, info in branches.items():
+        frames = info["frame"] + 1 + FRAMES
+        assert starts[scene] == [s for s in range(frames - 4) if s + 4 > info["frame"]], scene
+        assert starts[scene]
+    assert starts[info["parent"]] == list(range(12 - 4))

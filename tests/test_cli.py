@@ -9,7 +9,7 @@ import pytest
 
 from drivejepa.cli import VERBS, main
 
-EXPECTED_VERBS = {"synth", "preprocess", "train", "evaluate", "visualize", "plan", "bench", "demo"}
+EXPECTED_VERBS = {"synth", "preprocess", "train", "evaluate", "visualize", "plan", "drive", "bench", "demo"}
 
 
 def drivejepa(*args, cwd=None):

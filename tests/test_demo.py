@@ -8,7 +8,8 @@ from drivejepa.cli import main
 
 def test_demo_chain_runs_end_to_end_and_its_summary_matches_metrics(tmp_path, repo_root, ray_session, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--quiet", "--out", str(out), "--scenes", "3", "--samples-per-scene", "10",
+    argv = ["demo", "--quiet", "--out", str(out), "--scenes", "5", "--samples-per-scene", "10",
+            "--branches", "2", "--branch-frames", "4",
             "--image-size", "320x180", "--preprocess-config", str(repo_root / "tests/data/preprocess_tiny.yaml"),
             "--train-config", str(repo_root / "pipelines/train_smoke.yaml"), "optim.max_steps=12"]
     assert main(argv) == 0
@@ -22,6 +23,9 @@ def test_demo_chain_runs_end_to_end_and_its_summary_matches_metrics(tmp_path, re
     from drivejepa.evaluation.report import headline_rows
 
     assert summary["headline"] == json.loads(json.dumps(headline_rows(metrics)))
+    # best.pt is chosen on val (scene 3), the headline comes from the test split (scene 5), branches left out
+    assert metrics["provenance"]["split"] == "test" and metrics["provenance"]["eval_scenes"] == ["scene-0005"]
+    assert "Counterfactual top-1" in screen and "counterfactual" in metrics
     assert set(summary["times"]) == {"synth", "preprocess", "train", "evaluate", "visualize"}
     assert (out / "eval" / "report.md").is_file()
     assert (out / "run" / "checkpoints" / "best.pt").is_file()

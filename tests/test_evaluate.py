@@ -18,22 +18,19 @@ from drivejepa.evaluation.scenarios import assign_scenes, parse_scenarios
 
 # ------------------------------------------------------------------------------------------------- retrieval
 def test_retrieval_of_a_perfect_predictor_is_one_and_of_a_random_one_near_chance():
+    from test_counterfactual import state_shape
+
     rng = np.random.default_rng(0)
-    gallery = rng.normal(size=(200, 16))
-    true_index = rng.integers(0, 200, size=3000)
-    perfect = M.retrieval_ranks(gallery[true_index], gallery, true_index)
-    assert M.topk_accuracy(perfect, 1) == 1.0 and M.topk_accuracy(perfect, 5) == 1.0
-    random_ranks = M.retrieval_ranks(rng.normal(size=(3000, 16)), gallery, true_index)
+    frames = rng.normal(size=(200, *state_shape()))
+    starts = rng.integers(1, 150, size=500)
+    perfect = M.retrieval_ranks(np.stack([frames[s + 1:s + 4] for s in starts]), frames, starts)
+    assert M.topk_accuracy(perfect, 1).tolist() == [1.0] * 3
+    random_ranks = M.retrieval_ranks(rng.normal(size=(500, 3, *state_shape())), frames, starts)
+    sizes = 200 - 1 - starts
     for k in (1, 5):
-        chance = M.chance_topk(200, k)
-        sigma = math.sqrt(chance * (1 - chance) / 3000)
-        assert abs(M.topk_accuracy(random_ranks, k) - chance) < 4 * sigma
-
-
-def test_retrieval_ties_count_against_the_prediction():
-    gallery = np.zeros((10, 4))  # every frame has the same latent: nothing can be retrieved
-    ranks = M.retrieval_ranks(np.zeros((10, 4)), gallery, np.arange(10))
-    assert M.topk_accuracy(ranks, 1) == 0.0
+        chance = M.chance_topk(sizes, k)
+        sigma = math.sqrt(chance * (1 - chance) / random_ranks.size)
+        assert abs(M.topk_accuracy(random_ranks.reshape(-1), k) - chance) < 4 * sigma
 
 
 # ------------------------------------------------------------------------------------------------- baselines
@@ -41,7 +38,7 @@ def test_constant_velocity_is_exact_on_a_linear_trajectory_and_copy_last_is_not(
     import torch
 
     t = torch.arange(12, dtype=torch.float64)[:, None]
-    latents = torch.cat([2.0 * t, -t + 3.0], dim=1)
+    latents = torch.cat([2.0 * t, -t + 3.0], dim=1).view(12, 1, 2)                  # states of one token
     starts = torch.tensor([1, 4, 5])
     context = latents[starts[:, None] + torch.arange(-1, 1)[None]]              # frames s-1, s
     target = latents[starts[:, None] + torch.arange(1, 5)[None]]
@@ -96,20 +93,28 @@ def test_constant_velocity_boxes_follow_a_moving_box_seen_from_a_moving_ego():
     assert np.allclose(held[0], (np.linalg.inv(pose1) @ np.array([10.0, 2.0, 0.0, 1.0]))[:2])
 
 
-def test_probes_recover_a_linear_signal_and_beat_the_train_mean():
+def test_probes_read_a_signal_off_the_token_grid_and_beat_the_train_mean():
     rng = np.random.default_rng(1)
-    w = rng.normal(size=8)
-    x_train, x_test = rng.normal(size=(300, 8)), rng.normal(size=(100, 8))
+    w = rng.normal(size=(16, 4))                                   # every cell of a 4 x 4 grid weighs differently
+    x_train, x_test = rng.normal(size=(300, 16, 4)), rng.normal(size=(100, 16, 4))
+    label = lambda x: np.einsum("nkc,kc->n", x, w) + 5
+    groups = np.repeat(np.arange(10), 30)                          # ten scenes of 30 frames
     for kind in ("linear", "mlp"):
-        probe = P.fit_probe("speed", kind, x_train, x_train @ w + 5, epochs=150, lr=2e-2, weight_decay=0.0,
-                            hidden=32, seed=0)
-        scores = P.regression_scores(probe.predict(x_test), x_test @ w + 5, probe.y_mean)
-        assert scores["r2"] > 0.9 and scores["mae"] < 0.3 * scores["mae_train_mean"]
-    occupied = np.stack([x_train[:, 0] > 0, x_train[:, 1] > 0], axis=1)
-    occ = P.fit_probe("occupancy", "linear", x_train, occupied, epochs=150, lr=2e-2, weight_decay=0.0,
-                      hidden=32, seed=0)
-    truth = np.stack([x_test[:, 0] > 0, x_test[:, 1] > 0], axis=1)
-    assert P.iou(occ.predict_occupancy(x_test), truth) > 0.8
+        probe = P.fit_regression_probe("speed", kind, x_train, label(x_train), groups, epochs=300, lr=2e-2,
+                                       weight_decay=0.0, hidden=64, seed=0)
+        scores = P.regression_scores(probe.predict(x_test), label(x_test), probe.y_mean)
+        assert scores["r2"] > 0.9 and scores["mae"] < 0.3 * scores["mae_train_mean"], (kind, scores)
+    occ = P.fit_occupancy_probe("linear", x_train, x_train[..., 0] > 0, epochs=150, lr=2e-2, weight_decay=0.0,
+                                hidden=32, seed=0)                 # a cell is occupied where its own token says so
+    assert P.iou(occ.predict_occupancy(x_test), x_test[..., 0] > 0) > 0.8
+
+
+def test_tokens_are_resampled_onto_the_evaluation_grid_by_position():
+    coarse = P.grid_centers(8, 32.0)                               # a token holding its own cell's (x, y)
+    tokens = coarse[None].astype(np.float32)
+    assert P.tokens_on_grid(tokens, 8, 32.0, 8, 32.0) is tokens
+    fine = P.tokens_on_grid(tokens, 8, 32.0, 16, 16.0)             # 16 cells over the central +-16 m
+    assert np.allclose(fine[0], P.grid_centers(16, 16.0), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------- suite
@@ -207,7 +212,7 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
         plotted = json.loads((out / f"{name}.json").read_text())
         assert "all" in plotted["series"]
     overall = metrics["overall"]
-    for method in ("model", "shuffled_actions", "copy_last", "const_velocity", "mean_of_context"):
+    for method in ("model", "shuffled_actions", "copy_last", "warp_last", "const_velocity", "mean_of_context"):
         values = overall["latent_mse"][method]
         assert len(values) == 6 and all(math.isfinite(v) and v > 0 for v in values), (method, values)
     # the scene moves away from the last context frame: copy-last gets worse with the horizon
@@ -218,7 +223,12 @@ def test_report_has_every_section_and_plots_beside_their_numbers(evaluated):
     assert set(overall["occupancy_iou"]) == {"model", "probe_on_true_future", "const_velocity_boxes",
                                              "copy_last_boxes"}
     assert metrics["probes"]["mlp"]["speed"]["n"] > 0
+    # the state holds the scene: per-cell occupancy probes on the held-out target states beat the best constant grid
+    for kind in ("linear", "mlp"):
+        occ = metrics["probes"][kind]["occupancy"]
+        assert occ["iou"] > occ["iou_prior_grid"], (kind, occ)
     assert metrics["collapse"]["target_latents"]["effective_rank"] > 0
+    assert 0 < metrics["collapse"]["target_summaries"]["effective_rank"] <= metrics["collapse"]["target_summaries"]["dim"]
     # every scene of the world is in the per-scene table and its windows add up to the total
     assert sum(b["windows"] for b in metrics["scenes"].values()) == metrics["settings"]["windows"]
     assert metrics["scenarios"]["all"]["windows"] == metrics["settings"]["windows"]
@@ -254,7 +264,8 @@ def test_headline_table_prints_model_baselines_and_action_sensitivity(evaluated)
     text = format_headline(evaluated["local"])
     lines = text.splitlines()
     assert "copy-last" in lines[1] and "const-vel" in lines[1] and "shuffled" in lines[1] and "act.ratio" in lines[1]
-    assert [ln.split("|")[0].strip() for ln in lines[3:]] == ["0.5s", "1.5s", "3.0s"]
+    assert [ln.split("|")[0].strip() for ln in lines[3:6]] == ["0.5s", "1.5s", "3.0s"]
+    assert "no branch point" in lines[7]
     row = evaluated["local"]["headline"][0]
     assert row["action_sensitivity_gap"] == pytest.approx(row["mse_shuffled_actions"] - row["mse_model"])
 

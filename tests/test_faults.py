@@ -315,7 +315,7 @@ def test_a_camera_the_dataroot_lacks_is_refused(synth_root):
 def test_an_explicit_field_that_contradicts_the_size_preset_is_an_error_and_unset_ones_are_filled():
     with pytest.raises(ConfigError, match=r"model.latent_dim = 256 conflicts with model.size = 'tiny'"):
         load_config(TrainConfig, None, ["model.size=tiny", "model.latent_dim=256"])
-    cfg = load_config(TrainConfig, None, ["model.size=tiny", "model.latent_dim=32"])
+    cfg = load_config(TrainConfig, None, ["model.size=tiny", "model.latent_dim=16"])
     from drivejepa.config import SIZE_PRESETS, resolve_model_config
 
     assert resolve_model_config(cfg.model).lidar_widths == SIZE_PRESETS["tiny"]["lidar_widths"]

@@ -27,7 +27,7 @@ def _batches(b=4, length=5, n=2):
 
 
 @pytest.mark.parametrize("space", list(SPACES))
-def test_an_untrained_predictor_is_copy_last_in_the_space_it_is_compared_in(repo_root, space):
+def test_an_untrained_predictor_is_warp_last_in_the_space_it_is_compared_in(repo_root, space):
     from drivejepa.models.world_model import build_world_model
     from drivejepa.training.distributed import DistInfo
     from drivejepa.training.validation import validate
@@ -39,8 +39,9 @@ def test_an_untrained_predictor_is_copy_last_in_the_space_it_is_compared_in(repo
     assert model.space == space
     val = validate(model, _batches(), cfg, DistInfo(), contextlib.nullcontext)
     assert val["copy_last"] > 0
-    for k in (1, 2, 3):
-        assert val[f"ratio_h{k}"] == pytest.approx(1.0, abs=0.02), (space, k, val[f"ratio_h{k}"])
+    # One step is one warp. Later steps warp the warped state again, where the baseline resamples once by the
+    # composed motion (tests/test_bev.py checks the chained warps).
+    assert val["warp_ratio_h1"] == pytest.approx(1.0, abs=0.02), (space, val["warp_ratio_h1"])
 
 
 def test_a_model_refuses_an_objective_of_another_space(repo_root):

@@ -453,8 +453,10 @@ def test_refuses_foreign_folder_and_never_leaves_a_loadable_half_world(tmp_path,
     assert json.loads((out / ".drivejepa-synth.json").read_text())["status"] == "writing"
 
 
-def test_split_file_lists_200_scenes_with_every_fifth_in_val(repo_root):
+def test_split_file_lists_200_scenes_with_every_fifth_in_val_and_in_test(repo_root):
+    """val (n % 5 == 3) chooses best.pt, test (n % 5 == 0) gives the headline numbers; no scene is in two splits."""
     splits = json.loads((repo_root / "datasets/synthetic/splits.json").read_text())
     names = [f"scene-{n:04d}" for n in range(1, 201)]
-    assert sorted(splits["train"] + splits["val"]) == names
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == names
     assert splits["val"] == [f"scene-{n:04d}" for n in range(1, 201) if n % 5 == 3]
+    assert splits["test"] == [f"scene-{n:04d}" for n in range(1, 201) if n % 5 == 0]

@@ -1,15 +1,20 @@
 """``drivejepa bench latency``: batch-1 CPU latency of encode and of one predictor step, next to the bare ResNet18.
 
 All timings come from the same process on the same images, so the ratios are what matter: the demo-size encode
-(front camera 128x224, 4096 lidar points, 128 radar points) should cost at most 1.3x the bare ResNet18 on that image,
-and one predictor step at most 5% of an encode.
+(front camera 128x224 stored, seen at the demo config's ``model.image_size``, 4096 lidar points, 128 radar points)
+against the bare ResNet18 (the whole network, classifier off) on the image the backbone sees; one predictor step (the
+bird's-eye state moved one key frame) against an encode. Each size's model is the one its training config builds
+(pipelines/train_demo.yaml, pipelines/train_base.yaml).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
+
+REPO = Path(__file__).resolve().parents[2]
 
 WORKLOADS = {
     # size: cameras, (H, W), lidar points, radar points
@@ -17,6 +22,7 @@ WORKLOADS = {
     "base": (["CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_RIGHT", "CAM_BACK", "CAM_BACK_LEFT", "CAM_FRONT_LEFT"],
              (224, 400), 16384, 256),
 }
+CONFIGS = {"demo": REPO / "pipelines/train_demo.yaml", "base": REPO / "pipelines/train_base.yaml"}
 TARGET_ENCODE_VS_RESNET = 1.3
 TARGET_STEP_VS_ENCODE = 0.05
 
@@ -50,7 +56,10 @@ def measure(size: str, args) -> dict:
     import timm
     import torch
 
-    from drivejepa.config import ModelConfig
+    import numpy as np
+
+    from drivejepa.config import TrainConfig, load_config
+    from drivejepa.data.synth.camera import camera_to_ego, intrinsics
     from drivejepa.models.world_model import WorldModel
 
     cameras, (h, w), n_lidar, n_radar = WORKLOADS[size]
@@ -58,6 +67,8 @@ def measure(size: str, args) -> dict:
     obs = {
         "images": torch.randint(0, 256, (1, len(cameras), h, w, 3), generator=g, dtype=torch.uint8),
         "image_mask": torch.ones(1, len(cameras), dtype=torch.bool),
+        "cam_intrinsics": torch.tensor(np.stack([intrinsics(c, w, h) for c in cameras])[None], dtype=torch.float32),
+        "cam_to_key_ego": torch.tensor(np.stack([camera_to_ego(c) for c in cameras])[None], dtype=torch.float32),
         "lidar": torch.randn(1, n_lidar, 4, generator=g) * torch.tensor([20.0, 20.0, 1.0, 50.0]),
         "lidar_mask": torch.ones(1, n_lidar, dtype=torch.bool),
         "radar": torch.randn(1, n_radar, 6, generator=g) * torch.tensor([50.0, 50.0, 1.0, 10.0, 5.0, 5.0]),
@@ -65,11 +76,13 @@ def measure(size: str, args) -> dict:
     }
     repeats = args.repeats if size == "demo" else max(3, args.repeats // 6)
     warmup = args.warmup if size == "demo" else min(args.warmup, 1)
-    model = WorldModel(ModelConfig(size=size), cameras).eval()
+    model_cfg = load_config(TrainConfig, CONFIGS[size]).model
+    model = WorldModel(model_cfg, cameras).eval()
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0).eval()
     with torch.inference_mode():
         pixels = model.encoder.image.normalise(obs["images"].reshape(-1, h, w, 3))
-        context = model.encode(obs).unsqueeze(1).expand(1, args.context, -1).contiguous()
+        state = model.encode(obs)
+        context = state.unsqueeze(1).expand(1, args.context, *state.shape[1:]).contiguous()
         action = torch.tensor([[[4.0, 0.1, 0.02, 8.0, 0.04]]])
         past = action.expand(1, args.context - 1, 5).contiguous()
         ms = interleaved_medians({
@@ -80,7 +93,7 @@ def measure(size: str, args) -> dict:
     resnet_ms, encode_ms, step_ms = ms["resnet18"], ms["encode"], ms["step"]
     return {
         "size": size, "cameras": len(cameras), "image_hw": [h, w], "lidar_points": n_lidar, "radar_points": n_radar,
-        "latent_dim": model.latent_dim,
+        "backbone_sees_hw": list(pixels.shape[-2:]), "state": [model.bev_size, model.bev_size, model.latent_dim],
         "params_m": round(sum(p.numel() for p in model.encoder.parameters()) / 1e6, 2),
         "resnet18_ms": round(resnet_ms, 3), "encode_ms": round(encode_ms, 3), "predictor_step_ms": round(step_ms, 3),
         "encode_vs_resnet18": round(encode_ms / resnet_ms, 3), "step_vs_encode": round(step_ms / encode_ms, 4),

@@ -7,8 +7,13 @@ HELP = ("run every stage on the synthetic world: synth, preprocess (Ray), train,
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="out/demo", help="output directory for every stage (default: out/demo)")
-    parser.add_argument("--scenes", type=int, default=30, help="scenes in the synthetic world")
+    parser.add_argument("--scenes", type=int, default=35,
+                        help="scenes in the synthetic world (default 35: 21 train, 7 val, 7 test)")
     parser.add_argument("--samples-per-scene", type=int, default=40, help="key frames per scene")
+    parser.add_argument("--branches", type=int, default=5,
+                        help="futures per branch point, the scene's own included (default 5; 0 = no branches)")
+    parser.add_argument("--branch-frames", type=int, default=6,
+                        help="key frames each branch runs past its branch point (default 6: the 3 s horizon)")
     parser.add_argument("--image-size", default="800x450", help="camera images of the world, WxH")
     parser.add_argument("--preprocess-config", default=None, help="default: pipelines/preprocess.yaml")
     parser.add_argument("--train-config", default=None, help="default: pipelines/train_demo.yaml")
@@ -24,7 +29,8 @@ def run(args) -> int:
     from drivejepa.io import atomic_write_json
 
     plan = DemoPlan(out=Path(args.out), scenes=args.scenes, samples_per_scene=args.samples_per_scene,
-                    image_size=args.image_size, train_overrides=tuple(args.overrides), progress=not args.quiet)
+                    image_size=args.image_size, branches=args.branches, branch_frames=args.branch_frames,
+                    train_overrides=tuple(args.overrides), progress=not args.quiet)
     for field, value in (("preprocess_config", args.preprocess_config), ("train_config", args.train_config),
                          ("suite", args.suite)):
         if value:

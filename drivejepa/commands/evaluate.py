@@ -3,7 +3,8 @@ from __future__ import annotations
 
 HELP = ("evaluate a checkpoint on the scenes of a split: latent prediction error and retrieval per horizon against "
         "copy-last, constant-velocity and shuffled-action baselines, frozen probes and occupancy forecasts, per "
-        "scenario; writes OUT/metrics.json, report.md and plots")
+        "scenario, and counterfactual top-1 on the split's branch points; writes OUT/metrics.json, report.md and "
+        "plots")
 
 
 def add_arguments(parser) -> None:
@@ -13,6 +14,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--suite", default=None,
                         help="suite YAML: settings and scenarios (default: eval/scenarios/default.yaml)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--action-blind-checkpoint", default=None, metavar="CKPT",
+                        help="a run of the same recipe trained with every action masked (model.action_dropout=1.0), "
+                             "reported as a baseline on the same windows and branch points")
     parser.add_argument("--address", default=None, help="Ray cluster address ('auto' joins a running cluster)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="Ray actors, one per group of scenes (default: one per CPU); 0 = run in this process")
@@ -36,9 +40,12 @@ def run(args) -> int:
     from drivejepa.training.checkpoint import refuse_other_shards
 
     refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
+    if args.action_blind_checkpoint:
+        refuse_other_shards(args.action_blind_checkpoint, args.shards, allow_other=args.allow_other_shards)
     metrics = evaluate(args.checkpoint, args.shards, args.out, split=args.split, suite=args.suite,
                        overrides=args.overrides, address=args.address, num_workers=args.num_workers,
-                       progress=not args.no_progress, plan_config=args.plan_config)
+                       progress=not args.no_progress, action_blind_checkpoint=args.action_blind_checkpoint,
+                       plan_config=args.plan_config)
     print(format_headline(metrics))
     best = {name: b["action_sensitivity"]["mse_ratio"][-1] for name, b in metrics["scenarios"].items()
             if b["windows"]}

@@ -3,13 +3,19 @@ from __future__ import annotations
 
 HELP = ("roll a checkpoint out from one key frame of a scene and render the predicted scene per horizon step "
         "(decoded prediction vs true lidar, boxes, ego paths), the nearest real frame, counterfactual actions and "
-        "the camera view; writes OUT/*.png, scene.gif, *.ply and visualize.json")
+        "the camera view; writes OUT/*.png, scene.gif, *.ply and visualize.json. With --branch-point, one branch "
+        "point of a synthetic world with branches: the K predicted futures beside the K true ones")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint file of a training run (RUN/checkpoints/*.pt)")
     parser.add_argument("--shards", required=True, help="shard directory (drivejepa preprocess)")
-    parser.add_argument("--scene", required=True, help="scene name, for example scene-0003")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--scene", help="scene name, for example scene-0003")
+    what.add_argument("--branch-point", metavar="PARENT:FRAME",
+                      help="a branch point of a world written with `drivejepa synth --branches K`, for example "
+                           "scene-0005:12: each future's rollout with its own actions beside its true future "
+                           "(OUT/branch_point_k*.png, branch_point.json)")
     parser.add_argument("--frame", type=int, default=None,
                         help="start key frame t (default: the first with a full context)")
     parser.add_argument("--horizon", type=int, default=None, help="steps to predict (default: the run's horizon)")
@@ -53,6 +59,25 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def format_branch_point_summary(summary: dict) -> str:
+    """The one-screen summary of ``--branch-point``."""
+    h = summary["horizon"]
+    lines = [f"branch point {summary['branch_point']}: {len(summary['futures'])} futures rolled out {h} steps of "
+             f"{summary['seconds_per_step']:.2f} s from {summary['context']} shared context frames "
+             f"({summary['seconds']:.1f} s)",
+             f"  {'future':<22} {'scene':<34} nearest true future at {h * summary['seconds_per_step']:.1f} s"]
+    for f in summary["futures"]:
+        lines.append(f"  {f['behaviour']:<22} {f['scene']:<34} {f['nearest'][-1]}")
+    lines.append("counterfactual top-1 per step: " + " ".join(f"{v:.2f}" for v in summary["top1"])
+                 + f" (chance {summary['chance']:.2f})")
+    if not summary["rendered"]:
+        lines.append(f"NOT RENDERED: {summary['render_message']}")
+    for kind in ("png", "json"):
+        if summary["files"][kind]:
+            lines.append(f"{kind}: " + ", ".join(summary["files"][kind]))
+    return "\n".join(lines)
+
+
 def run(args) -> int:
     from drivejepa.commands import parse_image_size
     from drivejepa.errors import UserError
@@ -64,10 +89,20 @@ def run(args) -> int:
     from drivejepa.training.checkpoint import refuse_other_shards
 
     refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
+    size = parse_image_size(args.size, "--size", minimum=64)
+    if args.branch_point:
+        from drivejepa.visualization.branch_point import visualize_branch_point
+
+        summary = visualize_branch_point(args.checkpoint, args.shards, args.branch_point, args.out,
+                                         horizon=args.horizon, size=size,
+                                         decoder_steps=args.decoder_steps, retrain_decoder=args.retrain_decoder,
+                                         progress=not (args.no_progress or args.quiet))
+        print(format_branch_point_summary(summary))
+        return 0
     check_scene(args.shards, args.scene)
     summary = visualize(args.checkpoint, args.shards, args.scene, args.out, frame=args.frame, horizon=args.horizon,
                         actions=args.actions, interactive=args.interactive,
-                        size=parse_image_size(args.size, "--size", minimum=64),
+                        size=size,
                         decoder_steps=args.decoder_steps, retrain_decoder=args.retrain_decoder,
                         progress=not (args.no_progress or args.quiet))
     print(format_summary(summary))

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from drivejepa.baselines import shuffled_sources
 from drivejepa.data.shards import (PER_CAMERA, Shard, camera_positions, load_manifest, read_shard, read_shard_meta,
                                    shard_path)
+from drivejepa.data.synth.scenarios import branch_of
 from drivejepa.errors import UserError
 
 CAMERA_AXIS = {"images": 1, "image_mask": 1, "cam_to_key_ego": 1, "cam_timestamps": 1}  # per-frame camera axis
@@ -23,6 +24,10 @@ CAMERA_AXIS = {"images": 1, "image_mask": 1, "cam_to_key_ego": 1, "cam_timestamp
 
 class WindowDataset(Dataset):
     """Item = dict of tensors with a leading L = context + horizon axis, plus ``scene`` and ``start``.
+
+    A counterfactual branch scene of the synthetic world (drivejepa/data/synth/branches.py) contributes only the
+    windows that reach past its branch frame: a window wholly within the key frames it shares with its parent is the
+    parent's window again (the same sensor files), so it would only weigh the shared past more than once.
 
     ``cameras`` (optional) selects and orders a subset of the shards' cameras. With ``shuffle_actions_seed``, item i
     also holds ``shuffled_actions`` [L, 5], the actions of window ``baselines.shuffled_sources(len, seed)[i]``: the
@@ -51,8 +56,11 @@ class WindowDataset(Dataset):
             meta = read_shard_meta(shard_path(self.shard_dir, scene))
             self._camera_index[scene] = self._select_cameras(scene, meta["cameras"])
             frames = np.asarray(meta["frame_indices"])
+            branch = branch_of(meta.get("description", ""))
+            shared = -1 if branch is None else branch["frame"]
             for start in range(0, len(frames) - self.length + 1, stride):
-                if frames[start + self.length - 1] - frames[start] == self.length - 1:
+                if frames[start + self.length - 1] - frames[start] == self.length - 1 \
+                        and frames[start + self.length - 1] > shared:
                     self.index.append((scene, start))
         self._shards: dict[str, Shard] = {}
         self.shuffled_source = None

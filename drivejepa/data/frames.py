@@ -299,7 +299,10 @@ def boxes_frame(boxes: dict[str, np.ndarray], key_pose: np.ndarray, cfg: Preproc
 # ----------------------------------------------------------------------------------------------------------------
 # One scene
 # ----------------------------------------------------------------------------------------------------------------
-def _process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
+def process_frame(frame: dict, cfg: PreprocessConfig, calib: dict) -> dict:
+    """One key frame's task (its readings' paths, poses and calibrations, its boxes) -> its shard arrays. The one
+    path from sensor files to what a model sees: preprocessing and the closed-loop simulator (drivejepa/driving)
+    both call it. ``calib`` collects each camera's scaled intrinsics on first sight."""
     key_pose = frame["ego_pose"]
     w, h = cfg.image_size
     images = np.zeros((len(cfg.cameras), h, w, 3), dtype=np.uint8)
@@ -363,7 +366,7 @@ def build_scene(task: dict, cfg: PreprocessConfig, config_hash: str, out_path: s
         if frame is None:
             continue
         try:
-            kept.append((index, _process_frame(frame, cfg, calib)))
+            kept.append((index, process_frame(frame, cfg, calib)))
         except FrameError as exc:
             skipped.append({"index": index, "sample": frame["sample"], "path": exc.path, "reason": exc.reason})
     skipped.sort(key=lambda s: s["index"])

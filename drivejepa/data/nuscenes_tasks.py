@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 LIDAR = "LIDAR_TOP"
 SYNTH_SPLIT_FILE = Path(__file__).resolve().parents[2] / "datasets" / "synthetic" / "splits.json"
+# Extra named splits of real nuScenes beside the devkit's official ones (a validation split carved out of the official
+# train split, so that best.pt is chosen on other scenes than the official val the numbers are reported on).
+NUSCENES_SPLIT_FILE = Path(__file__).resolve().parents[2] / "datasets" / "nuscenes" / "splits.json"
 
 
 def pose_matrix(record: dict) -> np.ndarray:
@@ -68,19 +71,34 @@ def load_nuscenes(dataroot: str | Path, version: str):
 
 @functools.lru_cache(maxsize=None)
 def split_table(version: str) -> dict[str, list[str]]:
-    """Scene names of every known split: the synthetic split file for ``*-synth`` versions, else the devkit's."""
+    """Scene names of every known split: the synthetic split file for ``*-synth`` versions, else the devkit's
+    official splits plus the named splits of ``datasets/nuscenes/splits.json``."""
     if version.endswith("-synth"):
         if not SYNTH_SPLIT_FILE.is_file():
             log.warning("%s not found: only the split 'all' is available", SYNTH_SPLIT_FILE)
             return {}
-        try:
-            table = json.loads(SYNTH_SPLIT_FILE.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{SYNTH_SPLIT_FILE}: not valid JSON ({exc})") from exc
-        return {str(k): [str(s) for s in v] for k, v in table.items()}
+        return _read_split_file(SYNTH_SPLIT_FILE)
     from nuscenes.utils.splits import create_splits_scenes
 
-    return {k: list(v) for k, v in create_splits_scenes(verbose=False).items()}
+    table = {k: list(v) for k, v in create_splits_scenes(verbose=False).items()}
+    if NUSCENES_SPLIT_FILE.is_file():
+        extra = _read_split_file(NUSCENES_SPLIT_FILE)
+        clash = sorted(set(extra) & set(table))
+        if clash:
+            raise UserError(f"{NUSCENES_SPLIT_FILE}: split names {clash} are the devkit's official splits; choose "
+                            "other names")
+        table.update(extra)
+    return table
+
+
+def _read_split_file(path: Path) -> dict[str, list[str]]:
+    try:
+        table = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(table, dict) or not all(isinstance(v, list) for v in table.values()):
+        raise UserError(f"{path}: expected a mapping of split name -> list of scene names")
+    return {str(k): [str(s) for s in v] for k, v in table.items()}
 
 
 def select_scenes(nusc, version: str, split: Optional[str]) -> tuple[list[dict], dict[str, list[str]]]:

@@ -92,7 +92,8 @@ LIDAR_CHANNELS = ("x", "y", "z", "intensity", "time_lag")
 # Arrays with one row per camera, not per frame.
 PER_CAMERA = ("cam_intrinsics",)
 
-SENSOR_KEYS = ("images", "image_mask", "lidar", "lidar_mask", "radar", "radar_mask")  # what the encoder reads
+# What the encoder reads: the sensors with their masks, and the camera calibration that lifts images into the grid.
+SENSOR_KEYS = ("images", "image_mask", "cam_intrinsics", "cam_to_key_ego", "lidar", "lidar_mask", "radar", "radar_mask")
 
 
 def camera_positions(shard_cameras: list[str], cameras: list[str], source) -> list[int]:
@@ -375,6 +376,15 @@ def scenes_in_split(shard_dir: str | Path, split: Optional[str] = None) -> list[
                         f"(known: {', '.join(['all'] + sorted(splits))})")
     members = set(splits[split])
     return [s for s in scenes if s in members]
+
+
+def factual_scenes(shard_dir: str | Path, scenes: list[str]) -> list[str]:
+    """``scenes`` without the counterfactual branch scenes (``drivejepa synth --branches``): a branch repeats its
+    parent's key frames up to the branch frame, so the factual scenes are the ones that are each a drive of its own."""
+    from drivejepa.data.synth.scenarios import branch_of
+
+    described = load_manifest(shard_dir)["scenes"]
+    return [s for s in scenes if branch_of(described.get(s, {}).get("description", "")) is None]
 
 
 def empty_manifest(config: dict[str, Any], config_hash: str, dataroot: str, version: str) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from drivejepa.data.shards import SENSOR_KEYS
+from drivejepa.data.shards import PER_CAMERA, SENSOR_KEYS
 
 
 def window_starts(num_frames: int, context: int, horizon: int, action_valid: np.ndarray,
@@ -40,27 +40,35 @@ def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = No
     """Torch observation batch for the key frames ``index`` of one shard (the modalities the shard holds)."""
     import torch
 
+    index = np.asarray(index)
     obs = {}
     for key in SENSOR_KEYS:
         if key not in arrays:
             continue
-        value = arrays[key][np.asarray(index)]  # fancy indexing copies out of the read-only memory map
-        if camera_index is not None and key in ("images", "image_mask"):
+        if key in PER_CAMERA:                   # one calibration per camera: the same for every frame
+            value = np.asarray(arrays[key])
+            value = value if camera_index is None else value[camera_index]
+            obs[key] = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(value, (len(index), *value.shape))))
+            continue
+        value = arrays[key][index]  # fancy indexing copies out of the read-only memory map
+        if camera_index is not None and key in ("images", "image_mask", "cam_to_key_ego"):
             value = value[:, camera_index]
         obs[key] = torch.from_numpy(np.ascontiguousarray(value))
     return obs
 
 
 def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camera_index=None,
-                  with_online: bool = True):
-    """(online [T, D] or None, target [T, D]) float32 numpy latents of every key frame. Rollouts need only the
-    target latents (``WorldModel.context_states``); the online ones feed the collapse diagnostics."""
+                  with_online: bool = True, index: np.ndarray | None = None):
+    """(online [T, N, C] or None, target [T, N, C]) float32 numpy states of every key frame (or of the key frames
+    ``index``, in that order). Rollouts need only the target states (``WorldModel.context_states``); the online
+    ones feed the collapse diagnostics."""
     import torch
 
+    frames = np.arange(num_frames) if index is None else np.asarray(index, dtype=np.int64)
     online, target = [], []
     with torch.no_grad():
-        for lo in range(0, num_frames, batch_size):
-            idx = np.arange(lo, min(num_frames, lo + batch_size))
+        for lo in range(0, len(frames), batch_size):
+            idx = frames[lo:lo + batch_size]
             obs = {k: v.to(device) for k, v in frames_as_obs(arrays, idx, camera_index).items()}
             if with_online:
                 online.append(model.encode(obs, target=False).float().cpu().numpy())
@@ -70,8 +78,8 @@ def encode_frames(model, arrays, num_frames: int, batch_size: int, device, camer
 
 def rollout_windows(model, context_latents: np.ndarray, starts: np.ndarray, context: int, actions: np.ndarray,
                     past_actions: np.ndarray, batch_size: int, device) -> np.ndarray:
-    """Roll the predictor out for every window: context latents [T, D] (frames ``s-Tc+1..s``), future actions
-    [W, H, A] (``a_s..a_{s+H-1}``) and the earlier context frames' actions [W, Tc-1, A] -> [W, H, D]."""
+    """Roll the predictor out for every window: context states [T, N, C] (frames ``s-Tc+1..s``), future actions
+    [W, H, A] (``a_s..a_{s+H-1}``) and the earlier context frames' actions [W, Tc-1, A] -> [W, H, N, C]."""
     import torch
 
     offsets = np.arange(-context + 1, 1)
@@ -85,5 +93,5 @@ def rollout_windows(model, context_latents: np.ndarray, starts: np.ndarray, cont
             past = torch.from_numpy(np.array(past_actions[lo:lo + batch_size], dtype=np.float32))
             out.append(model.rollout(ctx.to(device), act.to(device), past.to(device)).float().cpu().numpy())
     if not out:
-        return np.zeros((0, actions.shape[1], context_latents.shape[1]), dtype=np.float32)
+        return np.zeros((0, actions.shape[1], *context_latents.shape[1:]), dtype=np.float32)
     return np.concatenate(out)

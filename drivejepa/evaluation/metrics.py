@@ -2,9 +2,10 @@
 distance and retrieval accuracy.
 
 Retrieval is the JEPA "prediction accuracy": a prediction for frame j is correct at top-k when the target latent of
-frame j is among the k gallery latents nearest (L2) to it, the gallery being every evaluated key frame. Ties count
-against the prediction (the rank is the number of gallery frames at least as close, the true one excluded), so a
-predictor that outputs the same vector for everything cannot score above chance by luck of ordering.
+frame j is among the k gallery latents nearest to it, the gallery of a window being the key frames of its own scene
+after its context (``retrieval_ranks``). Ties count against the prediction (the rank is the number of gallery frames
+at least as close, the true one excluded), so a predictor that outputs the same vector for everything cannot score
+above chance by luck of ordering.
 """
 from __future__ import annotations
 
@@ -20,29 +21,29 @@ def cosine_distance(pred: np.ndarray, target: np.ndarray, eps: float = 1e-8) -> 
     return 1.0 - num / den
 
 
-def retrieval_ranks(queries: np.ndarray, gallery: np.ndarray, true_index: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """For each query [M, D], how many gallery items [G, D] other than ``true_index`` are at least as close (L2).
+def retrieval_ranks(pred: np.ndarray, frames: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Ranks [W, H] of the predictions ``pred`` [W, H, ...] of the windows of one scene (window w starts at frame
+    ``starts[w]``, step h predicts frame ``starts[w] + h``) among that scene's later key frames ``frames`` [T, ...]:
+    the gallery of window w is the frames after its context, ``starts[w] + 1 .. T - 1``. The rank is how many gallery
+    frames other than the true one are at least as close (``latent_space.distance``), so rank 0 = the true frame is
+    the strict nearest. The last context frame is not in the gallery: a copy-last prediction is a gallery frame at
+    distance 0 in a gallery of every frame, never the true one, and its top-1 would be 0 by construction."""
+    import torch
 
-    Rank 0 = the true frame is the strict nearest neighbour; top-k accuracy is ``mean(rank < k)``."""
-    queries = np.asarray(queries, dtype=np.float64)
-    gallery = np.asarray(gallery, dtype=np.float64)
-    true_index = np.asarray(true_index, dtype=np.int64)
-    if queries.shape[0] != true_index.shape[0]:
-        raise ValueError(f"{queries.shape[0]} queries but {true_index.shape[0]} true indices")
-    g2 = np.sum(gallery * gallery, axis=1)
-    ranks = np.empty(queries.shape[0], dtype=np.int64)
-    for lo in range(0, queries.shape[0], chunk):
-        q = queries[lo:lo + chunk]
-        d = g2[None, :] - 2.0 * q @ gallery.T  # |q|^2 is common to a row and does not change the order
-        idx = true_index[lo:lo + chunk]
-        rows = np.arange(q.shape[0])
-        true_d = d[rows, idx]
-        # Distances by expansion carry rounding error; compare against a relative tolerance so an exact match
-        # (distance 0) is not beaten by rounding noise.
-        tol = 1e-9 * (np.abs(true_d) + g2[idx] + np.sum(q * q, axis=1))
-        closer = d <= (true_d + tol)[:, None]
-        closer[rows, idx] = False
-        ranks[lo:lo + chunk] = closer.sum(axis=1)
+    from drivejepa import latent_space
+
+    pred, frames = np.asarray(pred), np.asarray(frames)
+    w, h = pred.shape[:2]
+    ranks = np.zeros((w, h), dtype=np.int64)
+    gallery = torch.from_numpy(np.array(frames, dtype=np.float64))      # a copy: arrays from Ray are read-only
+    for i, s in enumerate(np.asarray(starts, dtype=np.int64)):
+        later = gallery[s + 1:]                                                   # [G, ...], the true frame at h
+        d = latent_space.distance(torch.from_numpy(pred[i]).double().unsqueeze(1), later.unsqueeze(0)).numpy()
+        true = d[np.arange(h), np.arange(h)]                                      # [H]
+        # Ties count against the prediction; a relative tolerance keeps rounding noise from beating an exact match.
+        closer = d <= (true + 1e-9 * (np.abs(true) + np.abs(d).mean(axis=1)))[:, None]
+        closer[np.arange(h), np.arange(h)] = False
+        ranks[i] = closer.sum(axis=1)
     return ranks
 
 
@@ -54,6 +55,10 @@ def topk_accuracy(ranks: np.ndarray, k: int) -> np.ndarray:
     return np.mean(ranks < k, axis=0)
 
 
-def chance_topk(gallery_size: int, k: int) -> float:
-    """Top-k accuracy of a predictor that ranks the gallery at random."""
-    return min(1.0, k / gallery_size) if gallery_size else float("nan")
+def chance_topk(gallery_sizes, k: int) -> float:
+    """Top-k accuracy of a predictor that ranks the gallery at random, averaged over queries whose galleries hold
+    ``gallery_sizes`` frames (one number or one per query)."""
+    sizes = np.atleast_1d(np.asarray(gallery_sizes, dtype=np.float64))
+    if sizes.size == 0 or np.any(sizes <= 0):
+        return float("nan")
+    return float(np.mean(np.minimum(1.0, k / sizes)))

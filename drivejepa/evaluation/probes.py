@@ -1,13 +1,22 @@
-"""Frozen probes: what the latents know about the physical scene, and what the rollout forecasts.
+"""Frozen probes: what the state's tokens know about the physical scene, and what the rollout forecasts.
 
 Labels come from the shards (no action is ever a probe input; speed and yaw rate are read from the action columns as
 labels only): ego speed, ego yaw rate, number of agents within ``count_radius`` metres, and a bird's-eye occupancy
 grid of agent footprints around the ego (``grid_size`` x ``grid_size`` cells over ``[-grid_range, grid_range]``
-metres, x forward, y left). Linear and MLP probes are fitted on the train split's target latents and tested on the
-evaluated split. Applied to predicted latents, the occupancy probe turns a rollout into an occupancy forecast, scored
-by IoU against the true future grid (summed intersection over summed union, as OccWorld reports it) beside two
-box-level baselines: copy-last (the grid at the last context frame) and constant velocity (every box moved along its
-annotated velocity, then seen from the true future ego pose).
+metres, x forward, y left). Probes are fitted on the train split's target states ``[n, N, C]`` and tested on the
+evaluated split:
+
+- occupancy: a per-cell head, the same for every cell plus a bias of its own, on the token of the cell (tokens
+  resampled onto the evaluation grid when the model's grid differs: :func:`tokens_on_grid`); ``linear`` is one
+  linear map of the token, ``mlp`` a two-layer MLP;
+- speed, yaw rate, agent count: ``linear`` is ridge regression on every token (a linear read-out that may weigh each
+  cell differently), its strength chosen by cross-validation over train scenes (frames of one scene are never split
+  between fit and check); ``mlp`` is a two-layer MLP on the tokens average-pooled to 4 x 4 cells.
+
+Applied to predicted states, the occupancy probe turns a rollout into an occupancy forecast, scored by IoU against the
+true future grid (summed intersection over summed union, as OccWorld reports it) beside two box-level baselines:
+copy-last (the grid at the last context frame) and constant velocity (every box moved along its annotated velocity,
+then seen from the true future ego pose).
 """
 from __future__ import annotations
 
@@ -20,6 +29,10 @@ REGRESSION_TASKS = ("speed", "yaw_rate", "agent_count")
 # Probe inputs up to this many numbers are fitted on one thread: for such small steps, thread synchronisation costs
 # more than it saves (20x slower on a busy 2-core machine).
 SMALL_PROBE_INPUT = 1 << 20
+# Occupancy heads are shared by every cell, so each optimiser step sees this many frames' cells (every cell of a
+# seeded random draw of frames) rather than all of them: the MLP head on 720 frames of 256 tokens took 164 s full
+# batch on 2 cores (20 s so), and the minibatch is 22 times as many (token, label) rows as the head has weights.
+OCCUPANCY_BATCH_FRAMES = 96
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,30 +128,91 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Probes
 # ----------------------------------------------------------------------------------------------------------------
+POOLED_CELLS = 4                     # the MLP regression probe sees the tokens averaged to 4 x 4 cells
+RIDGE_ALPHAS = tuple(10.0 ** np.arange(-1, 6))
+CV_FOLDS = 4
+
+
+def tokens_on_grid(tokens: np.ndarray, model_size: int, model_range: float, grid_size: int,
+                   grid_range: float) -> np.ndarray:
+    """States ``[..., N, C]`` of the model's grid -> ``[..., grid_size**2, C]`` on the evaluation grid (bilinear at
+    the evaluation cells' centres, zeros outside the model's grid); the same array when the grids coincide."""
+    if model_size == grid_size and model_range == grid_range:
+        return tokens
+    import torch
+    import torch.nn.functional as F
+
+    lead, (n, c) = tokens.shape[:-2], tokens.shape[-2:]
+    x = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)).reshape(-1, n, c)
+    image = x.transpose(1, 2).reshape(-1, c, model_size, model_size)
+    centres = torch.from_numpy(grid_centers(grid_size, grid_range).astype(np.float32)) / model_range
+    sample = centres.flip(-1).view(1, grid_size, grid_size, 2).expand(image.shape[0], -1, -1, -1)
+    out = F.grid_sample(image, sample, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.flatten(2).transpose(1, 2).reshape(*lead, grid_size * grid_size, c).numpy()
+
+
+def pooled_tokens(tokens: np.ndarray, cells: int = POOLED_CELLS) -> np.ndarray:
+    """``[n, G*G, C]`` -> ``[n, cells*cells*C]``: the grid average-pooled to ``cells x cells``, flattened."""
+    import torch
+    import torch.nn.functional as F
+
+    n, t, c = tokens.shape
+    g = int(round(t ** 0.5))
+    image = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.float32)).transpose(1, 2).reshape(n, c, g, g)
+    return F.adaptive_avg_pool2d(image, min(cells, g)).reshape(n, -1).numpy()
+
+
+def _cell_module(kind: str, channels: int, cells: int, hidden: int):
+    """A torch module ``[n, cells, C] -> [n, cells]`` logits: a head shared by every cell plus a bias per cell."""
+    import torch
+    from torch import nn
+
+    class CellHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(channels, 1) if kind == "linear" else _mlp(channels, 1, hidden)
+            self.bias = nn.Parameter(torch.zeros(cells))
+
+        def forward(self, x):
+            return self.head(x)[..., 0] + self.bias
+
+    return CellHead()
+
+
 @dataclasses.dataclass
 class FittedProbe:
     task: str
     kind: str
-    module: "object"           # torch.nn.Module mapping standardised latents to outputs
-    x_mean: np.ndarray
+    module: "object"           # torch module: standardised inputs -> outputs
+    x_mean: np.ndarray         # standardisation of the inputs (per channel for occupancy, per feature otherwise)
     x_std: np.ndarray
     y_mean: float = 0.0        # regression label standardisation
     y_std: float = 1.0
     threshold: float = 0.5     # occupancy: probability above which a cell is occupied (chosen on the train split)
+    extra: dict = dataclasses.field(default_factory=dict)    # e.g. the ridge strength chosen
 
-    def predict(self, latents: np.ndarray) -> np.ndarray:
-        """Regression value [N], or occupancy probability [N, G*G]."""
+    def inputs(self, tokens: np.ndarray) -> np.ndarray:
+        """What this probe reads from states ``[n, N, C]`` (occupancy: tokens on the evaluation grid)."""
+        tokens = np.asarray(tokens, dtype=np.float32)
+        if self.task == "occupancy":
+            return tokens
+        return tokens.reshape(len(tokens), -1) if self.kind == "linear" else pooled_tokens(tokens)
+
+    def predict(self, tokens: np.ndarray) -> np.ndarray:
+        """Regression value [n], or occupancy probability [n, cells]."""
         import torch
 
-        x = (np.asarray(latents, dtype=np.float32) - self.x_mean) / self.x_std
+        x = (self.inputs(tokens) - self.x_mean) / self.x_std
         with torch.no_grad():
-            out = self.module(torch.from_numpy(x)).numpy().astype(np.float64)
+            out = [self.module(torch.from_numpy(np.ascontiguousarray(x[lo:lo + 1024]))).numpy()
+                   for lo in range(0, len(x), 1024)]
+        out = np.concatenate(out).astype(np.float64) if out else np.zeros((0,), np.float64)
         if self.task == "occupancy":
             return 1.0 / (1.0 + np.exp(-out))
-        return out[:, 0] * self.y_std + self.y_mean
+        return out.reshape(-1) * self.y_std + self.y_mean
 
-    def predict_occupancy(self, latents: np.ndarray) -> np.ndarray:
-        return self.predict(latents) >= self.threshold
+    def predict_occupancy(self, tokens: np.ndarray) -> np.ndarray:
+        return self.predict(tokens) >= self.threshold
 
     def state(self) -> dict:
         """Plain tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
@@ -146,66 +220,130 @@ class FittedProbe:
 
         return {"task": self.task, "kind": self.kind, "state_dict": self.module.state_dict(),
                 "x_mean": torch.from_numpy(self.x_mean), "x_std": torch.from_numpy(self.x_std),
-                "y_mean": self.y_mean, "y_std": self.y_std, "threshold": self.threshold}
+                "y_mean": self.y_mean, "y_std": self.y_std, "threshold": self.threshold, **self.extra}
 
 
-def _module(kind: str, dim: int, out: int, hidden: int):
+def _mlp(dim: int, out: int, hidden: int):
     from torch import nn
 
-    if kind == "linear":
-        return nn.Linear(dim, out)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
-    raise ValueError(f"unknown probe kind {kind!r}")
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
-def fit_probe(task: str, kind: str, latents: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float,
-              weight_decay: float, hidden: int, seed: int) -> FittedProbe:
-    """Fit one probe full-batch with AdamW. Occupancy uses BCE with a positive-class weight (occupied cells are
-    rare) and picks its threshold to maximise IoU on the training latents."""
+def _standardise(x: np.ndarray, axes) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=axes).astype(np.float32), (x.std(axis=axes) + 1e-6).astype(np.float32)
+
+
+def _train(module, loss_fn, epochs: int, lr: float, weight_decay: float, seed: int, size: int) -> None:
+    """Full-batch AdamW; one thread for small problems (thread synchronisation costs more than it saves there)."""
     import torch
 
-    x = np.asarray(latents, dtype=np.float32)
-    x_mean = x.mean(axis=0)
-    x_std = x.std(axis=0) + 1e-6
-    xt = torch.from_numpy((x - x_mean) / x_std)
     gen_state = torch.random.get_rng_state()
     threads = torch.get_num_threads()
-    if x.size <= SMALL_PROBE_INPUT:
+    if size <= SMALL_PROBE_INPUT:
         torch.set_num_threads(1)
     torch.manual_seed(seed)
     try:
-        occupancy = task == "occupancy"
-        y = np.asarray(labels, dtype=np.float64)
-        if occupancy:
-            yt = torch.from_numpy(y.astype(np.float32))
-            pos = float(y.mean())
-            pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0).clamp(max=50.0)
-            y_mean, y_std = 0.0, 1.0
-            out_dim = y.shape[1]
-        else:
-            y_mean, y_std = float(y.mean()), float(y.std()) or 1.0
-            yt = torch.from_numpy(((y - y_mean) / y_std).astype(np.float32))[:, None]
-            out_dim = 1
-        module = _module(kind, x.shape[1], out_dim, hidden)
         opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
         for _ in range(epochs):
             opt.zero_grad()
-            out = module(xt)
-            if occupancy:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(out, yt, pos_weight=pos_weight)
-            else:
-                loss = torch.nn.functional.mse_loss(out, yt)
+            loss = loss_fn()
             loss.backward()
             opt.step()
         module.eval()
     finally:
         torch.random.set_rng_state(gen_state)
         torch.set_num_threads(threads)
-    probe = FittedProbe(task, kind, module, x_mean, x_std, y_mean, y_std)
-    if occupancy:
-        prob = probe.predict(x)
-        probe.threshold = best_threshold(prob, y.astype(bool))
+
+
+def fit_occupancy_probe(kind: str, tokens: np.ndarray, labels: np.ndarray, *, epochs: int, lr: float,
+                        weight_decay: float, hidden: int, seed: int) -> FittedProbe:
+    """Per-cell head on tokens ``[n, cells, C]`` (already on the evaluation grid) for bool ``labels [n, cells]``:
+    BCE with a positive-class weight (occupied cells are rare), ``epochs`` AdamW steps on minibatches of
+    :data:`OCCUPANCY_BATCH_FRAMES` frames; the threshold maximises IoU on the training frames."""
+    import torch
+    import torch.nn.functional as F
+
+    x = np.asarray(tokens, dtype=np.float32)
+    if x.ndim != 3 or x.shape[1] != np.asarray(labels).shape[1]:
+        raise ValueError(f"occupancy probe: tokens {x.shape} do not match labels {np.asarray(labels).shape}")
+    x_mean, x_std = _standardise(x, (0, 1))
+    torch.manual_seed(seed)
+    module = _cell_module(kind, x.shape[2], x.shape[1], hidden)
+    y = np.asarray(labels, dtype=np.float32)
+    pos = float(y.mean())
+    pos_weight = torch.tensor((1 - pos) / pos if 0 < pos < 1 else 1.0).clamp(max=50.0)
+    xt, yt = torch.from_numpy((x - x_mean) / x_std), torch.from_numpy(y)
+    draw = torch.Generator().manual_seed(seed)
+
+    def loss():
+        rows = torch.randint(len(xt), (OCCUPANCY_BATCH_FRAMES,), generator=draw) if len(xt) > OCCUPANCY_BATCH_FRAMES \
+            else slice(None)
+        return F.binary_cross_entropy_with_logits(module(xt[rows]), yt[rows], pos_weight=pos_weight)
+
+    _train(module, loss, epochs, lr, weight_decay, seed, OCCUPANCY_BATCH_FRAMES * x.shape[1] * x.shape[2])
+    probe = FittedProbe("occupancy", kind, module, x_mean, x_std)
+    probe.threshold = best_threshold(probe.predict(x), y.astype(bool))
+    return probe
+
+
+def ridge_cv(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=RIDGE_ALPHAS,
+             folds: int = CV_FOLDS) -> tuple[np.ndarray, float, float, dict]:
+    """Ridge regression of ``y [n]`` on ``x [n, F]`` with the strength chosen by ``folds``-fold cross-validation
+    over ``groups`` (whole scenes per fold: neighbouring frames of one scene are nearly the same, so splitting them
+    would choose too weak a ridge). Solved in the dual (``n`` is far below ``F`` for token grids): returns
+    (weights [F], bias, chosen alpha, validation MSE per alpha)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    unique = np.unique(groups)
+    k = max(1, min(folds, len(unique)))
+    fold_of = {g: i % k for i, g in enumerate(unique)}
+    fold = np.array([fold_of[g] for g in groups])
+    errors = {float(a): 0.0 for a in alphas}
+    if k >= 2:
+        for f in range(k):
+            tr, va = fold != f, fold == f
+            mu = y[tr].mean()
+            evals, evecs = np.linalg.eigh(x[tr] @ x[tr].T)
+            proj = evecs.T @ (y[tr] - mu)
+            cross = x[va] @ x[tr].T @ evecs
+            for a in alphas:
+                errors[float(a)] += float(np.sum((cross @ (proj / (evals + a)) + mu - y[va]) ** 2))
+        best = min(errors, key=errors.get)
+    else:
+        best = float(np.median(alphas))
+    mu = y.mean()
+    dual = np.linalg.solve(x @ x.T + best * np.eye(len(x)), y - mu)
+    return x.T @ dual, float(mu), best, {str(a): e / len(y) for a, e in errors.items()}
+
+
+def fit_regression_probe(task: str, kind: str, tokens: np.ndarray, labels: np.ndarray, groups: np.ndarray, *,
+                         epochs: int, lr: float, weight_decay: float, hidden: int, seed: int) -> FittedProbe:
+    """``linear``: ridge on every token, strength by scene-grouped cross-validation; ``mlp``: a two-layer MLP on the
+    4 x 4-pooled tokens, full-batch AdamW."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    y = np.asarray(labels, dtype=np.float64)
+    y_mean, y_std = float(y.mean()), float(y.std()) or 1.0
+    probe = FittedProbe(task, kind, None, np.zeros(1, np.float32), np.ones(1, np.float32), y_mean, y_std)
+    x = probe.inputs(tokens)
+    probe.x_mean, probe.x_std = _standardise(x, 0)
+    xs = (x - probe.x_mean) / probe.x_std
+    ys = (y - y_mean) / y_std
+    if kind == "linear":
+        w, b, alpha, _ = ridge_cv(xs, ys, np.asarray(groups))
+        module = nn.Linear(xs.shape[1], 1)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(w[None].astype(np.float32)))
+            module.bias.fill_(b)
+        probe.extra = {"ridge_alpha": alpha}
+    else:
+        torch.manual_seed(seed)
+        module = _mlp(xs.shape[1], 1, hidden)
+        xt, yt = torch.from_numpy(xs.astype(np.float32)), torch.from_numpy(ys.astype(np.float32))[:, None]
+        _train(module, lambda: F.mse_loss(module(xt), yt), epochs, lr, weight_decay, seed, xs.size)
+    probe.module = module.eval()
     return probe
 
 
@@ -214,7 +352,6 @@ def best_threshold(prob: np.ndarray, truth: np.ndarray) -> float:
     candidates = np.linspace(0.05, 0.95, 19)
     scores = [np.nan_to_num(iou(prob >= t, truth), nan=0.0) for t in candidates]
     return float(candidates[int(np.argmax(scores))])
-
 
 def regression_scores(pred: np.ndarray, truth: np.ndarray, train_mean: float) -> dict:
     """MAE and R^2 of a probe beside the train-mean predictor's MAE (the baseline any probe must beat)."""

@@ -40,6 +40,13 @@ class SceneWorker:
         self.agent_ids = np.array([CLASSES.index(c) for c in settings["agent_classes"]])
 
     def run(self, job: SceneJob) -> dict:
+        import torch
+
+        from drivejepa.baselines import warp_last
+        from drivejepa.evaluation.counterfactual import BranchPointJob, encode_branch_point
+
+        if isinstance(job, BranchPointJob):     # counterfactual futures: evaluation/counterfactual.py
+            return encode_branch_point(self.model, job, self.settings["batch_size"], self.device)
         from drivejepa.data.shards import camera_positions, read_shard
         from drivejepa.evaluation.latents import encode_frames, rollout_windows
         from drivejepa.evaluation.probes import box_baseline_grids, frame_labels
@@ -49,7 +56,8 @@ class SceneWorker:
         arrays = shard.arrays
         camera_index = camera_positions(shard.meta.get("cameras", []), self.model.cameras, job.path)
         online, raw = encode_frames(self.model, arrays, shard.frames, s["batch_size"], self.device, camera_index)
-        bad = np.flatnonzero(~(np.isfinite(online).all(axis=-1) & np.isfinite(raw).all(axis=-1)))
+        bad = np.flatnonzero(~(np.isfinite(online.reshape(len(online), -1)).all(axis=1)
+                               & np.isfinite(raw.reshape(len(raw), -1)).all(axis=1)))
         if len(bad):  # a NaN in the shard: skipped and reported, never a crash in scoring after all the compute
             return {"scene": job.scene, "role": job.role, "nonfinite_frames": bad.tolist(),
                     "windows": 0 if job.starts is None else len(job.starts)}
@@ -71,10 +79,14 @@ class SceneWorker:
         other = job.shuffled_actions
         shuffled_pred = rollout_windows(self.model, raw, starts, context, other[:, context - 1:],
                                         other[:, :context - 1], s["batch_size"], self.device)
+        warped = warp_last(torch.from_numpy(np.ascontiguousarray(target[starts][:, None])),
+                           torch.from_numpy(true_future), self.model.grid).numpy() if len(starts) else \
+            np.zeros_like(model_pred)
         out.update(
             starts=starts,
             model=latent_space.predictions(model_pred, self.model.space),
             shuffled_actions=latent_space.predictions(shuffled_pred, self.model.space),
+            warp_last=latent_space.predictions(warped, self.model.space),
             cv_box_grids=box_baseline_grids(arrays, starts, horizon, np.asarray(arrays["timestamps"]),
                                             self.agent_ids, s["grid_size"], s["grid_range"]),
         )

@@ -1,9 +1,14 @@
-"""Fusion encoder: a transformer over the tokens of every modality, read out through a CLS token as the latent state.
+"""Fusion encoder: one moment of the sensor suite -> the bird's-eye state ``[B, N, C]`` (drivejepa/models/bev.py).
 
-Each token carries a learned modality embedding (image / lidar / radar) on top of its branch's own camera or sector
-embedding. Tokens of absent cameras are hidden from attention with a key padding mask. In training, modality dropout
-hides whole sensors (each camera, the lidar, the radar) at random so that a sensor missing at test time degrades the
-state instead of breaking it; at least one present sensor is always kept.
+Every modality is put on the same ego-frame grid first: lidar and radar points by PointPillars branches
+(models/points.py), camera features by geometric lifting placed in depth by the lidar (models/lift.py). The grids are
+summed; a modality that is absent (or hidden by modality dropout) contributes its learned 'missing' embedding
+instead. A transformer over the cell tokens fuses them; its output tokens, after a norm and a linear head, are the
+state. The learned position embedding only steers attention (added to queries and keys, not to the tokens): a token
+says what is in its cell, not where the cell is, so the state moves with the world when the ego moves and the
+predictor's warp (models/predictor.py) carries it, instead of fighting a grid-fixed pattern. In training, modality dropout hides whole sensors (the cameras, the lidar, the
+radar) at random so that a sensor missing at test time degrades the state instead of breaking it; at least one
+present sensor is always kept.
 """
 from __future__ import annotations
 
@@ -15,10 +20,13 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from drivejepa.config import ModelConfig
+from drivejepa.models.bev import BevGrid
 from drivejepa.models.image import ImageEncoder
-from drivejepa.models.points import LIDAR_SCALES, RADAR_SCALES, PointNet
+from drivejepa.models.lift import lift
+from drivejepa.models.points import LIDAR_SCALES, RADAR_SCALES, PillarNet
 
 MODALITIES = ("image", "lidar", "radar")
+CALIBRATION_KEYS = ("cam_intrinsics", "cam_to_key_ego")
 
 
 class Attention(nn.Module):
@@ -30,9 +38,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``pos`` (broadcast to x) is added to what queries and keys see, not to the values (DETR's way), so where
+        a token is steers attention without becoming part of what the token says."""
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        if pos is not None:
+            qk = F.linear(pos.to(x.dtype), self.qkv.weight[: 2 * d])
+            qkv = torch.cat([qkv[..., : 2 * d] + qk, qkv[..., 2 * d :]], dim=-1)
+        q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
@@ -49,8 +64,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask))
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), attn_mask, pos))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -59,22 +75,30 @@ def drop_path_rates(rate: float, depth: int) -> list[float]:
     return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
+def grid_of(cfg: ModelConfig) -> BevGrid:
+    """The state's grid of a resolved model config."""
+    return BevGrid(cfg.bev_size, cfg.bev_range)
+
+
 class MultimodalEncoder(nn.Module):
-    """obs (any of images / lidar / radar with their masks) -> latent state ``[B, latent_dim]``."""
+    """obs (any of images with calibration / lidar / radar, with their masks) -> state tokens ``[B, N, dim]``."""
 
     def __init__(self, cfg: ModelConfig, cameras: list[str]):
         super().__init__()
         dim = cfg.latent_dim
         self.dim = dim
+        self.grid = grid_of(cfg)
+        self.heights = list(cfg.lift_heights)
         self.modality_dropout = cfg.modality_dropout
-        self.image = ImageEncoder(dim, cameras, cfg.image_tokens, cfg.image_backbone, cfg.image_weights,
-                                  cfg.image_size)
-        self.lidar = PointNet(LIDAR_SCALES, cfg.lidar_widths, dim, cfg.lidar_tokens)
-        self.radar = PointNet(RADAR_SCALES, cfg.radar_widths, dim, cfg.radar_tokens)
-        self.modality_embed = nn.Parameter(torch.zeros(len(MODALITIES), dim))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.modality_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.image = ImageEncoder(dim, cameras, cfg.image_backbone, cfg.image_weights, cfg.image_size,
+                                  cfg.image_stage)
+        self.image_seen = nn.Linear(1, dim)
+        self.lidar = PillarNet(LIDAR_SCALES, cfg.lidar_widths, dim, self.grid, cfg.pillar_factor)
+        self.radar = PillarNet(RADAR_SCALES, cfg.radar_widths, dim, self.grid)
+        self.missing = nn.Parameter(torch.zeros(len(MODALITIES), dim))
+        self.pos_embed = nn.Parameter(torch.zeros(self.grid.tokens, dim))
+        nn.init.trunc_normal_(self.missing, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(
             Block(dim, cfg.fusion_heads, cfg.mlp_ratio, r) for r in drop_path_rates(cfg.drop_path, cfg.fusion_depth))
         self.norm = nn.LayerNorm(dim)
@@ -82,58 +106,62 @@ class MultimodalEncoder(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
-        return {"modality_embed", "cls_token"}
+        return {"missing", "pos_embed"}
 
-    def branch_tokens(self, obs: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """(modality, tokens [B, T, D], valid [B, T]) for each modality present in ``obs``."""
-        out = []
+    def branch_grids(self, obs: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """modality -> (cell features [B, N, dim], present [B]) for each modality in ``obs``."""
+        out = {}
+        lidar, lidar_mask = obs.get("lidar"), obs.get("lidar_mask")
+        if lidar is not None and lidar_mask is None:
+            lidar_mask = torch.ones(lidar.shape[:2], dtype=torch.bool, device=lidar.device)
         if "images" in obs:
-            out.append(("image", *self.image(obs["images"], obs.get("image_mask"))))
+            missing = [k for k in CALIBRATION_KEYS if k not in obs]
+            if missing:
+                raise ValueError(f"images need the camera calibration to be lifted into the grid: obs lacks {missing}")
+            images = obs["images"]
+            mask = obs.get("image_mask")
+            mask = torch.ones(images.shape[:2], dtype=torch.bool, device=images.device) if mask is None else mask.bool()
+            feats = self.image(images)                                                 # [B, C, dim, h, w]
+            cells, seen = lift(feats, obs["cam_intrinsics"], obs["cam_to_key_ego"], mask, tuple(images.shape[2:4]),
+                               self.grid, self.heights, lidar, lidar_mask)
+            out["image"] = (cells + self.image_seen(seen.unsqueeze(-1).to(cells.dtype)), mask.any(dim=1))
         for name, branch in (("lidar", self.lidar), ("radar", self.radar)):
             if name in obs:
-                tokens = branch(obs[name][..., : branch.in_dim], obs.get(f"{name}_mask"))  # lidar: not time_lag
-                out.append((name, tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)))
+                points = obs[name][..., : branch.in_dim]                               # lidar: not time_lag
+                mask = obs.get(f"{name}_mask")
+                tokens = self.grid.to_tokens(branch(points, mask))
+                present = torch.ones(points.shape[0], dtype=torch.bool, device=points.device)
+                if name == "lidar" and mask is not None:
+                    present = mask.bool().any(dim=1)
+                out[name] = (tokens, present)
         if not out:
             raise ValueError("obs holds none of 'images', 'lidar', 'radar'")
         return out
 
-    def drop_modalities(self, parts: list[tuple[str, torch.Tensor, torch.Tensor]], obs: Mapping[str, torch.Tensor]):
-        """Hide whole sensors at random (training only); every sample keeps at least one sensor it has."""
-        units, present = [], []                       # per sensor: (part index, token slice), presence [B]
-        for i, (name, tokens, valid) in enumerate(parts):
-            if name == "image":
-                per_cam = self.image.tokens
-                for c in range(valid.shape[1] // per_cam):
-                    units.append((i, slice(c * per_cam, (c + 1) * per_cam)))
-                    present.append(valid[:, c * per_cam])
-            else:
-                units.append((i, slice(None)))
-                if f"{name}_mask" in obs and name == "lidar":
-                    present.append(obs["lidar_mask"].to(torch.bool).any(dim=1))
-                else:
-                    present.append(torch.ones_like(valid[:, 0]))
-        present_t = torch.stack(present, dim=1)                                        # [B, U]
-        score = torch.rand(present_t.shape, device=present_t.device)
-        keep = (score >= self.modality_dropout) & present_t
-        lost = present_t.any(dim=1) & ~keep.any(dim=1)
-        rescue = F.one_hot(torch.where(present_t, score, -1.0).argmax(dim=1), present_t.shape[1]).bool()
-        keep = keep | (rescue & lost.unsqueeze(1))
-        parts = [(name, tokens, valid.clone()) for name, tokens, valid in parts]
-        for u, (i, sl) in enumerate(units):
-            parts[i][2][:, sl] &= keep[:, u : u + 1]
-        return parts
+    def drop_modalities(self, present: torch.Tensor) -> torch.Tensor:
+        """Hide whole sensors at random (training only): ``present [B, M]`` -> kept ``[B, M]``; every sample keeps
+        at least one sensor it has."""
+        score = torch.rand(present.shape, device=present.device)
+        keep = (score >= self.modality_dropout) & present
+        lost = present.any(dim=1) & ~keep.any(dim=1)
+        rescue = F.one_hot(torch.where(present, score, -1.0).argmax(dim=1), present.shape[1]).bool()
+        return keep | (rescue & lost.unsqueeze(1))
 
     def forward(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        parts = self.branch_tokens(obs)
+        grids = self.branch_grids(obs)
+        some = next(iter(grids.values()))[0]
+        b = some.shape[0]
+        present = torch.stack([grids[m][1] if m in grids else torch.zeros(b, dtype=torch.bool, device=some.device)
+                               for m in MODALITIES], dim=1)
         if self.training and self.modality_dropout > 0:
-            parts = self.drop_modalities(parts, obs)
-        tokens = torch.cat([t + self.modality_embed[MODALITIES.index(n)] for n, t, _ in parts], dim=1)
-        valid = torch.cat([v for _, _, v in parts], dim=1)
-        b = tokens.shape[0]
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(tokens.dtype), tokens], dim=1)
-        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=valid.device), valid], dim=1)
-        attn_mask = valid[:, None, None, :]                                            # True = may be attended to
+            present = self.drop_modalities(present)
+        x = torch.zeros_like(some)
+        for i, name in enumerate(MODALITIES):
+            missing = self.missing[i].to(some.dtype)
+            if name in grids:
+                x = x + torch.where(present[:, i, None, None], grids[name][0], missing)
+            else:
+                x = x + missing
         for block in self.blocks:
-            x = block(x, attn_mask)
-        x = self.norm(x)
-        return self.head(x[:, 0])
+            x = block(x, pos=self.pos_embed)
+        return self.head(self.norm(x))

@@ -1,9 +1,10 @@
-"""Image branch: one timm ResNet18 shared by every camera, pooled to a few tokens per camera.
+"""Image branch: one timm ResNet18 shared by every camera, cut after the stage whose feature map is lifted.
 
 Images arrive as uint8 ``[B, C, H, W, 3]``; the branch converts them to float, resizes them to ``model.image_size``
 when one is set (antialiased, so a CPU run can train at a fraction of the stored resolution), normalises them with
-the backbone's own ``pretrained_cfg`` mean and std, and returns ``C * image_tokens`` tokens per sample
-(camera-major) plus a key padding mask that hides the tokens of cameras whose ``image_mask`` is False.
+the backbone's own ``pretrained_cfg`` mean and std, and returns each camera's feature map after
+``model.image_stage`` (timm ``features_only``: the later stages are not built), projected to the state's width.
+drivejepa/models/lift.py puts those features into the bird's-eye grid with the camera geometry.
 """
 from __future__ import annotations
 
@@ -19,23 +20,21 @@ from drivejepa.config import ALL_CAMERAS
 from drivejepa.errors import UserError
 
 
-def token_grid(tokens: int) -> tuple[int, int]:
-    """Rows x columns of the pooled feature map for ``tokens`` tokens (wider than tall, like camera images)."""
-    rows = max(r for r in range(1, int(tokens**0.5) + 1) if tokens % r == 0)
-    return rows, tokens // rows
+def create_backbone(name: str, weights: str | Path = "", stage: int = 4) -> nn.Module:
+    """A timm feature extractor that returns the feature map of ``stage`` (timm ``features_only`` with
+    ``out_indices=(stage,)``: for a ResNet 1-4 are layer1-layer4, strides 4-32; later stages are not built).
+    ``weights``: a local ``.pth``/``.pt``/``.safetensors`` file, loaded by timm itself through
+    ``pretrained_cfg_overlay=dict(file=...)`` (``weights_only`` torch loading; the classifier and the unused stages
+    are dropped); empty = random initialisation. Nothing is fetched from a hub.
 
-
-def create_backbone(name: str, weights: str | Path = "") -> nn.Module:
-    """A timm feature extractor (no classifier, no pooling). ``weights``: a local ``.pth``/``.pt``/``.safetensors``
-    file, loaded by timm itself through ``pretrained_cfg_overlay=dict(file=...)`` (``weights_only`` torch loading;
-    the classifier is dropped); empty = random initialisation. Nothing is fetched from a hub.
-
-    timm loads non-strictly once it drops the classifier and only logs the backbone tensors a file lacks; a backbone
-    left partly random is not what a user who passed weights asked for, so those are an error here."""
+    timm loads non-strictly once it drops the classifier and only logs the tensors a file lacks; a backbone left
+    partly random is not what a user who passed weights asked for, so a lacking tensor of the stages built is an
+    error here."""
     import timm
 
+    kwargs = dict(features_only=True, out_indices=(stage,))
     if not weights:
-        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+        return timm.create_model(name, pretrained=False, **kwargs)
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"{path}: image weight file not found (model.image_weights)")
@@ -46,8 +45,7 @@ def create_backbone(name: str, weights: str | Path = "") -> nn.Module:
     timm_log.setLevel(logging.INFO)     # its missing-keys report is an info record
     timm_log.propagate = False
     try:
-        backbone = timm.create_model(name, pretrained=True, num_classes=0, global_pool="",
-                                     pretrained_cfg_overlay=dict(file=str(path)))
+        backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
     except Exception as exc:  # noqa: BLE001 - timm raises RuntimeError/KeyError/pickle errors for an unusable file
         raise UserError(f"{path}: cannot load it as {name} weights (model.image_weights): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
@@ -55,9 +53,11 @@ def create_backbone(name: str, weights: str | Path = "") -> nn.Module:
         timm_log.removeHandler(missing)
         timm_log.setLevel(level)
         timm_log.propagate = propagate
-    if missing.messages:
-        raise UserError(f"{path}: lacks tensors of the {name} backbone (model.image_weights): "
-                        f"{missing.messages[0][:300]}")
+    used = set(backbone.state_dict())
+    lacking = [k for k in missing.keys() if k in used]        # the classifier and unbuilt stages do not count
+    if lacking:
+        raise UserError(f"{path}: lacks {len(lacking)} tensors of the {name} backbone (model.image_weights): "
+                        f"{', '.join(lacking[:8])}")
     return backbone
 
 
@@ -68,6 +68,14 @@ class _MissingKeys(logging.Handler):
         super().__init__(level=logging.DEBUG)
         self.messages: list[str] = []
 
+    def keys(self) -> list[str]:
+        """The tensor names of every 'Missing keys (a, b, ...) discovered ...' report."""
+        out = []
+        for message in self.messages:
+            inside = message[message.find("(") + 1:message.find(")")]
+            out += [k.strip() for k in inside.split(",") if k.strip()]
+        return out
+
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if message.startswith("Missing keys"):
@@ -77,26 +85,18 @@ class _MissingKeys(logging.Handler):
 
 
 class ImageEncoder(nn.Module):
-    """ResNet feature map -> adaptive average pool to a token grid -> linear projection + camera/position embeddings."""
+    """uint8 images ``[B, C, H, W, 3]`` -> feature maps ``[B, C, dim, h, w]`` (backbone stage, 1x1 projection)."""
 
-    def __init__(self, dim: int, cameras: list[str], tokens: int, backbone: str = "resnet18", weights: str = "",
-                 image_size: Optional[tuple[int, int]] = None):
+    def __init__(self, dim: int, cameras: list[str], backbone: str = "resnet18", weights: str = "",
+                 image_size: Optional[tuple[int, int]] = None, stage: int = 3):
         super().__init__()
         unknown = [c for c in cameras if c not in ALL_CAMERAS]
         if unknown or not cameras:
             raise ValueError(f"cameras must be a non-empty subset of {ALL_CAMERAS}, got {cameras}")
         self.cameras = list(cameras)
-        self.backbone = create_backbone(backbone, weights)
+        self.backbone = create_backbone(backbone, weights, stage)
         self.image_size = tuple(image_size) if image_size else None           # (W, H) the backbone sees
-        self.grid = token_grid(tokens)
-        self.tokens = tokens
-        self.proj = nn.Linear(self.backbone.num_features, dim)
-        # Embeddings are indexed by the nuScenes camera name, so a model knows which camera a token came from.
-        self.camera_embed = nn.Parameter(torch.zeros(len(ALL_CAMERAS), dim))
-        self.pos_embed = nn.Parameter(torch.zeros(tokens, dim))
-        nn.init.trunc_normal_(self.camera_embed, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.register_buffer("camera_index", torch.tensor([ALL_CAMERAS.index(c) for c in cameras]), persistent=False)
+        self.proj = nn.Conv2d(self.backbone.feature_info.channels()[-1], dim, 1)
         cfg = self.backbone.pretrained_cfg
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1) * 255.0, persistent=False)
@@ -110,25 +110,11 @@ class ImageEncoder(nn.Module):
             x = F.interpolate(x, size=self.image_size[::-1], mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor,
-                image_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 5 or images.shape[-1] != 3:
             raise ValueError(f"images must be [B, C, H, W, 3], got {tuple(images.shape)}")
         b, c, h, w, _ = images.shape
         if c != len(self.cameras):
             raise ValueError(f"images hold {c} cameras but the model was built for {len(self.cameras)}: {self.cameras}")
-        feats = self.backbone(self.normalise(images.reshape(b * c, h, w, 3)))         # [B*C, F, h', w']
-        feats = F.adaptive_avg_pool2d(feats, self.grid).flatten(2).transpose(1, 2)  # [B*C, tokens, F]
-        tokens = self.proj(feats).view(b, c, self.tokens, -1)
-        tokens = (tokens + self.camera_embed[self.camera_index].view(1, c, 1, -1)
-                  + self.pos_embed.view(1, 1, self.tokens, -1))
-        if image_mask is None:
-            valid = torch.ones(b, c, dtype=torch.bool, device=images.device)
-        else:
-            valid = image_mask.to(torch.bool)
-        valid = valid.view(b, c, 1).expand(b, c, self.tokens)
-        return tokens.reshape(b, c * self.tokens, -1), valid.reshape(b, c * self.tokens)
-
-    def no_weight_decay(self) -> set[str]:
-        """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
-        return {"camera_embed", "pos_embed"}
+        feats = self.proj(self.backbone(self.normalise(images.reshape(b * c, h, w, 3)))[-1])
+        return feats.view(b, c, *feats.shape[1:])

@@ -14,18 +14,27 @@ import torch
 import torch.nn as nn
 
 from drivejepa.latent_space import layer_norm
+from drivejepa.models.bev import BevGrid
 
 MOTION_DIMS = 3  # dx, dy, dyaw: the first three action components
 
 
 class InverseDynamicsHead(nn.Module):
-    """``[..., D]`` states of frames t and t+1 -> ``[..., 3]`` ego motion from t to t+1, in the predictor's action
-    units (raw metres and radians divided by ``ACTION_SCALES``)."""
+    """States ``[..., N, C]`` of frames t and t+1 -> ``[..., 3]`` ego motion from t to t+1, in the predictor's
+    action units (raw metres and radians divided by ``ACTION_SCALES``). Two convolutions over the pair of grids see
+    how the content of neighbouring cells shifted; a global mean and a linear layer read the motion off."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, grid: BevGrid):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU(), nn.Linear(dim, MOTION_DIMS))
+        self.grid = grid
+        self.conv = nn.Sequential(nn.Conv2d(2 * dim, dim, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(dim, dim, 3, stride=2, padding=1), nn.GELU())
+        self.head = nn.Linear(dim, MOTION_DIMS)
 
     def forward(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         # Layer-normalised inputs: the regulariser asks for information in the latent, not for a larger scale.
-        return self.mlp(torch.cat([layer_norm(before), layer_norm(after)], dim=-1))
+        lead = before.shape[:-2]
+        pair = torch.cat([layer_norm(before), layer_norm(after)], dim=-1).reshape(-1, *before.shape[-2:-1],
+                                                                               2 * before.shape[-1])
+        features = self.conv(self.grid.to_image(pair)).mean(dim=(-2, -1))
+        return self.head(features).view(*lead, MOTION_DIMS)

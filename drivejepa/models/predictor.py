@@ -1,22 +1,23 @@
-"""Action-conditioned predictor: a causal transformer over time, three tokens a step.
+"""Action-conditioned predictor: a space-time transformer that moves the bird's-eye state, s_t+1 = f(s_<=t, a_t).
 
-Step t contributes a state token s_t, an ego-speed token and a motion token (dx, dy, dyaw), in that order; the output
-read at the motion token of step t is the prediction of s_{t+1}. The motion token has the action's 3 degrees of
-freedom: the shards' yaw_rate is dyaw / dt at a fixed key-frame interval (0.5 s), a copy of dyaw, so it is not an
-input. The speed token is the action's speed, the chord of the same interval over dt (``frames.action_from_motion``),
-so it is the action again (|dx, dy| / dt), not a state of the ego at t; the ego's speed so far reaches the predictor
-through the previous steps' tokens. A "speed now" state token (the previous interval's speed, unknown at the first
-step of a window) is a model change to measure, not assume (issue 16's action-sensitivity work).
-A token-level causal mask makes output t depend only on steps <= t, so teacher-forced prediction of a whole sequence
-and step-by-step rollout agree.
-The prediction is residual: the current state in the model's latent space (``latent_space.targets``) plus a learned
-change scaled by a per-channel gate (LayerScale) that starts at 0.01 and by the state's RMS (1 for layer-normed
-states), so the change is equally small in every space. Consecutive latents are close, so the untrained
-predictor starts at the copy-last-latent baseline in the space its predictions are compared in, and training only has
-to learn what the action and the scene change.
-Actions are normalised inside with fixed scales (raw metres, radians, m/s go in). An action that is not known (for
-instance the frames before the last context frame when the caller has no actions for them) is replaced by a learned
-'unknown' token, trained by dropping actions at random during training.
+Two paths carry the action. The geometric one: the ego motion of one step is a rigid transform of the ego-frame
+grid, so the last ``model.max_context`` states are warped into the frame of the state being predicted by the
+commanded motions (drivejepa/models/bev.py: ``warp``); a static world needs nothing else. The learned one: every
+block is modulated by the action (adaptive LayerNorm with a gate, DiT's adaLN-Zero), so the network predicts what
+else changes: other agents reacting, what comes into view. Blocks factorise attention: over the context frames per
+cell (the warped past shows how things move), then over the cells per frame, then an MLP.
+
+The prediction is residual on the warped last state in the model's latent space (``latent_space.targets``), plus a
+learned change scaled by a per-channel gate (LayerScale) that starts at 0.01 and by the state's RMS, so the untrained
+predictor is the warp-last baseline (drivejepa/baselines.py) in every space, and copy-last for a standing ego. Not all
+of a state moves with the world: lidar coverage and the camera's view move with the ego. A per-channel gate, learned
+from 1 (warped) towards 0 (kept), says which channels are which; cells that come into view start from the last
+state's token there.
+
+Actions are (dx, dy, dyaw, speed, yaw_rate), normalised inside with fixed scales (raw metres, radians, m/s go in);
+the action embedding reads dx, dy, dyaw and the chord speed (yaw_rate is dyaw / 0.5 s, a copy). An action that is not
+known is replaced by a learned 'unknown' embedding (trained by dropping actions at random) and its warp is the
+identity; a context frame is only used when every action between it and the predicted frame is known.
 """
 from __future__ import annotations
 
@@ -24,19 +25,56 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import DropPath
 
-from drivejepa.config import ModelConfig
 from drivejepa import latent_space
-from drivejepa.models.fusion import Block, drop_path_rates
+from drivejepa.config import ModelConfig
+from drivejepa.models.bev import BevGrid, motion_matrix, warp
+from drivejepa.models.fusion import Attention, drop_path_rates, grid_of
 
 ACTION_SCALES = (10.0, 2.0, 0.5, 15.0, 1.0)   # dx (m), dy (m), dyaw (rad), speed (m/s), yaw_rate (rad/s)
 SPEED_INDEX = 3
-MOTION_INDEX = (0, 1, 2)                      # dx, dy, dyaw; yaw_rate (index 4) = dyaw / dt duplicates dyaw
-TOKENS_PER_STEP = 3
+MOTION_INDEX = (0, 1, 2)                      # dx, dy, dyaw
+CONDITION_INDEX = (0, 1, 2, 3)                # what the action embedding reads: the motion and the chord speed
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class SpaceTimeBlock(nn.Module):
+    """Temporal attention per cell, spatial attention per frame, MLP; each branch adaLN-Zero modulated by ``cond``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, drop_path: float = 0.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, elementwise_affine=False) for _ in range(3))
+        self.time_attn = Attention(dim, heads)
+        self.space_attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.modulation = nn.Sequential(nn.GELU(), nn.Linear(dim, 9 * dim))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, frame_valid: torch.Tensor,
+                pos: torch.Tensor) -> torch.Tensor:
+        """x [B, T, N, D], cond [B, D], frame_valid [B, T] (the last frame always valid), pos [N, D] (the cells'
+        position embedding, seen by the spatial attention's queries and keys)."""
+        b, t, n, d = x.shape
+        mods = self.modulation(cond).view(b, 9, 1, 1, d).unbind(1)
+        h = _modulate(self.norms[0](x), mods[0], mods[1]).transpose(1, 2).reshape(b * n, t, d)
+        mask = frame_valid.repeat_interleave(n, dim=0)[:, None, None, :]
+        h = self.time_attn(h, mask).view(b, n, t, d).transpose(1, 2)
+        x = x + self.drop_path(mods[2] * h)
+        h = _modulate(self.norms[1](x), mods[3], mods[4]).reshape(b * t, n, d)
+        x = x + self.drop_path(mods[5] * self.space_attn(h, pos=pos).view(b, t, n, d))
+        h = _modulate(self.norms[2](x), mods[6], mods[7])
+        return x + self.drop_path(mods[8] * self.mlp(h))
 
 
 class Predictor(nn.Module):
-    def __init__(self, cfg: ModelConfig, space: str = "layer_norm"):
+    def __init__(self, cfg: ModelConfig, space: str = "layer_norm", grid: Optional[BevGrid] = None):
         super().__init__()
         self.space = latent_space.check(space)
         if cfg.action_dim != len(ACTION_SCALES):
@@ -44,62 +82,92 @@ class Predictor(nn.Module):
                              f"got {cfg.action_dim}")
         dim = cfg.latent_dim
         self.dim = dim
+        self.grid = grid or grid_of(cfg)
         self.max_context = cfg.max_context
         self.register_buffer("action_scales", torch.tensor(ACTION_SCALES), persistent=False)
-        self.register_buffer("motion_index", torch.tensor(MOTION_INDEX), persistent=False)
+        self.register_buffer("condition_index", torch.tensor(CONDITION_INDEX), persistent=False)
+        self.action_in = nn.Sequential(nn.Linear(len(CONDITION_INDEX), dim), nn.GELU(), nn.Linear(dim, dim))
+        self.unknown_action = nn.Parameter(torch.zeros(dim))
         self.state_in = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
-        self.speed_in = nn.Sequential(nn.Linear(1, dim), nn.GELU(), nn.Linear(dim, dim))
-        self.motion_in = nn.Sequential(nn.Linear(len(MOTION_INDEX), dim), nn.GELU(), nn.Linear(dim, dim))
-        self.unknown_speed = nn.Parameter(torch.zeros(dim))
-        self.unknown_motion = nn.Parameter(torch.zeros(dim))
-        self.time_embed = nn.Parameter(torch.zeros(cfg.max_context, dim))
-        self.type_embed = nn.Parameter(torch.zeros(TOKENS_PER_STEP, dim))
-        for p in (self.unknown_speed, self.unknown_motion, self.time_embed, self.type_embed):
+        self.unseen = nn.Parameter(torch.zeros(dim))
+        self.age_embed = nn.Parameter(torch.zeros(cfg.max_context, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(self.grid.tokens, dim))
+        for p in (self.unknown_action, self.unseen, self.age_embed, self.pos_embed):
             nn.init.trunc_normal_(p, std=0.02)
-        self.blocks = nn.ModuleList(Block(dim, cfg.predictor_heads, cfg.mlp_ratio, r)
+        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, cfg.predictor_heads, cfg.mlp_ratio, r)
                                     for r in drop_path_rates(cfg.drop_path, cfg.predictor_depth))
         self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
         nn.init.trunc_normal_(self.out[1].weight, std=0.02)
         nn.init.zeros_(self.out[1].bias)
         self.change_gate = nn.Parameter(torch.full((dim,), 0.01))
-        n = cfg.max_context * TOKENS_PER_STEP
-        self.register_buffer("causal", torch.ones(n, n, dtype=torch.bool).tril(), persistent=False)
+        self.world_gate = nn.Parameter(torch.ones(dim))
 
     def no_weight_decay(self) -> set[str]:
         """Parameters AdamW must not decay (timm's convention; collected by ``training.optim.param_groups``)."""
-        return {"unknown_speed", "unknown_motion", "time_embed", "type_embed", "change_gate"}
+        return {"unknown_action", "unseen", "age_embed", "pos_embed", "change_gate", "world_gate"}
+
+    def motion(self, actions: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """Transforms ``[B, T, 3, 3]`` of each step's commanded motion (identity where the action is unknown)."""
+        motion = actions[..., list(MOTION_INDEX)].float()
+        return motion_matrix(torch.where(known.unsqueeze(-1), motion, torch.zeros_like(motion)))
+
+    def step(self, states: torch.Tensor, actions: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+        """The state after the last of T frames ``[B, T, N, C]`` (oldest first; the last ``max_context`` are used);
+        ``actions[:, j]`` moves frame j to j+1 (the last is the action taken now), ``known [B, T]`` -> ``[B, N, C]``."""
+        states, actions, known = (x[:, -self.max_context:] for x in (states, actions, known))
+        b, t, n, c = states.shape
+        steps = self.motion(actions, known)
+        transforms = [steps[:, -1]]                          # next frame -> frame t-1-o, newest first
+        for j in range(t - 2, -1, -1):
+            transforms.append(steps[:, j] @ transforms[-1])
+        transforms = torch.stack(transforms[::-1], dim=1)                               # [B, T, 3, 3]
+        later_known = known.int().flip(1).cummin(dim=1).values.flip(1).bool()             # every action from j on
+        frame_valid = torch.cat([later_known[:, :-1], torch.ones_like(known[:, -1:])], dim=1)
+        bases = latent_space.targets(states, self.space)
+        warped, seen = warp(bases.reshape(b * t, n, c), transforms.reshape(b * t, 3, 3), self.grid)
+        warped, seen = warped.view(b, t, n, c), seen.view(b, t, n)
+        age = self.age_embed[:t].flip(0).to(warped.dtype)                               # newest frame: age 0
+        x = (self.state_in(warped) + age.view(1, t, 1, c)
+             + torch.where(seen.unsqueeze(-1), torch.zeros((), dtype=warped.dtype, device=warped.device),
+                           self.unseen.to(warped.dtype)))
+        a = actions[:, -1].to(x.dtype) / self.action_scales.to(x.dtype)
+        cond = self.action_in(a.index_select(-1, self.condition_index))
+        cond = torch.where(known[:, -1:], cond, self.unknown_action.to(cond.dtype))
+        for block in self.blocks:
+            x = block(x, cond, frame_valid, self.pos_embed)
+        change = self.out(x[:, -1])
+        scale = bases[:, -1].detach().pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()   # the change is relative to it
+        return self.base(bases[:, -1], warped[:, -1], seen[:, -1]) + self.change_gate * scale * change
+
+    def base(self, last: torch.Tensor, warped: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """What the prediction is residual on: per channel, the last state carried with the world (``world_gate``
+        1: warped) or with the ego (0: as it was); cells that come into view keep the last state's token there."""
+        gate = self.world_gate.clamp(0.0, 1.0).to(last.dtype)
+        return torch.where(seen.unsqueeze(-1), last + gate * (warped - last), last)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor,
                 action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """states [B, T, D], actions [B, T, 5] -> predictions [B, T, D] (output t predicts s_{t+1})."""
-        b, t, d = states.shape
+        """Teacher-forced, causal: states [B, T, N, C], actions [B, T, 5] -> [B, T, N, C], output t predicts s_{t+1}
+        from s_{t-max_context+1..t} and a_{..t}."""
+        b, t = states.shape[:2]
         if actions.shape[:2] != (b, t):
             raise ValueError(f"actions {tuple(actions.shape)} do not match states {tuple(states.shape)}")
-        if t > self.max_context:
-            raise ValueError(f"sequence of {t} steps exceeds model.max_context = {self.max_context}")
-        a = actions.to(states.dtype) / self.action_scales.to(states.dtype)
-        speed = self.speed_in(a[..., SPEED_INDEX : SPEED_INDEX + 1])
-        motion = self.motion_in(a.index_select(-1, self.motion_index))
-        if action_known is not None:
-            known = action_known.to(torch.bool).unsqueeze(-1)
-            speed = torch.where(known, speed, self.unknown_speed.to(speed.dtype))
-            motion = torch.where(known, motion, self.unknown_motion.to(motion.dtype))
-        x = torch.stack([self.state_in(states), speed, motion], dim=2)                 # [B, T, 3, D]
-        x = x + self.time_embed[:t].view(1, t, 1, d) + self.type_embed.view(1, 1, TOKENS_PER_STEP, d)
-        x = x.reshape(b, t * TOKENS_PER_STEP, d)
-        n = t * TOKENS_PER_STEP
-        causal = self.causal[:n, :n]
-        for block in self.blocks:
-            x = block(x, causal)
-        change = self.out(x.view(b, t, TOKENS_PER_STEP, d)[:, :, -1])
-        base = latent_space.targets(states, self.space)
-        scale = base.detach().pow(2).mean(dim=-1, keepdim=True).sqrt()           # the change is relative to it
-        return base + self.change_gate * scale * change
+        known = torch.ones(b, t, dtype=torch.bool, device=states.device) if action_known is None \
+            else action_known.to(torch.bool)
+        ctx = min(self.max_context, t)
+        index = torch.arange(t, device=states.device)[:, None] + torch.arange(-ctx + 1, 1, device=states.device)
+        pad = index < 0                                                                # [T, ctx]
+        index = index.clamp(min=0)
+        win_states = states[:, index].reshape(b * t, ctx, *states.shape[2:])
+        win_actions = actions[:, index].reshape(b * t, ctx, actions.shape[-1])
+        win_known = (known[:, index] & ~pad).reshape(b * t, ctx)
+        return self.step(win_states, win_actions, win_known).view(b, t, *states.shape[2:])
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
-                past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Autoregressive prediction of K steps; see WorldModel.rollout. Keeps the last ``max_context`` steps."""
-        b, tc, _ = context_states.shape
+                past_actions: Optional[torch.Tensor] = None, future_known: bool = True) -> torch.Tensor:
+        """Autoregressive prediction of K steps; see WorldModel.rollout. ``future_known=False`` gives the K future
+        actions the 'unknown' token too (only ``actions.shape`` is read then)."""
+        b, tc = context_states.shape[:2]
         k = actions.shape[1]
         if past_actions is None:
             past_actions = actions.new_zeros(b, tc - 1, actions.shape[2])
@@ -110,13 +178,14 @@ class Predictor(nn.Module):
                                  f"got {tuple(past_actions.shape)}")
             past_known = torch.ones(b, tc - 1, dtype=torch.bool, device=actions.device)
         all_actions = torch.cat([past_actions.to(actions.dtype), actions], dim=1)
-        known = torch.cat([past_known, torch.ones(b, k, dtype=torch.bool, device=actions.device)], dim=1)
-        seq = context_states
+        known = torch.cat([past_known, torch.full((b, k), future_known, dtype=torch.bool, device=actions.device)],
+                          dim=1)
+        frames = list(context_states.unbind(1))
         preds = []
         for step in range(k):
             end = tc + step
             start = max(0, end - self.max_context)
-            nxt = self(seq[:, start:end], all_actions[:, start:end], known[:, start:end])[:, -1]
+            nxt = self.step(torch.stack(frames[start:end], dim=1), all_actions[:, start:end], known[:, start:end])
             preds.append(nxt)
-            seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+            frames.append(nxt)
         return torch.stack(preds, dim=1)

@@ -1,5 +1,9 @@
 """The multimodal JEPA world model: online encoder, EMA target encoder and action-conditioned predictor.
 
+A state is a bird's-eye grid of tokens ``[N, C]`` in the ego frame (drivejepa/models/bev.py); the encoder builds it
+from every sensor (models/fusion.py), the predictor moves it (models/predictor.py), and the JEPA loss compares
+predicted and target states token by token.
+
 ``loss`` encodes a window of L key frames with both encoders, predicts frame i+1 from the online states up to i and
 action i (teacher forcing; this trains the encoder), rolls forward K steps from the target encoder's latents of the
 first ``context`` frames (this trains the predictor exactly as it is evaluated), and compares the predictions with
@@ -23,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from drivejepa.config import LossConfig, ModelConfig, TrainConfig, resolve_model_config
-from drivejepa.data.shards import SENSOR_KEYS
+from drivejepa.data.shards import PER_CAMERA, SENSOR_KEYS
 from drivejepa.diagnostics import collapse_diagnostics
 from drivejepa import latent_space
 from drivejepa.losses import inverse_dynamics_loss, prediction_loss, vicreg_terms
-from drivejepa.models.fusion import MultimodalEncoder
+from drivejepa.models.fusion import MultimodalEncoder, grid_of
 from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
 from drivejepa.models.predictor import Predictor
 
@@ -47,13 +51,15 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         self.cameras = list(cameras)
         self.latent_dim = cfg.latent_dim
+        self.grid = grid_of(cfg)
+        self.bev_size, self.bev_range = self.grid.size, self.grid.range
         self.encoder = MultimodalEncoder(cfg, self.cameras)
         self.target_encoder = copy.deepcopy(self.encoder)
         self.target_encoder.requires_grad_(False)
         self.target_encoder.eval()
-        self.predictor = Predictor(cfg, space)
+        self.predictor = Predictor(cfg, space, self.grid)
         self.space = self.predictor.space
-        self.inverse_dynamics = InverseDynamicsHead(cfg.latent_dim)
+        self.inverse_dynamics = InverseDynamicsHead(cfg.latent_dim, self.grid)
 
     def train(self, mode: bool = True) -> "WorldModel":
         """The target encoder always runs in eval mode (no modality dropout, no DropPath, BatchNorm running stats)."""
@@ -63,20 +69,29 @@ class WorldModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- encoding
     def encode(self, obs: Mapping[str, torch.Tensor], target: bool = False) -> torch.Tensor:
-        """obs (images uint8 [B, C, H, W, 3], lidar [B, N, 4], radar [B, M, 6] and masks; any subset) -> [B, D]."""
+        """obs (images uint8 [B, C, H, W, 3] with cam_intrinsics [B, C, 3, 3] and cam_to_key_ego [B, C, 4, 4],
+        lidar [B, P, 4], radar [B, M, 6] and masks; any subset) -> state tokens [B, N, C]."""
         if target:
             with torch.no_grad():
                 return self.target_encoder(obs)
         return self.encoder(obs)
 
     def encode_sequence(self, batch: Mapping[str, torch.Tensor], target: bool = False) -> torch.Tensor:
-        """Batch arrays with an L axis ([B, L, ...]) -> states [B, L, D]."""
+        """Batch arrays with an L axis ([B, L, ...]; per-camera calibration [B, C, ...]) -> states [B, L, N, C]."""
         obs = {k: batch[k] for k in SENSOR_KEYS if k in batch}
-        if not obs:
+        framed = [k for k in obs if k not in PER_CAMERA]
+        if not framed:
             raise ValueError("batch holds none of 'images', 'lidar', 'radar'")
-        b, length = next(iter(obs.values())).shape[:2]
-        flat = {k: v.reshape(b * length, *v.shape[2:]) for k, v in obs.items()}
-        return self.encode(flat, target=target).view(b, length, -1)
+        b, length = obs[framed[0]].shape[:2]
+        flat = {k: (v.unsqueeze(1).expand(b, length, *v.shape[1:]) if k in PER_CAMERA else v)
+                for k, v in obs.items()}
+        flat = {k: v.reshape(b * length, *v.shape[2:]) for k, v in flat.items()}
+        states = self.encode(flat, target=target)
+        return states.view(b, length, *states.shape[1:])
+
+    def summary(self, states: torch.Tensor) -> torch.Tensor:
+        """The pooled vector of states ``[..., N, C]`` in the model's space (``latent_space.summary``)."""
+        return latent_space.summary(states, self.space)
 
     def context_states(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The latents rollouts start from outside training: the EMA target encoder's, [B, L, D]."""
@@ -85,15 +100,27 @@ class WorldModel(nn.Module):
     # ---------------------------------------------------------------------------------------------- prediction
     def predict(self, states: torch.Tensor, actions: torch.Tensor,
                 action_known: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Teacher-forced, causal: states [B, T, D], actions [B, T, 5] -> [B, T, D], output t predicts s_{t+1}."""
+        """Teacher-forced, causal: states [B, T, N, C], actions [B, T, 5] -> [B, T, N, C], output t predicts
+        s_{t+1}."""
         return self.predictor(states, actions, action_known)
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
-                past_actions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Autoregressive: context [B, Tc, D] and actions a_t..a_{t+K-1} [B, K, 5] (a_t = action of the last context
-        frame) -> predicted states s_{t+1}..s_{t+K} [B, K, D]. ``past_actions`` [B, Tc-1, 5] are the actions of the
-        earlier context frames; without them the predictor uses its learned 'unknown action' token there."""
-        return self.predictor.rollout(context_states, actions, past_actions)
+                past_actions: Optional[torch.Tensor] = None, future_known: bool = True) -> torch.Tensor:
+        """Autoregressive: context [B, Tc, N, C] and actions a_t..a_{t+K-1} [B, K, 5] (a_t = action of the last
+        context frame) -> predicted states s_{t+1}..s_{t+K} [B, K, N, C]. ``past_actions`` [B, Tc-1, 5] are the
+        actions of the earlier context frames; without them the predictor uses its learned 'unknown action' token
+        there (and does not warp those frames). ``future_known=False`` puts that token in place of the future actions
+        too (an action-blind rollout: no warp, no modulation by the action). A model trained with
+        ``model.action_dropout = 1`` never saw an action, so its rollouts are always action-blind (the 'same
+        predictor trained with actions masked' baseline of ``drivejepa evaluate --action-blind-checkpoint``)."""
+        if self.action_blind:
+            past_actions, future_known = None, False
+        return self.predictor.rollout(context_states, actions, past_actions, future_known)
+
+    @property
+    def action_blind(self) -> bool:
+        """Trained with every action masked (``model.action_dropout = 1``)."""
+        return self.cfg.action_dropout >= 1.0
 
     # ---------------------------------------------------------------------------------------------- training
     def loss(self, batch: Mapping[str, torch.Tensor], loss_cfg: LossConfig, context: int):
@@ -102,7 +129,7 @@ class WorldModel(nn.Module):
         b, length = actions.shape[:2]
         if not 1 <= context < length:
             raise ValueError(f"context = {context} must be in [1, {length - 1}] for windows of {length} frames")
-        states = self.encode_sequence(batch)                                         # online, [B, L, D]
+        states = self.encode_sequence(batch)                                         # online, [B, L, N, C]
         target_states = self.encode_sequence(batch, target=True)                     # stop-gradient
         if latent_space.space_of(loss_cfg) != self.space:
             raise ValueError(f"loss.objective = {loss_cfg.objective!r}, normalize_targets = "
@@ -143,7 +170,9 @@ class WorldModel(nn.Module):
             total = total + loss_cfg.vicreg_weight * regulariser
         metrics.update(vicreg_var=float(var.detach()), vicreg_cov=float(cov.detach()))
         first = latent_space.predictions(one_step_pred.detach().float(), self.space)
-        metrics.update(collapse_diagnostics(states, first, targets[:, 1:], targets[:, :-1]))
+        # Spread and rank of the pooled states (an SVD of every token would cost a tenth of a step on a CPU).
+        metrics.update(collapse_diagnostics(self.summary(states.detach().float()), first, targets[:, 1:],
+                                            targets[:, :-1]))
         metrics["loss"] = float(total.detach())
         return total, metrics
 

@@ -29,9 +29,10 @@ from drivejepa.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-# 2: the config holds the resolved architecture, plus ``constants`` and ``shards``. A format-1 config of a preset
-# size holds the old dataclass defaults in the architecture fields, which the preset overrode when it was built.
-FORMAT = 2
+# 2: the config holds the resolved architecture, plus ``constants`` and ``shards``.
+# 3: the state is a bird's-eye grid of tokens (model.bev_size, bev_range); earlier formats hold one-vector states,
+#    which no code reads any more.
+FORMAT = 3
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -195,13 +196,10 @@ def restore_rng(rng: dict) -> None:
 
 
 def config_of(ckpt: dict, source: str = "<checkpoint>") -> TrainConfig:
-    from drivejepa.config import SIZE_PRESETS
-
-    data = ckpt["config"]
-    model = data.get("model", {})
-    if ckpt.get("format", 1) < 2 and model.get("size", "demo") != "custom":
-        data = {**data, "model": {k: v for k, v in model.items() if k not in SIZE_PRESETS["demo"]}}
-    return from_dict(TrainConfig, data, source)
+    if ckpt.get("format", 1) < FORMAT:
+        raise UserError(f"{source}: checkpoint format {ckpt.get('format', 1)} holds a model whose state is one vector "
+                        f"a frame; this drivejepa builds bird's-eye grid states (format {FORMAT}): train it again")
+    return from_dict(TrainConfig, ckpt["config"], source)
 
 
 def refuse_other_shards(checkpoint: str | Path, shard_dir: str | Path, *, allow_other: bool = False) -> None:

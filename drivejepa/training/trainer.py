@@ -56,7 +56,8 @@ MODEL_KEYS = SENSOR_KEYS + ("actions", "action_valid")
 EXIT_INTERRUPTED = 75
 
 # Resume refuses changes to these: the architecture (the weights would not fit) ...
-ARCHITECTURE_KEYS = ("image_backbone", "action_dim", "max_context", *SIZE_PRESETS["demo"])
+ARCHITECTURE_KEYS = ("image_backbone", "action_dim", "max_context", "bev_range", "lift_heights",
+                     *SIZE_PRESETS["demo"])
 # ... and what fixes the data order (the position in the epoch would point at other windows).
 DATA_ORDER_KEYS = ("data.batch_size", "data.context", "data.horizon", "data.stride", "data.train_split",
                    "data.cameras", "seed")

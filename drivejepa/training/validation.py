@@ -6,10 +6,12 @@ a_{c-1}..a_{c+H-2}; its predictions are compared with the target encoder's laten
 model's latent space (``drivejepa.latent_space``: the space evaluation reports in, so best.pt is chosen by the number
 metrics.json shows). The copy-last baseline (``drivejepa.baselines``) predicts the latent of the last context frame
 at every horizon. An error ratio below 1 at horizon h means the predictor knows more about frame c+h-1 than "nothing
-moves". The shuffled-action baseline (``drivejepa.baselines``: past and future actions of another validation
+moves". The warp-last baseline carries that state along the true ego motions ("nothing but the ego moves": the
+predictor's geometric path alone); ``warp_ratio_h{k}`` below 1 means the network adds to the geometry. The shuffled-action baseline (``drivejepa.baselines``: past and future actions of another validation
 window, a seeded derangement of the validation set, attached to each item as ``shuffled_actions`` by the dataset)
 measures the action sensitivity: its error over the true-action error is 1 when the predictions ignore the actions.
-Collapse diagnostics (drivejepa.diagnostics) are computed on the target latents and the first-step predictions.
+Collapse diagnostics (drivejepa.diagnostics) are computed on the pooled target states (``latent_space.summary``)
+and the first-step predictions.
 A window whose latents or predictions are not finite (a NaN in a shard) is left out and counted
 (``nonfinite_windows``), so one bad window cannot stop training at an epoch end.
 """
@@ -20,7 +22,7 @@ from typing import Iterable
 import torch
 
 from drivejepa import latent_space
-from drivejepa.baselines import copy_last
+from drivejepa.baselines import copy_last, warp_last
 from drivejepa.config import TrainConfig
 from drivejepa.diagnostics import collapse_diagnostics
 from drivejepa.training.distributed import DistInfo, all_reduce_sum
@@ -36,14 +38,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, autocast) -> dict:
     """Metrics over every window of ``batches`` (this rank's share; sums are reduced over ranks).
 
-    Returns ``err_h{k}``, ``copy_last_h{k}``, ``ratio_h{k}``, ``shuffled_h{k}``, ``action_ratio_h{k}`` for
-    k = 1..H, their means ``err``, ``copy_last``, ``ratio``, ``shuffled``, ``action_ratio``, ``windows``, and the
-    collapse diagnostics (of this rank's windows) prefixed ``diag_``."""
+    Returns ``err_h{k}``, ``copy_last_h{k}``, ``ratio_h{k}``, ``warp_last_h{k}``, ``warp_ratio_h{k}``,
+    ``shuffled_h{k}``, ``action_ratio_h{k}`` for k = 1..H, their means ``err``, ``copy_last``, ``ratio``,
+    ``warp_last``, ``warp_ratio``, ``shuffled``, ``action_ratio``, ``windows``, and the collapse diagnostics (of this
+    rank's windows) prefixed ``diag_``."""
     context, horizon = cfg.data.context, cfg.data.horizon
     was_training = model.training
     model.eval()
     device = info.device
-    sums = torch.zeros(4, horizon, dtype=torch.float64, device=device)
+    sums = torch.zeros(5, horizon, dtype=torch.float64, device=device)
     count = torch.zeros(3, dtype=torch.float64, device=device)  # windows, windows with shuffled actions, non-finite
     latents, first_pred, first_target, last_context = [], [], [], []
     space = model.space
@@ -81,13 +84,15 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
         err = latent_space.distance(pred, future).sum(dim=0).double()
         sums[0] += err
         sums[1] += latent_space.distance(last, future).sum(dim=0).double()
+        warped = latent_space.predictions(warp_last(target[:, :context], future_actions[finite], model.grid), space)
+        sums[4] += latent_space.distance(warped, future).sum(dim=0).double()
         count[0] += pred.shape[0]
         if shuffled is not None:
             sums[2] += latent_space.distance(shuffled, future).sum(dim=0).double()
             sums[3] += err
             count[1] += pred.shape[0]
         if sum(x.shape[0] for x in latents) < MAX_DIAGNOSTIC_ROWS:
-            latents.append(target.reshape(-1, target.shape[-1]).cpu())
+            latents.append(latent_space.summary(target, space).reshape(-1, target.shape[-1]).cpu())
             first_pred.append(pred[:, 0].cpu())
             first_target.append(future[:, 0].cpu())
             last_context.append(last[:, 0].cpu())
@@ -98,17 +103,22 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
     if n == 0:
         return {"windows": 0.0, "nonfinite_windows": nonfinite}
     err, copy = (sums[:2] / n).tolist()
+    warped = (sums[4] / n).tolist()
     out: dict[str, float] = {"windows": n, "nonfinite_windows": nonfinite}
     for k in range(horizon):
         out[f"err_h{k + 1}"] = err[k]
         out[f"copy_last_h{k + 1}"] = copy[k]
         out[f"ratio_h{k + 1}"] = _ratio(err[k], copy[k])
+        out[f"warp_last_h{k + 1}"] = warped[k]
+        out[f"warp_ratio_h{k + 1}"] = _ratio(err[k], warped[k])
     out["err"] = sum(err) / horizon
     out["copy_last"] = sum(copy) / horizon
     out["ratio"] = _ratio(out["err"], out["copy_last"])
+    out["warp_last"] = sum(warped) / horizon
+    out["warp_ratio"] = _ratio(out["err"], out["warp_last"])
     if n_shuffled:
         # Shuffled against true actions on the same windows (all of them when the validation set has two or more).
-        shuffled, same = (sums[2:] / n_shuffled).tolist()
+        shuffled, same = (sums[2:4] / n_shuffled).tolist()
         for k in range(horizon):
             out[f"shuffled_h{k + 1}"] = shuffled[k]
             out[f"action_ratio_h{k + 1}"] = _ratio(shuffled[k], same[k])

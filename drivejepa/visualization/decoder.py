@@ -1,4 +1,5 @@
-"""A light decoder from world-model latents to a bird's-eye view of the scene, so predictions can be looked at.
+"""A light decoder from world-model states (bird's-eye token grids) to a finer bird's-eye view of the scene, so
+predictions can be looked at.
 
 The decoder is trained on DETACHED latents of a trained world model (it never changes the world model): target
 latents of real key frames, and the predictor's one-step predictions of the next frame, each paired with the
@@ -9,8 +10,10 @@ bird's-eye grids of the true frame. Per cell of a G x G grid over the lidar rang
 - ``agents``: whether an annotated box covers the cell (the evaluation's occupancy grid of box footprints), from
   which decoded boxes are extracted.
 
-Latents are layer-normalised first, the way the world model normalises its regression targets, so raw target
-latents and predictions of normalised targets decode alike. The decoder is saved beside the run
+Tokens are layer-normalised first, the way the world model normalises its regression targets, so raw target
+states and predictions of normalised targets decode alike. The decoder is convolutional on the state's own grid and
+upsamples it (``grid`` cells per side over the state's ``range``), so a cell is decoded from its token and its
+neighbours'. The decoder is saved beside the run
 (``RUN/decoders/<checkpoint>.pt``) with the checkpoint's SHA-256: a retrained checkpoint gets a new decoder.
 """
 from __future__ import annotations
@@ -28,16 +31,19 @@ from drivejepa.artifacts import artifact_path, find_artifact, load_artifact, mod
 from drivejepa.latent_space import layer_norm
 from drivejepa.evaluation.probes import grid_centers, iou, occupancy_grid
 
-FORMAT = 1
+log = logging.getLogger(__name__)
+
+FORMAT = 2                       # 2: decodes token grids (1: one vector per frame)
 CHANNELS = ("density", "height", "agents")
 
 
 @dataclasses.dataclass
 class DecoderSpec:
-    latent_dim: int
-    grid: int = 48                   # cells per side
-    range: float = 50.0              # metres: the grid covers |x|, |y| <= range in the ego frame
-    hidden: int = 256
+    latent_dim: int                  # channels of a state token
+    bev_size: int = 16               # the state's cells per side
+    grid: int = 64                   # decoded cells per side: bev_size times a power of two
+    range: float = 32.0              # metres: both grids cover |x|, |y| <= range in the ego frame
+    hidden: int = 64
     box_z: float = 0.8               # mean centre height and height of the training boxes, given to decoded boxes
     box_h: float = 1.6
 
@@ -47,30 +53,31 @@ class DecoderSpec:
 
 
 class LatentDecoder(nn.Module):
-    """latent [B, D] -> grids [B, 3, G, G] (density log1p, height, agent logit).
+    """states [B, N, C] -> grids [B, 3, G, G] (density log1p, height, agent logit).
 
     The output is a learned correction of ``prior``, the training set's mean grids (agent cover as a logit), set by
-    :func:`train_decoder`: the decoder starts at the best latent-blind answer and learns what the latent adds."""
+    :func:`train_decoder`: the decoder starts at the best latent-blind answer and learns what the state adds."""
 
     def __init__(self, spec: DecoderSpec):
         super().__init__()
-        if spec.grid % 8 or spec.grid < 16:
-            raise ValueError(f"decoder grid must be a multiple of 8 and >= 16, got {spec.grid}")
+        factor = spec.grid // spec.bev_size
+        if spec.grid % spec.bev_size or factor & (factor - 1):
+            raise ValueError(f"decoder grid {spec.grid} must be the state's {spec.bev_size} cells times a power of 2")
         self.spec = spec
-        self.base = spec.grid // 8
-        self.mlp = nn.Sequential(nn.Linear(spec.latent_dim, spec.hidden), nn.GELU(),
-                                 nn.Linear(spec.hidden, 32 * self.base * self.base))
-        self.up = nn.Sequential(                                # three 2x upsamplings: base -> grid
-            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.GELU(),
-            nn.ConvTranspose2d(16, 8, 4, 2, 1), nn.GELU(),
-            nn.ConvTranspose2d(8, len(CHANNELS), 4, 2, 1),
-        )
+        h = spec.hidden
+        layers: list[nn.Module] = [nn.Conv2d(spec.latent_dim, h, 3, padding=1), nn.GELU()]
+        while factor > 1:                                       # one 2x upsampling per halving
+            layers += [nn.ConvTranspose2d(h, max(h // 2, 8), 4, 2, 1), nn.GELU()]
+            h, factor = max(h // 2, 8), factor // 2
+        layers.append(nn.Conv2d(h, len(CHANNELS), 3, padding=1))
+        self.net = nn.Sequential(*layers)
         self.register_buffer("prior", torch.zeros(len(CHANNELS), spec.grid, spec.grid))
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        z = layer_norm(latents.float())
-        x = self.mlp(z).view(-1, 32, self.base, self.base)
-        return self.prior + self.up(x)
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        z = layer_norm(states.float())
+        g = self.spec.bev_size
+        image = z.transpose(-1, -2).reshape(-1, z.shape[-1], g, g)
+        return self.prior + self.net(image)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -176,7 +183,7 @@ def grid_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 def train_decoder(latents: np.ndarray, targets: np.ndarray, spec: DecoderSpec, *, steps: int = 300,
                   batch_size: int = 32, lr: float = 2e-3, seed: int = 0, progress: bool = True) -> LatentDecoder:
-    """Fit a decoder on (latent [N, D], grids [N, 3, G, G]) pairs, all detached numpy arrays."""
+    """Fit a decoder on (state [n, N, C], grids [n, 3, G, G]) pairs, all detached numpy arrays."""
     from tqdm import tqdm
 
     gen = torch.Generator().manual_seed(seed)
@@ -212,9 +219,9 @@ def train_decoder(latents: np.ndarray, targets: np.ndarray, spec: DecoderSpec, *
 
 @torch.no_grad()
 def decode(decoder: LatentDecoder, latents: np.ndarray | torch.Tensor) -> np.ndarray:
-    """[N, D] latents -> [N, 3, G, G] decoded grids (numpy)."""
+    """States [..., N, C] -> [n, 3, G, G] decoded grids (numpy), the leading dims flattened."""
     x = torch.as_tensor(np.asarray(latents, dtype=np.float32))
-    return decoder(x.reshape(-1, x.shape[-1])).numpy()
+    return decoder(x.reshape(-1, *x.shape[-2:])).numpy()
 
 
 def decoder_path(checkpoint: str | Path) -> Path:
@@ -228,7 +235,7 @@ def save_decoder(path: str | Path, decoder: LatentDecoder, meta: dict) -> Path:
 
 
 def _decoder_from_state(state: dict, path) -> tuple[LatentDecoder, dict]:
-    return module_from_state(state, path, lambda spec: LatentDecoder(DecoderSpec(**spec)), "decoder")
+    return module_from_state(state, path, lambda spec: LatentDecoder(DecoderSpec(**spec)), "decoder", FORMAT)
 
 
 def load_decoder(path: str | Path) -> tuple[LatentDecoder, dict]:

@@ -1,8 +1,8 @@
 """Training the visualisation decoder of one checkpoint on detached latents, scoring it, saving it beside the run.
 
-Pairs (latent, bird's-eye grids of the true frame) come from every key frame of the training split's scenes: the
-target encoder's latent of the frame, and the predictor's teacher-forced one-step prediction of it from the previous
-frame and its action. Scores on the held-out split are saved with the decoder, next to the score of the trivial
+Pairs (latent, bird's-eye grids of the true frame) come from every key frame of the training split's factual scenes
+(branches left out): the target encoder's latent of the frame, and the predictor's teacher-forced one-step prediction
+of it from the previous frame and its action. Scores on the held-out split are saved with the decoder, next to the score of the trivial
 decoder that outputs the mean training grid, so a reader can tell whether the decoder learned anything.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def camera_index(shard, model) -> list[int]:
 
 @torch.no_grad()
 def scene_pairs(model, shard, spec: DecoderSpec, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(latents [N, D], grids [N, 3, G, G], is_prediction [N]) of one scene: a target latent for every key frame
+    """(states [n, N, C], grids [n, 3, G, G], is_prediction [n]) of one scene: a target latent for every key frame
     and a one-step prediction for every frame whose predecessor is the previous key frame with a valid action."""
     from drivejepa.evaluation.latents import encode_frames
 
@@ -81,11 +81,13 @@ def collect_pairs(model, shard_dir: str | Path, scenes: list[str], spec: Decoder
 
 
 def split_scenes(shard_dir: str | Path, cfg) -> tuple[list[str], list[str]]:
-    """(train, held-out) readable scenes of a run's splits (``cfg``: its TrainConfig); every readable scene not held
-    out trains when the train split has none. What the decoder and the planner's heads are fitted and scored on."""
-    from drivejepa.data.shards import readable_scenes, scenes_in_split
+    """(train, held-out) readable factual scenes of a run's splits (``cfg``: its TrainConfig; a counterfactual
+    branch's frames up to its branch frame are its parent's); every readable scene not held out trains when the train
+    split has none. What the decoder and the planner's heads are fitted and scored on."""
+    from drivejepa.data.shards import factual_scenes, readable_scenes, scenes_in_split
 
-    every, _ = readable_scenes(shard_dir, scenes_in_split(shard_dir, None), "visualisation")
+    every, _ = readable_scenes(shard_dir, factual_scenes(shard_dir, scenes_in_split(shard_dir, None)),
+                               "visualisation")
     try:
         train = [s for s in scenes_in_split(shard_dir, cfg.data.train_split) if s in every]
         held = [s for s in scenes_in_split(shard_dir, cfg.data.val_split) if s in every]
@@ -100,16 +102,14 @@ def ensure_decoder(checkpoint: str | Path, model, cfg, shard_dir: str | Path, *,
                    retrain: bool = False, progress: bool = True) -> tuple[LatentDecoder, dict, Path]:
     """The decoder saved for this checkpoint (unless ``retrain``), or a new one trained, scored and saved atomically
     beside the run (replacing the old one only once the new one is complete). Returns (decoder, meta, path)."""
-    from drivejepa.data.shards import load_manifest
-
     path = decoder_path(checkpoint)
     found = None if retrain else find_decoder(checkpoint)
     if found is not None:
         return found[0], found[1], path
     t0 = time.perf_counter()
-    pre = load_manifest(shard_dir).get("config", {})
     train_scenes, held_scenes = split_scenes(shard_dir, cfg)
-    spec = DecoderSpec(latent_dim=int(model.latent_dim), range=float(pre.get("lidar_range", 50.0)))
+    spec = DecoderSpec(latent_dim=int(model.latent_dim), bev_size=model.bev_size, grid=decoder_cells(model.bev_size),
+                       range=float(model.bev_range))
     lat, grids, is_pred = collect_pairs(model, shard_dir, train_scenes, spec, progress=progress)
     spec = _with_box_stats(spec, shard_dir, train_scenes)
     decoder = train_decoder(lat, grids, spec, steps=steps, progress=progress)
@@ -122,6 +122,14 @@ def ensure_decoder(checkpoint: str | Path, model, cfg, shard_dir: str | Path, *,
     save_decoder(path, decoder, meta)
     log.info("visualisation decoder saved to %s (%.1f s)", path, meta["train_seconds"])
     return decoder, meta, path
+
+
+def decoder_cells(bev_size: int, finest: int = 64) -> int:
+    """Decoded cells per side: the state's grid refined by the largest power of two that stays within ``finest``."""
+    cells = bev_size
+    while cells * 2 <= finest:
+        cells *= 2
+    return cells
 
 
 def _with_box_stats(spec: DecoderSpec, shard_dir, scenes: list[str]) -> DecoderSpec:

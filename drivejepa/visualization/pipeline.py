@@ -100,11 +100,11 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
                               with_online=False)
     past = np.repeat(act[None, t - context + 1:t], len(names), axis=0)
     preds = rollout_windows(model, target, np.full(len(names), t), context, np.stack([seqs[n] for n in names]),
-                            past, len(names), device)                                    # [S, H, D]
+                            past, len(names), device)                                    # [S, H, N, C]
     decoder, dmeta, dpath = ensure_decoder(checkpoint, model, cfg, shard_dir, steps=decoder_steps,
                                            retrain=retrain_decoder, progress=progress)
     spec = decoder.spec
-    grids = decode(decoder, preds.reshape(-1, preds.shape[-1]))
+    grids = decode(decoder, preds)
     grids = grids.reshape(len(names), horizon, *grids.shape[1:])                             # [S, H, 3, G, G]
     decoded_now = decode(decoder, target[t:t + 1])[0]
     decoded_truth = decode(decoder, target[t + 1:t + horizon + 1])
@@ -113,7 +113,7 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
     space = model.space
     gallery = latent_space.targets(target, space)
     pred_m = latent_space.predictions(preds[0], space)
-    dist = np.linalg.norm(pred_m[:, None, :] - gallery[None, :, :], axis=-1)              # [H, T]
+    dist = latent_space.distance(pred_m[:, None], gallery[None])                           # [H, T]
 
     rel = relative_poses(a["ego_pose"], t)
     true_path = rel[t:t + horizon + 1, :2, 3]

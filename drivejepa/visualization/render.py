@@ -18,8 +18,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from drivejepa.io import atomic_path
-from drivejepa.visualization.scene import (ACTION_PATH_COLOR, BACKGROUND, EGO_COLOR, PRED_COLOR, TRUE_COLOR,
-                                           TRUE_PATH_COLOR, SceneLayers, build_geometries, category_color)
+from drivejepa.visualization.scene import (ACTION_PATH_COLOR, BACKGROUND, CANDIDATE_COLOR, EGO_COLOR, PRED_COLOR,
+                                           TRUE_COLOR, TRUE_PATH_COLOR, SceneLayers, build_geometries,
+                                           category_color)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,8 @@ def legend_entries(layers: SceneLayers, class_names: Sequence[str] = ()) -> list
         entries.append(("true path", TRUE_PATH_COLOR))
     if layers.action_path is not None and len(layers.action_path) >= 2:
         entries.append(("action path", ACTION_PATH_COLOR))
+    if layers.candidate_paths is not None and len(layers.candidate_paths):
+        entries.append(("candidates", CANDIDATE_COLOR))
     if layers.boxes is not None and layers.labels is not None:
         for label in sorted({int(c) for c in layers.labels}):
             name = class_names[label] if label < len(class_names) else f"class {label}"

@@ -20,6 +20,7 @@ TRUE_COLOR = (0.72, 0.72, 0.76)
 EGO_COLOR = (1.0, 1.0, 1.0)
 TRUE_PATH_COLOR = (0.15, 0.9, 0.15)
 ACTION_PATH_COLOR = (1.0, 0.1, 0.1)
+CANDIDATE_COLOR = (0.35, 0.6, 1.0)
 # Indexed like drivejepa.data.shards.CLASSES (car, truck, bus, trailer, construction_vehicle, pedestrian,
 # motorcycle, bicycle, traffic_cone, barrier).
 CATEGORY_COLORS = (
@@ -45,6 +46,7 @@ class SceneLayers:
     ego: Optional[tuple[float, float, float]] = (0.0, 0.0, 0.0)
     true_path: Optional[np.ndarray] = None
     action_path: Optional[np.ndarray] = None
+    candidate_paths: Optional[np.ndarray] = None      # [N, K, >=2]: a planner's candidates, drawn thin
     title: str = ""
 
     def extent_points(self, box_radius: float = 20.0) -> np.ndarray:
@@ -156,6 +158,15 @@ def build_geometries(layers: SceneLayers, point_size: float = 2.0, line_width: f
     if layers.decoded_boxes is not None and len(layers.decoded_boxes):
         colors = np.tile(PRED_COLOR, (len(layers.decoded_boxes), 1))
         out.append(Geometry("decoded_boxes", boxes_line_set(layers.decoded_boxes, colors), "lines", line_width))
+    if layers.candidate_paths is not None and len(layers.candidate_paths):
+        paths = [np.asarray(p) for p in layers.candidate_paths if len(p) >= 2]
+        if paths:
+            pts = np.concatenate([_path3d(p, z=0.1) for p in paths])
+            starts = np.cumsum([0] + [len(p) for p in paths[:-1]])
+            edges = np.concatenate([np.stack([s + np.arange(len(p) - 1), s + np.arange(1, len(p))], axis=1)
+                                    for s, p in zip(starts, paths)])
+            out.append(Geometry("candidates", _line_set(pts, edges, np.tile(CANDIDATE_COLOR, (len(edges), 1))),
+                                "lines", max(1.0, line_width - 2.0)))
     for name, path, color in (("true_path", layers.true_path, TRUE_PATH_COLOR),
                               ("action_path", layers.action_path, ACTION_PATH_COLOR)):
         if path is not None and len(path) >= 2:

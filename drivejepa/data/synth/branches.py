@@ -21,7 +21,7 @@ from drivejepa.data.synth.materials import MARKING, ROAD
 from drivejepa.data.synth.scenarios import branch_tags
 from drivejepa.data.synth.traffic import DT, simulate
 from drivejepa.data.synth.world import MAP_RESOLUTION, Simulation, World, mover_tracks
-from drivejepa.data.synth.writer import KEY_PERIOD_US
+from drivejepa.data.synth.writer import KEY_PERIOD_US, SENSOR_MARGIN_S
 
 KEY_PERIOD_S = KEY_PERIOD_US / 1e6
 MIN_PAST_FRAMES = 2             # a branch frame has at least this many key frames before it
@@ -65,6 +65,23 @@ def plan(sim: Simulation, samples: int, points: int, frames: int, seed: int) -> 
         options = [(b, None) for b in SPEED_FIRST] + lateral + [(b, None) for b in SPEED_LAST]
         out.append([Branch(name, int(f), behaviour, i, path) for i, (behaviour, path) in enumerate(options)])
     return out
+
+
+def family(sim: Simulation, samples: int, seed: int, futures: int, points: int = 1, frames: int = 8):
+    """What ``drivejepa synth --branches futures --branch-points points --branch-frames frames`` makes of a scene:
+    its branches, the mover tracks of the scene and of each branch (the scene's first), and the ego paths that
+    ``world.place`` frames them all around (one map and global frame for the family). ``futures`` 0: no branch."""
+    ego = sim.builder.movers[0]
+    parent = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
+    taken, tracks = [], [parent]
+    for candidates in (plan(sim, samples, points, frames, seed) if futures else []):
+        end = (candidates[0].frame + frames) * KEY_PERIOD_S + SENSOR_MARGIN_S
+        for br, t in grow(sim, parent, candidates, futures, end):
+            taken.append(br)
+            tracks.append(t)
+    paths = [ego.path.piece(ego.s0, ego.path.length, 10.0)] + [br.path.piece(0, br.path.length, 10.0)
+                                                              for br in taken if br.path is not None]
+    return taken, tracks, paths
 
 
 def grow(sim: Simulation, parent: tuple, candidates: list[Branch], futures: int, end_time: float) -> list[tuple]:

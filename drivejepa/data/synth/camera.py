@@ -65,6 +65,14 @@ def rotation(name: str) -> np.ndarray:
     return rz @ BASE
 
 
+def camera_to_ego(name: str) -> np.ndarray:
+    """[4, 4] camera frame -> ego frame of the synthetic rig's camera ``name`` (its calibrated_sensor record)."""
+    out = np.eye(4)
+    out[:3, :3] = rotation(name)
+    out[:3, 3] = CAMERAS[name][0]
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def _sky(width: int, height: int, cy: float, weather: str) -> np.ndarray:
     _, _, top, horizon = STYLE[weather]
@@ -115,7 +123,9 @@ class Renderer:
         self.noise_neg = np.clip(-bank, 0, 255).astype(np.uint8)
         self.rng = rng
 
-    def render(self, name: str, t: float) -> np.ndarray:
+    def render(self, name: str, t: float, rng: np.random.Generator = None) -> np.ndarray:
+        """Camera ``name`` at scene time ``t``; ``rng`` draws this image's noise (default: the bank's stream)."""
+        rng = self.rng if rng is None else rng
         world = self.world
         W, H = self.W, self.H
         K = intrinsics(name, W, H)
@@ -203,17 +213,17 @@ class Renderer:
             draw_all([piece[i] for i in order], [tuple(int(v) for v in colour[rep[i]]) for i in order])
 
         if world.weather == "rain":
-            self._streaks(img)
-        dy, dx = self.rng.integers(0, 16, 2)
+            self._streaks(img, rng)
+        dy, dx = rng.integers(0, 16, 2)
         img = cv2.add(img, self.noise_pos[dy:dy + H, dx:dx + W])
         img = cv2.subtract(img, self.noise_neg[dy:dy + H, dx:dx + W])
         return img
 
-    def _streaks(self, img: np.ndarray) -> None:
+    def _streaks(self, img: np.ndarray, rng: np.random.Generator) -> None:
         n = 120
-        x = self.rng.uniform(0, self.W, n)
-        y = self.rng.uniform(0, self.H, n)
-        ln = self.rng.uniform(0.02, 0.06, n) * self.H
+        x = rng.uniform(0, self.W, n)
+        y = rng.uniform(0, self.H, n)
+        ln = rng.uniform(0.02, 0.06, n) * self.H
         for i in range(n):
             cv2.line(img, (int(x[i]), int(y[i])), (int(x[i] + 0.15 * ln[i]), int(y[i] + ln[i])), (175, 178, 185), 1)
 

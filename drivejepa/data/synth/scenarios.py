@@ -8,8 +8,9 @@ import numpy as np
 if TYPE_CHECKING:
     from drivejepa.data.synth.world import World
 
-# Scene n (1-based) drives scenario DRIVING[(n - 1) % 7] in weather WEATHER[n % 3]. 7, 3 and the validation split's
-# period 5 are coprime, so every combination recurs and the val scenes (n % 5 == 3) see all of them.
+# Scene n (1-based) drives scenario DRIVING[(n - 1) % 7] in weather WEATHER[n % 3]. 7, 3 and the held-out splits'
+# period 5 are coprime, so every combination recurs and the val (n % 5 == 3) and test (n % 5 == 0) scenes see all of
+# them.
 DRIVING = [
     dict(layout="urban", maneuver="left", words=["city"]),
     dict(layout="highway", maneuver="lanechange", words=["highway"]),

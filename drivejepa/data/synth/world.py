@@ -16,6 +16,7 @@ The parts live in modules of their own: ``materials`` (materials and agent kinds
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 
@@ -49,6 +50,7 @@ class World:
     material_grid: np.ndarray          # uint8 [H, W]: ground material per map pixel
     sun: np.ndarray                    # unit vector towards the light
     start: float = 0.0                 # scene time (s) of simulation step 0
+    offset: Optional[np.ndarray] = None    # global = local frame + offset (the shift of ``place``)
 
     @property
     def steps(self) -> int:
@@ -207,7 +209,8 @@ def place(sim: Simulation, tracks: list, ego_paths: list) -> list[World]:
         world = World(name=f"scene-{sim.number:04d}", tags=[], weather=spec["weather"],
                       ground=ground, structures=structures, structure_colours=colours, agents=agents,
                       agent_xy=xy + shift, agent_yaw=yaw, agent_speed=speed, agent_active=active, ego_index=0,
-                      map_mask=mask, material_grid=grid, sun=sun / np.linalg.norm(sun), start=sim.start)
+                      map_mask=mask, material_grid=grid, sun=sun / np.linalg.norm(sun), start=sim.start,
+                      offset=shift)
         world.tags = describe(world, spec, None if b.intersection is None else b.intersection + shift)
         worlds.append(world)
     return worlds

@@ -53,6 +53,11 @@ class SceneJob:
     branch_frames: int = 8          # key frames each branch runs past its branch point
 
 
+def scene_start_us(number: int) -> int:
+    """Time stamp (us) of the first key frame of scene ``number`` (scenes are an hour apart)."""
+    return START_US + (int(number) - 1) * 3_600_000_000
+
+
 def _sensors(cameras: Sequence[str]) -> list[tuple[str, str]]:
     return [(c, "camera") for c in cameras] + [(r, "radar") for r in ALL_RADARS] + [("LIDAR_TOP", "lidar")]
 
@@ -82,13 +87,6 @@ def _write_file(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _pose_record(tok: str, ts: int, xy, yaw: float) -> dict:
-    from drivejepa.data.synth.tables import quaternion_yaw
-
-    return dict(token=tok, timestamp=ts, rotation=quaternion_yaw(yaw),
-                translation=[round(float(xy[0]), 6), round(float(xy[1]), 6), 0.0])
 
 
 def _count_in_box(ann: dict, pose: dict, cs: dict, points: np.ndarray, tree=None) -> int:
@@ -122,25 +120,17 @@ def write_scene(job: SceneJob) -> dict:
     from PIL import Image
 
     from drivejepa.data.synth import branches as cf
+    from drivejepa.data.synth.sensors import SensorNoise
     from drivejepa.data.synth.tables import token
     from drivejepa.data.synth.scenarios import scenario
-    from drivejepa.data.synth.world import mover_tracks, place, simulate_scene
+    from drivejepa.data.synth.world import place, simulate_scene
 
     t0 = time.time()
     out = Path(job.out)
     seed, n = job.seed, job.number
     duration = (job.samples - 1) * KEY_PERIOD_US / 1e6
     sim = simulate_scene(n, seed, duration, margin=SENSOR_MARGIN_S)
-    ego = sim.builder.movers[0]
-    parent_tracks = mover_tracks(sim.builder.movers, sim.S, sim.V, sim.A)
-    plans, family = [], [parent_tracks]
-    for candidates in (cf.plan(sim, job.samples, job.branch_points, job.branch_frames, seed) if job.branches else []):
-        end = (candidates[0].frame + job.branch_frames) * KEY_PERIOD_US / 1e6 + SENSOR_MARGIN_S
-        for br, tracks in cf.grow(sim, parent_tracks, candidates, job.branches, end):
-            plans.append(br)
-            family.append(tracks)
-    paths = [ego.path.piece(ego.s0, ego.path.length, 10.0)] + [br.path.piece(0, br.path.length, 10.0)
-                                                              for br in plans if br.path is not None]
+    plans, family, paths = cf.family(sim, job.samples, seed, job.branches, job.branch_points, job.branch_frames)
     worlds = place(sim, family, paths)
     for br, w in zip(plans, worlds[1:]):
         cf.finish(w, sim, br)
@@ -160,16 +150,11 @@ def write_scene(job: SceneJob) -> dict:
     stats["files"] += 1
     stats["bytes"] += len(buf.getvalue())
     location = f"synth-{scenario(n)['layout'].split('_')[0]}"
-    streams = np.random.SeedSequence([seed, n, 2]).spawn(3)
-    rng_trigger = np.random.default_rng(np.random.SeedSequence([seed, n, 3]))
-    parent = _render_scene(job, world, job.samples, [np.random.default_rng(st) for st in streams], rng_trigger,
-                           tok, tables, stats, location)
+    parent = _render_scene(job, world, job.samples, SensorNoise([seed, n, 2]), tok, tables, stats, location)
     logs = [parent["log"]]
     for br, w in zip(plans, worlds[1:]):
-        rngs = [np.random.default_rng(st)
-                for st in np.random.SeedSequence([seed, n, 6, br.frame, br.index]).spawn(3)]
-        r = _render_scene(job, w, br.frame + 1 + job.branch_frames, rngs, None, tok, tables, stats, location,
-                          reuse=(parent, br.frame))
+        r = _render_scene(job, w, br.frame + 1 + job.branch_frames, SensorNoise([seed, n, 6, br.frame, br.index]),
+                          tok, tables, stats, location, reuse=(parent, br.frame))
         logs.append(r["log"])
     tables["map"].append(dict(token=map_token, log_tokens=logs, category="semantic_prior", filename=map_file))
     stats["seconds"] = time.time() - t0
@@ -177,20 +162,20 @@ def write_scene(job: SceneJob) -> dict:
                 branches={w.name: w.tags for w in worlds[1:]})
 
 
-def _render_scene(job: SceneJob, world, samples: int, rngs: list, rng_trigger, tok, tables: dict, stats: dict,
-                  location: str, reuse=None) -> dict:
-    """Write the sensor files and records of one scene. ``reuse`` = (the parent's result, branch frame) makes a
-    counterfactual branch: every sample_data of key frames up to the branch frame points at the parent's file and
-    repeats its ego pose (the bytes are the parent's), later ones are rendered from ``world`` at the parent's sensor
-    times. Returns the scene's log token, its sensor times and its key-frame point clouds (for its branches)."""
+def _render_scene(job: SceneJob, world, samples: int, noise, tok, tables: dict, stats: dict, location: str,
+                  reuse=None) -> dict:
+    """Write the sensor files and records of one scene (``noise``: its readings' random streams, sensors.py).
+    ``reuse`` = (the parent's result, branch frame) makes a counterfactual branch: every sample_data of key frames
+    up to the branch frame points at the parent's file and repeats its ego pose (the bytes are the parent's), later
+    ones are rendered from ``world`` at the parent's sensor times. Returns the scene's log token, its sensor times and
+    its key-frame point clouds (for its branches)."""
     from scipy.spatial import cKDTree
 
-    from drivejepa.data.synth import camera, lidar, radar
-    from drivejepa.data.synth.tables import quaternion_matrix, quaternion_yaw, visibility_token
+    from drivejepa.data.synth import camera, lidar, radar, sensors
+    from drivejepa.data.synth.tables import quaternion_yaw, visibility_token
 
     out = Path(job.out)
     name = world.name
-    rng_lidar, rng_radar, rng_cam = rngs
     shared = -1 if reuse is None else reuse[1]
     base = None if reuse is None else reuse[0]
 
@@ -201,7 +186,7 @@ def _render_scene(job: SceneJob, world, samples: int, rngs: list, rng_trigger, t
 
     log_token, scene_token = tok("log", name), tok("scene", name)
     logfile = f"synth-s{job.seed}-{name}"
-    start = START_US + (job.number - 1) * 3_600_000_000
+    start = scene_start_us(job.number)
     sample_tokens = [tok("sample", name, i) for i in range(samples)]
     tables["log"].append(dict(token=log_token, logfile=logfile, vehicle="synth-ego", date_captured="2018-08-01",
                               location=location))
@@ -217,31 +202,25 @@ def _render_scene(job: SceneJob, world, samples: int, rngs: list, rng_trigger, t
     W, H = job.image_size
     calib: dict[str, dict] = {}
     for ch, modality in _sensors(job.cameras):
-        if modality == "camera":
-            tr, rot, intr = camera.CAMERAS[ch][0], quaternion_matrix(camera.rotation(ch)), \
-                camera.intrinsics(ch, W, H).tolist()
-        elif modality == "radar":
-            tr, rot, intr = radar.RADARS[ch][0], quaternion_yaw(np.radians(radar.RADARS[ch][1])), []
-        else:
-            tr, rot, intr = lidar.TRANSLATION, quaternion_yaw(lidar.YAW), []
+        tr, rot, intr = sensors.calibration(ch, (W, H))
         calib[ch] = dict(token=tok("calibrated_sensor", name, ch), sensor_token=tok("sensor", ch),
-                         translation=[float(v) for v in tr], rotation=rot, camera_intrinsic=intr)
+                         translation=tr, rotation=rot, camera_intrinsic=intr)
         tables["calibrated_sensor"].append(calib[ch])
 
     key_lidar: dict[int, tuple] = {}
     key_radar: dict[int, list] = {}
     written: dict[tuple, tuple] = {}                 # (channel, frame index) -> (offset, file, pose)
-    renderer = camera.Renderer(world, W, H, rng_cam) if job.cameras else None
+    renderer = camera.Renderer(world, W, H, noise.camera_bank()) if job.cameras else None
     dirs = lidar.sensor_directions()
     for ch, modality in _sensors(job.cameras):
         frames = _frame_times(samples, SWEEP_PERIOD_US[modality], job.sweeps)
         sd_tokens = [tok("sample_data", name, ch, off) for off, _, _ in frames]
-        for j, (off, si, key) in enumerate(frames):
+        for j, (nominal, si, key) in enumerate(frames):
+            off = nominal
             if base is not None:                # a branch fires its sensors when the parent's did
                 off = base["written"][ch, j][0]
             elif modality == "camera":          # each camera fires at its own time around the lidar sweep
-                off += camera.trigger_offset_us(ch) + int(rng_trigger.integers(-camera.TRIGGER_JITTER_US,
-                                                                                camera.TRIGGER_JITTER_US + 1))
+                off = sensors.camera_offset_us(job.seed, job.number, ch, nominal)
             ts = start + off
             t = off / 1e6
             if si <= shared:
@@ -254,15 +233,14 @@ def _render_scene(job: SceneJob, world, samples: int, rngs: list, rng_trigger, t
                     key_radar.setdefault(si, []).extend(r for r in base["key_radar"][si] if r[1]["channel"] == ch)
             else:
                 xy, yaw, _ = world.ego_pose(t)
-                pose = _pose_record(tok("ego_pose", name, ch, off), ts, xy, yaw)
+                pose = sensors.pose_record(tok("ego_pose", name, ch, off), ts, xy, yaw)
                 tables["ego_pose"].append(pose)
                 ext = {"camera": ".jpg", "radar": ".pcd", "lidar": ".pcd.bin"}[modality]
                 rel = f"{'samples' if key else 'sweeps'}/{ch}/{logfile}__{ch}__{ts}{ext}"
-                if modality == "camera":
-                    write(rel, camera.encode_jpeg(renderer.render(ch, t)))
-                elif modality == "radar":
-                    pts = radar.scan(world, t, ch, rng_radar)
-                    write(rel, radar.encode_pcd(pts))
+                data, rendered = sensors.render(world, ch, t, noise.reading(ch, nominal), renderer, dirs)
+                write(rel, data)
+                if modality == "radar":
+                    pts = rendered
                     if key:
                         ok = (pts["invalid_state"] == 0) & (pts["dyn_prop"] < 7) & (pts["ambig_state"] == 3)
                         xyz = np.stack([pts["x"][ok], pts["y"][ok], pts["z"][ok]]).astype(np.float64)
@@ -270,9 +248,8 @@ def _render_scene(job: SceneJob, world, samples: int, rngs: list, rng_trigger, t
                         gxy = o[:2, None] + np.array([[np.cos(psi), -np.sin(psi)],
                                                       [np.sin(psi), np.cos(psi)]]) @ xyz[:2]
                         key_radar.setdefault(si, []).append((pose, dict(calib[ch], channel=ch), xyz, gxy))
-                else:
-                    pts, _, vis = lidar.scan(world, t, rng_lidar, dirs)
-                    write(rel, pts.tobytes())
+                elif modality == "lidar":
+                    pts, _, vis = rendered
                     if key:
                         xyz = pts[:, :3].T
                         key_lidar[si] = (pose, calib[ch], xyz, vis, cKDTree(pts[:, :3].astype(np.float64)))

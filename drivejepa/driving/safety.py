@@ -1,0 +1,92 @@
+"""What the closed loop checks about the ego at a simulation step: box overlap with another agent, the drivable area,
+and the time to collision.
+
+Boxes are the agents' annotation boxes (length and width of ``World.agents[i]["size"]``, centred on the agent's
+position, along its heading). The overlap test is the separating-axis one of the synthetic world's branches
+(``data/synth/branches.py``), imported here once for the whole driving package.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from drivejepa.data.synth.branches import _boxes_overlap as boxes_overlap
+from drivejepa.data.synth.materials import MARKING, ROAD
+from drivejepa.data.synth.world import MAP_RESOLUTION
+
+DRIVABLE = (ROAD, MARKING)          # asphalt: lanes, shoulders, parking lots and their markings
+NEAR = 12.0                         # metres: agents farther than this from the ego cannot touch it this step
+TTC_STEP = 0.1                      # seconds between the constant-velocity look-ahead samples
+
+
+def agent_lw(world) -> np.ndarray:
+    """[A, 2] length and width of every agent's box."""
+    return np.array([(a["size"][1], a["size"][0]) for a in world.agents], dtype=np.float64)
+
+
+def collision(world, k: int, lw: Optional[np.ndarray] = None) -> Optional[int]:
+    """The agent whose box overlaps the ego's at simulation step ``k`` (the nearest if several), or None."""
+    lw = agent_lw(world) if lw is None else lw
+    e = world.ego_index
+    xy, yaw, active = world.agent_xy[k], world.agent_yaw[k], world.agent_active[k]
+    dist = np.hypot(*(xy - xy[e]).T)
+    near = active & (dist < NEAR)
+    near[e] = False
+    for i in np.flatnonzero(near)[np.argsort(dist[near])]:
+        if boxes_overlap(xy[e], yaw[e], lw[e], xy[i], yaw[i], lw[i]):
+            return int(i)
+    return None
+
+
+def ego_corners(xy, yaw: float, lw) -> np.ndarray:
+    """[4, 2] corners of a box of length and width ``lw`` at ``xy`` heading ``yaw``."""
+    u = np.array([np.cos(yaw), np.sin(yaw)])
+    n = np.array([-u[1], u[0]])
+    return np.array([np.asarray(xy) + sx * lw[0] / 2 * u + sy * lw[1] / 2 * n for sx in (-1, 1) for sy in (-1, 1)])
+
+
+def drivable(world, points: np.ndarray) -> np.ndarray:
+    """[N] whether each global (x, y) point lies on asphalt (the world's material grid, 0.1 m cells)."""
+    grid = world.material_grid
+    H, W = grid.shape
+    points = np.atleast_2d(points)
+    col = np.floor(points[:, 0] / MAP_RESOLUTION).astype(np.int64)
+    row = np.floor(H - points[:, 1] / MAP_RESOLUTION).astype(np.int64)
+    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    out = np.zeros(len(points), dtype=bool)
+    out[inside] = np.isin(grid[row[inside], col[inside]], DRIVABLE)
+    return out
+
+
+def road_state(world, k: int, lw: np.ndarray) -> tuple[bool, bool]:
+    """(any corner of the ego's box off the drivable area, the ego's centre off it) at step ``k``."""
+    e = world.ego_index
+    xy, yaw = world.agent_xy[k, e], float(world.agent_yaw[k, e])
+    ok = drivable(world, np.concatenate([ego_corners(xy, yaw, lw[e]), xy[None]]))
+    return bool(not ok[:4].all()), bool(not ok[4])
+
+
+def time_to_collision(world, k: int, lw: np.ndarray, horizon: float) -> float:
+    """Seconds until the ego's box would first overlap another agent's if both kept their velocity and heading
+    from step ``k`` (sampled every TTC_STEP up to ``horizon``); inf when none would within the horizon. An
+    overlap now is 0."""
+    e = world.ego_index
+    xy, yaw, speed, active = (world.agent_xy[k], world.agent_yaw[k], world.agent_speed[k], world.agent_active[k])
+    vel = np.stack([np.cos(yaw), np.sin(yaw)], axis=1) * speed[:, None]
+    taus = np.arange(0.0, horizon + 1e-9, TTC_STEP)
+    radius = np.hypot(lw[:, 0], lw[:, 1]) / 2
+    reach = np.hypot(*(xy - xy[e]).T) - np.hypot(*(vel - vel[e]).T) * horizon - radius - radius[e]
+    candidates = np.flatnonzero(active & (reach < 0.0))
+    candidates = candidates[candidates != e]
+    if not len(candidates):
+        return float("inf")
+    rel = (xy[candidates] - xy[e])[:, None] + (vel[candidates] - vel[e])[:, None] * taus[None, :, None]   # [C, T, 2]
+    close = np.hypot(rel[..., 0], rel[..., 1]) < (radius[candidates] + radius[e])[:, None]
+    for t in np.flatnonzero(close.any(axis=0)):
+        pe = xy[e] + vel[e] * taus[t]
+        for c in np.flatnonzero(close[:, t]):
+            i = candidates[c]
+            if boxes_overlap(pe, yaw[e], lw[e], xy[i] + vel[i] * taus[t], yaw[i], lw[i]):
+                return float(taus[t])
+    return float("inf")

@@ -1,0 +1,199 @@
+"""Closed-loop driving in the synthetic world: the simulator, the drivers, the metrics (drivejepa/driving/)."""
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BRANCH_FRAMES
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES, SIZE = 12, (320, 180)          # the session world of conftest.synth_root
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    from drivejepa.config import PreprocessConfig, load_config
+
+    return load_config(PreprocessConfig, REPO / "tests/data/preprocess_tiny.yaml")
+
+
+def _run(number, driver, cfg, start=1, steps=0, **world):
+    from drivejepa.driving.simulator import ClosedLoop, Scenario
+
+    world = {"samples": SAMPLES, "image_size": SIZE, **world}
+    loop = ClosedLoop(Scenario(number, seed=0, start=start, steps=steps, **world), cfg)
+    try:
+        return loop.run(driver)
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("shards, world", [
+    ("shard_dir", {}),
+    ("branch_shards", {"image_size": (96, 54), "branches": 5, "branch_frames": BRANCH_FRAMES}),
+], ids=["plain world", "world with branches"])
+def test_expert_reproduces_the_logged_scene(request, shards, world, tiny_cfg):
+    """Driven by the expert, the closed loop is the scene `drivejepa synth` wrote: every agent's pose, speed and
+    presence at every 20 Hz step, and every sensor array of every key frame as preprocessing made it (also in a
+    world whose scenes have counterfactual branches, which share the scene's map and global frame)."""
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.data.synth.branches import family
+    from drivejepa.data.synth.world import place, simulate_scene
+    from drivejepa.driving.drivers import Expert
+
+    loop = _run(2, Expert(), tiny_cfg, **world)
+    assert loop.end_reason == "end" and len(loop.frames) == SAMPLES
+    sim = simulate_scene(2, 0, (SAMPLES - 1) * 0.5, margin=0.05)
+    branches = (world.get("branches", 0), 1, world.get("branch_frames", 8))
+    _, tracks, paths = family(sim, SAMPLES, 0, *branches)
+    logged = place(sim, tracks, paths)[0]
+    w = loop.world
+    assert w.steps == logged.steps
+    for key in ("agent_xy", "agent_yaw", "agent_speed", "agent_active"):
+        assert np.array_equal(getattr(w, key), getattr(logged, key)), key
+    shard = read_shard(shard_path(request.getfixturevalue(shards), "scene-0002"))
+    for key in loop.frames[0]:
+        observed = np.stack([f[key] for f in loop.frames])
+        assert observed.dtype == shard.arrays[key].dtype, key
+        assert np.array_equal(observed, shard.arrays[key]), key
+    assert np.array_equal(loop.observer.intrinsics(), shard.arrays["cam_intrinsics"])
+    assert np.array_equal(loop.realised_actions(), shard.arrays["actions"][:SAMPLES - 1])
+
+
+def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(tiny_cfg):
+    """Scene 4 (congestion): the leader slows down; repeating the last action drives into it, the IDM expert
+    keeps its distance."""
+    from drivejepa.driving import motion
+    from drivejepa.driving.drivers import ConstantVelocity, Expert
+    from drivejepa.driving.metrics import scenario_metrics
+
+    cv = _run(4, ConstantVelocity(), tiny_cfg, start=2)
+    expert = _run(4, Expert(), tiny_cfg, start=2)
+    assert cv.end_reason == "collision"
+    w, k, other = cv.world, cv.end_step, cv.collision_agent
+    ego = (w.agent_xy[k, 0, 0], w.agent_xy[k, 0, 1], w.agent_yaw[k, 0])
+    rel = motion.relative(ego, (w.agent_xy[k, other, 0], w.agent_xy[k, other, 1], w.agent_yaw[k, other]))
+    assert rel[0] > 2.0 and abs(rel[1]) < 1.0 and abs(rel[2]) < 0.3       # it was ahead, in the ego's lane
+    assert w.agent_speed[k, other] < w.agent_speed[k, 0]                    # and slower
+    m_cv, m_expert = scenario_metrics(cv), scenario_metrics(expert)
+    assert expert.end_reason == "end" and not m_expert["collision"] and m_cv["collision"]
+    assert m_cv["min_ttc_s"] == 0.0 and m_expert["min_ttc_s"] > 1.0
+
+
+def test_a_commanded_action_is_what_the_ego_does(tiny_cfg):
+    """A planner given as a plain callable drives: braking makes the ego travel less than the expert, and the
+    motion between key frames is the commanded one."""
+    from drivejepa.driving.drivers import CallableDriver, Expert, window
+    from drivejepa.driving.metrics import path_length
+
+    commanded = []
+
+    def brake(history, status, command):
+        assert command in ("left", "straight", "right") and len(history) >= 3
+        w = window(history, status, 3)                   # what a model-based planner would stack
+        assert w["lidar"].shape == (3, 1024, 5) and w["images"].shape == (3, 1, 64, 112, 3)
+        assert np.array_equal(w["actions"][:2], status.past_actions[-2:]) and w["action_valid"].tolist() == [
+            True, True, False]
+        last = status.past_actions[-1]
+        action = np.array([0.5 * last[0], 0.5 * last[1], 0.5 * last[2], 0.5 * last[3], 0.5 * last[4]])
+        commanded.append(action)
+        return action
+
+    steps = 3
+    braked = _run(2, CallableDriver("brake", brake), tiny_cfg, start=2, steps=steps)
+    expert = _run(2, Expert(), tiny_cfg, start=2, steps=steps)
+    k0, k1 = braked.key_step(2), braked.key_step(2 + steps)
+    assert len(commanded) == steps and braked.end_reason == "end"
+    assert path_length(braked.ego_local[k0:k1 + 1, :2]) < 0.8 * path_length(expert.ego_local[k0:k1 + 1, :2])
+    realised = braked.realised_actions()[2:2 + steps]
+    assert np.allclose(realised[:, :3], np.array(commanded)[:, :3], atol=1e-4)
+
+
+def test_metrics_of_a_hand_made_trajectory():
+    from drivejepa.data.synth.geometry import Path as RoutePath
+    from drivejepa.driving import safety
+    from drivejepa.driving.metrics import jerk, path_length, per_km, route_progress, summarise
+
+    assert jerk([0.0, 1.0, 3.0, 6.0], 0.5) == (4.0, 4.0)          # accel 2, 4, 6 m/s^2: jerk 4 m/s^3
+    assert jerk([5.0, 5.0], 0.5) == (None, None)
+    route = RoutePath(np.array([[0.0, 0.0], [50.0, 0.0], [50.0, 50.0]]))
+    assert route_progress(route, (10.0, 1.0), (40.0, -2.0)) == pytest.approx(30.0)
+    assert route_progress(route, (10.0, 0.0), (52.0, 20.0)) == pytest.approx(60.0)   # round the corner
+    assert path_length(np.array([[0.0, 0.0], [3.0, 4.0], [3.0, 10.0]])) == pytest.approx(11.0)
+    assert per_km(3, 1500.0) == pytest.approx(2.0) and per_km(0, 0.0) is None
+    # time to collision: the ego at 10 m/s towards a car standing 30 m ahead (both 4 m long): 26 m of gap, 2.6 s
+    world = types.SimpleNamespace(ego_index=0, agent_xy=np.array([[[0.0, 0.0], [30.0, 0.5]]]),
+                                  agent_yaw=np.zeros((1, 2)), agent_speed=np.array([[10.0, 0.0]]),
+                                  agent_active=np.ones((1, 2), bool))
+    lw = np.array([[4.0, 2.0], [4.0, 2.0]])
+    assert safety.time_to_collision(world, 0, lw, 3.0) == pytest.approx(2.6)
+    assert safety.time_to_collision(world, 0, lw, 2.0) == float("inf")
+    world.agent_xy[0, 1] = (3.9, 1.9)                              # corners touching: a collision now
+    assert safety.time_to_collision(world, 0, lw, 3.0) == 0.0
+    runs = [dict(driver="a", distance_m=1500.0, collision=True, end="collision", progress=0.5, off_drivable_s=0.0,
+                 off_road=False, min_ttc_s=0.0, jerk_mean=1.0, driver_ms=2.0, observe_ms=10.0),
+            dict(driver="a", distance_m=500.0, collision=False, end="end", progress=1.0, off_drivable_s=1.0,
+                 off_road=False, min_ttc_s=None, jerk_mean=3.0, driver_ms=4.0, observe_ms=10.0)]
+    s = summarise(runs)["a"]
+    assert (s["runs"], s["collisions"], s["collision_rate"], s["collisions_per_km"]) == (2, 1, 0.5, 0.5)
+    assert (s["progress_mean"], s["jerk_mean"], s["min_ttc_s"], s["completed"]) == (0.75, 2.0, 0.0, 1)
+
+
+TINY = ["samples_per_scene=12", "image_size=[320,180]", "scenes=[scene-0004]", "observation.cameras=[CAM_FRONT]",
+        "observation.image_size=[112,64]", "observation.lidar_points=1024", "observation.radar_points=64"]
+
+
+def test_drive_command_compares_drivers_on_the_same_scenarios_and_resumes(tmp_path, ray_session, capsys):
+    import json
+
+    from drivejepa.cli import main
+
+    out = tmp_path / "drive"
+    args = ["drive", "--out", str(out), "--no-progress", *TINY, "steps=2"]
+    assert main(args) == 0
+    shown = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert [(r["scenario"], r["driver"], r["decisions"]) for r in m["runs"]] == [
+        ("scene-0004", "expert", 2), ("scene-0004", "constant_velocity", 2)]
+    expert = m["runs"][0]
+    assert expert["progress"] == pytest.approx(1.0, abs=1e-6) and not expert["collision"]
+    plotted = json.loads((out / "drive.json").read_text())
+    assert plotted["series"]["progress"]["constant_velocity"]["scene-0004"] == m["runs"][1]["progress"]
+    assert (out / "drive.png").stat().st_size > 0
+    assert all(name in shown for name in ("expert", "constant_velocity", "simulator:"))
+    assert main(args) == 0                                            # a rerun of the same config resumes
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["provenance"]["runs_now"] == 0 and again["runs"] == m["runs"]
+
+
+def test_drive_refuses_an_unknown_driver_in_one_line(tmp_path, capsys):
+    from drivejepa.cli import main
+
+    code = main(["drive", "--out", str(tmp_path / "d"), "--num-workers", "0", *TINY,
+                 "drivers=[{name: mine, kind: planner}]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "mine" in err[0] and "planner" in err[0]
+    assert not (tmp_path / "d" / "metrics.json").exists()
+
+
+def test_drive_render_writes_a_view_per_key_frame_and_a_gif(tmp_path):
+    from drivejepa.config import DriveConfig, load_config
+    from drivejepa.driving.runner import drive
+    from drivejepa.visualization.headless import probe_rendering
+
+    support = probe_rendering()
+    if not support.ok:
+        pytest.skip(support.message)
+    cfg = load_config(DriveConfig, REPO / "eval/drive.yaml", [*TINY, "steps=2", "render_size=[160,120]",
+                                                               "drivers=[{name: expert, kind: expert}]"])
+    metrics = drive(cfg, tmp_path / "d", render=True, num_workers=0, progress=False)
+    files = metrics["rendered"]["runs"]["scene-0004__expert"]
+    assert files == ["render/scene-0004__expert/step_02.png", "render/scene-0004__expert/step_03.png",
+                     "render/scene-0004__expert/run.gif"]
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "d" / files[0]).convert("RGB"))
+    assert img.shape[1] == 160 and img.std() > 5                      # a drawn scene, not a blank frame
