@@ -2,8 +2,8 @@
 and the time to collision.
 
 Boxes are the agents' annotation boxes (length and width of ``World.agents[i]["size"]``, centred on the agent's
-position, along its heading). The overlap test is the separating-axis one of the synthetic world's branches
-(``data/synth/branches.py``), imported here once for the whole driving package.
+position, along its heading). The overlap test is the project's one (``drivejepa/boxes.py``), which the branches,
+the planner's costs and the open-loop collision rate use too.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from drivejepa.data.synth.branches import _boxes_overlap as boxes_overlap
+from drivejepa import boxes
 from drivejepa.data.synth.materials import MARKING, ROAD
 from drivejepa.data.synth.world import MAP_RESOLUTION
 
@@ -23,6 +23,11 @@ TTC_STEP = 0.1                      # seconds between the constant-velocity look
 def agent_lw(world) -> np.ndarray:
     """[A, 2] length and width of every agent's box."""
     return np.array([(a["size"][1], a["size"][0]) for a in world.agents], dtype=np.float64)
+
+
+def boxes_overlap(xy_a, yaw_a, lw_a, xy_b, yaw_b, lw_b) -> bool:
+    """Whether two planar boxes (centre, heading, (length, width)) overlap."""
+    return bool(boxes.boxes_overlap(np.r_[xy_a, yaw_a, lw_a], np.r_[xy_b, yaw_b, lw_b]))
 
 
 def collision(world, k: int, lw: Optional[np.ndarray] = None) -> Optional[int]:

@@ -31,8 +31,6 @@ from drivejepa.artifacts import artifact_path, find_artifact, load_artifact, mod
 from drivejepa.latent_space import layer_norm
 from drivejepa.evaluation.probes import grid_centers, iou, occupancy_grid
 
-log = logging.getLogger(__name__)
-
 FORMAT = 2                       # 2: decodes token grids (1: one vector per frame)
 CHANNELS = ("density", "height", "agents")
 
