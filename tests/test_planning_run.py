@@ -2,16 +2,12 @@
 calls, the ``plan`` verb, the evaluation's planning section and ``bench plan``."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from drivejepa.config import ModelConfig, PlanConfig
-
-pytestmark = pytest.mark.skipif("bev_size" not in {f.name for f in dataclasses.fields(ModelConfig)},
-                                reason="the planner reads bird's-eye grid states (issue 15's model, not on main yet)")
+from drivejepa.config import PlanConfig
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +75,25 @@ def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard
                      "--out", str(out), "optimizer.candidates=8", "optimizer.iterations=1"]) == 0
     bench = json.loads(out.read_text())
     assert bench["decision_ms"] > 0 and bench["encode_ms"] > 0 and bench["rollouts_per_decision"] == 10
+
+
+def test_planners_drive_the_closed_loop(smoke_run, shard_dir, tmp_path):
+    """The world-model planner and the ego-status MLP drive ``drivejepa drive`` through the factory mechanism: each
+    decides every key frame from what the simulator rendered (and the route command), and the run is scored."""
+    from drivejepa.config import DriveConfig, DriverSpec, load_config
+    from drivejepa.driving.runner import drive
+
+    from test_driving import REPO, TINY
+
+    ckpt = str(smoke_run / "checkpoints" / "last.pt")
+    small = ["device=cpu", "optimizer.candidates=8", "optimizer.iterations=2", "heads.steps=60", "ego_mlp.steps=60"]
+    cfg = load_config(DriveConfig, REPO / "eval/drive.yaml", [*TINY, "steps=2"])
+    cfg.drivers = [DriverSpec(name, "factory", f"drivejepa.planning.drivers:{name}",
+                              {"checkpoint": ckpt, "shards": str(shard_dir), "overrides": small})
+                   for name in ("world_model", "ego_mlp")]
+    metrics = drive(cfg, tmp_path / "d", num_workers=0, progress=False)
+    runs = {r["driver"]: r for r in metrics["runs"]}
+    assert set(runs) == {"world_model", "ego_mlp"}
+    for run in runs.values():
+        assert run["decisions"] == 2 and run["distance_m"] > 0
+    assert metrics["drivers"]["world_model"]["driver_ms"] > 0

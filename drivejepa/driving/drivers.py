@@ -46,11 +46,12 @@ class Action:
 @dataclasses.dataclass
 class RunInfo:
     """What a driver learns when a scenario starts. ``simulator`` is the ClosedLoop itself, given only to a driver
-    whose ``privileged`` attribute is true."""
+    whose ``privileged`` attribute is true; ``intrinsics`` gives the calibration a model needs with the frames."""
     scenario: Any
     cameras: list
     key_period: float
     simulator: Any = None
+    intrinsics: Any = None      # () -> [C, 3, 3] the cameras' intrinsics as the shard stores them (once rendered)
 
 
 class Driver(Protocol):

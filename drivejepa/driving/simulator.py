@@ -245,7 +245,8 @@ class ClosedLoop:
 
         sc = self.scenario
         driver.reset(RunInfo(scenario=sc, cameras=list(self.cfg.cameras), key_period=KEY_PERIOD_S,
-                             simulator=self if getattr(driver, "privileged", False) else None))
+                             simulator=self if getattr(driver, "privileged", False) else None,
+                             intrinsics=self.observer.intrinsics))
         # the logged scene up to the take-over: the ego on its route, each key frame observed when complete
         for frame in range(sc.start + 1):
             while self.k < self.key_step(frame) + 1:
