@@ -445,7 +445,7 @@ class EgoMLPConfig:
 class RecoveryConfig:
     """Action recovery and its energy landscape (planning/recovery.py)."""
     seconds: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0])
-    max_windows: int = 4                              # of the evaluation's planned windows, factual and branch
+    max_windows: int = 2                              # of the evaluation's planned windows, factual and branch
                                                       # each (seeded choice); 0 = every planned one
     candidates: int = 64
     iterations: int = 4
@@ -470,7 +470,7 @@ class PlanConfig:
     command_seconds: float = 3.0
     reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = keep the current speed
     min_reference_speed: float = 2.0                  # ... but at least this (a stopped ego moves on)
-    eval_windows: int = 16                            # evaluate --plan-config: windows planned, factual and branch
+    eval_windows: int = 4                             # evaluate --plan-config: windows planned, factual and branch
                                                       # each (seeded choice over the evaluated scenes); 0 = all
     agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
         "car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle", "bicycle"])

@@ -89,7 +89,7 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"a stand-in checkpoint")
-    cfg = PlanConfig(device="cpu")
+    cfg = PlanConfig(device="cpu", eval_windows=0)                        # every window of the scene
     cfg.optimizer.candidates, cfg.optimizer.iterations = 16, 2
     cfg.recovery.candidates, cfg.recovery.iterations, cfg.recovery.max_windows = 8, 1, 3
     cfg.recovery.gradient_steps = 2
