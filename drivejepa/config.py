@@ -445,7 +445,8 @@ class EgoMLPConfig:
 class RecoveryConfig:
     """Action recovery and its energy landscape (planning/recovery.py)."""
     seconds: list[float] = dataclasses.field(default_factory=lambda: [1.0, 2.0, 3.0])
-    max_windows: int = 48                             # factual and branch windows each (seeded choice); 0 = all
+    max_windows: int = 2                              # of the evaluation's planned windows, factual and branch
+                                                      # each (seeded choice); 0 = every planned one
     candidates: int = 64
     iterations: int = 4
     gradient_steps: int = 50                          # then Adam on the controls through the model (0 = CEM only)
@@ -469,6 +470,8 @@ class PlanConfig:
     command_seconds: float = 3.0
     reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = keep the current speed
     min_reference_speed: float = 2.0                  # ... but at least this (a stopped ego moves on)
+    eval_windows: int = 4                             # evaluate --plan-config: windows planned, factual and branch
+                                                      # each (seeded choice over the evaluated scenes); 0 = all
     agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
         "car", "truck", "bus", "trailer", "construction_vehicle", "pedestrian", "motorcycle", "bicycle"])
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
@@ -600,7 +603,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _at_least(cfg, "", source, 1, "horizon")
         for key in ("frame_seconds", "ego_length", "ego_width", "command_threshold", "command_seconds"):
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")
-        _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed")
+        _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows")
         _at_least(o, "optimizer.", source, 1, "candidates", "iterations", "elites")
         _require(o.elites <= o.candidates, source, "optimizer.elites", o.elites,
                  f"must be at most optimizer.candidates = {o.candidates}")

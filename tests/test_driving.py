@@ -66,16 +66,16 @@ def test_expert_reproduces_the_logged_scene(request, shards, world, tiny_cfg):
 def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(tiny_cfg):
     """Scene 4 (congestion): the leader slows down; repeating the last action drives into it, the IDM expert
     keeps its distance."""
-    from drivejepa.driving import motion
     from drivejepa.driving.drivers import ConstantVelocity, Expert
     from drivejepa.driving.metrics import scenario_metrics
+    from drivejepa.planning.motion import relative
 
     cv = _run(4, ConstantVelocity(), tiny_cfg, start=2)
     expert = _run(4, Expert(), tiny_cfg, start=2)
     assert cv.end_reason == "collision"
     w, k, other = cv.world, cv.end_step, cv.collision_agent
     ego = (w.agent_xy[k, 0, 0], w.agent_xy[k, 0, 1], w.agent_yaw[k, 0])
-    rel = motion.relative(ego, (w.agent_xy[k, other, 0], w.agent_xy[k, other, 1], w.agent_yaw[k, other]))
+    rel = relative(ego, (w.agent_xy[k, other, 0], w.agent_xy[k, other, 1], w.agent_yaw[k, other]))
     assert rel[0] > 2.0 and abs(rel[1]) < 1.0 and abs(rel[2]) < 0.3       # it was ahead, in the ego's lane
     assert w.agent_speed[k, other] < w.agent_speed[k, 0]                    # and slower
     m_cv, m_expert = scenario_metrics(cv), scenario_metrics(expert)

@@ -10,7 +10,8 @@ import torch
 
 from drivejepa.boxes import boxes_overlap, ego_boxes
 from drivejepa.config import OptimizerConfig, PlanConfig
-from drivejepa.planning.motion import (constant_velocity_controls, controls_to_actions, feasible, integrate)
+from drivejepa.planning.motion import (compose, constant_velocity_controls, controls_to_actions, feasible,
+                                      integrate)
 
 
 @pytest.fixture
@@ -181,8 +182,7 @@ def test_planner_with_an_oracle_cost_avoids_a_stopped_car_that_constant_velocity
         hits = []
         for _ in range(steps):
             action = choose(pose, history)
-            c, s = np.cos(pose[2]), np.sin(pose[2])
-            pose = pose + [c * action[0] - s * action[1], s * action[0] + c * action[1], action[2]]
+            pose = compose(pose, action)
             history.append(action)
             hits.append(bool(boxes_overlap(ego_boxes(pose, cfg.ego_length, cfg.ego_width), stopped)))
         return pose, hits

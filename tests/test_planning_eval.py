@@ -89,7 +89,7 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"a stand-in checkpoint")
-    cfg = PlanConfig(device="cpu")
+    cfg = PlanConfig(device="cpu", eval_windows=0)                        # every window of the scene
     cfg.optimizer.candidates, cfg.optimizer.iterations = 16, 2
     cfg.recovery.candidates, cfg.recovery.iterations, cfg.recovery.max_windows = 8, 1, 3
     cfg.recovery.gradient_steps = 2
@@ -115,6 +115,11 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     assert (tmp_path / "eval" / section["landscape"]["png"]).is_file()
     report = format_planning(section)
     assert "(UniAD)" in report and "ST-P3" in report and "world model" in report
+    cfg.eval_windows = 2                      # the knob that keeps the section cheap: a seeded choice of windows
+    few = planning_metrics(LidarGridModel(), train_cfg, ckpt, shard_dir, ["scene-0003"], cfg, tmp_path / "few",
+                           progress=False)
+    assert few["windows"] == 2 and few["windows_available"] == 5 and section["windows_available"] == 5
+    assert few["action_recovery"]["factual"]["windows"] == 2
 
 
 def test_plan_command_replays_a_logged_scene(shard_dir, tmp_path, monkeypatch, grid_distance, capsys):

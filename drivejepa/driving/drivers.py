@@ -118,6 +118,7 @@ class Expert:
         from drivejepa.data.synth.traffic import DT
         from drivejepa.driving import motion
         from drivejepa.driving.simulator import KEY_PERIOD_S, KEY_STEPS
+        from drivejepa.planning.motion import relative
 
         sim = self.sim
         fork = sim.traffic.copy()
@@ -126,7 +127,7 @@ class Expert:
         for _ in range(int(round(self.PLAN_S / DT)) - 1):
             fork.step()
             x, y, h = sim.route.at(min(fork.s[0], sim.route.length))
-            plan.append(motion.relative(key, (x, y, h)))
+            plan.append(relative(key, (x, y, h)))
         plan = np.array(plan)
         return Action(motion.action_from_relative(plan[KEY_STEPS - 2], KEY_PERIOD_S), plan=plan, route=True)
 

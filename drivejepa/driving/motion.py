@@ -10,25 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def compose(pose, motion) -> np.ndarray:
-    """The pose reached from ``pose`` (x, y, yaw) by ``motion`` (dx, dy, dyaw in ``pose``'s frame)."""
-    x, y, yaw = (float(v) for v in pose[:3])
-    dx, dy, dyaw = (float(v) for v in motion[:3])
-    c, s = np.cos(yaw), np.sin(yaw)
-    return np.array([x + c * dx - s * dy, y + s * dx + c * dy, yaw + dyaw])
-
-
-def relative(pose_a, pose_b) -> np.ndarray:
-    """(dx, dy, dyaw) of ``pose_b`` in ``pose_a``'s frame (dyaw wrapped to (-pi, pi])."""
-    dx, dy = float(pose_b[0]) - float(pose_a[0]), float(pose_b[1]) - float(pose_a[1])
-    c, s = np.cos(pose_a[2]), np.sin(pose_a[2])
-    return np.array([c * dx + s * dy, -s * dx + c * dy, wrap(float(pose_b[2]) - float(pose_a[2]))])
-
-
-def wrap(angle):
-    """Angles wrapped to (-pi, pi]."""
-    return -((-np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi)
+from drivejepa.planning.motion import compose, relative, wrap
 
 
 def hermite_track(start, end, steps: int) -> np.ndarray:

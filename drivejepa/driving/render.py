@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drivejepa.driving import motion
+from drivejepa.planning.motion import compose, relative
 
 ROUTE_AHEAD_M = 60.0
 BOX_RANGE_M = 60.0
@@ -34,7 +34,7 @@ def step_layers(loop, decision) -> dict:
         if i == w.ego_index or not w.agent_active[k, i]:
             continue
         x, y = w.agent_xy[k, i] - loop.offset
-        rel = motion.relative(ego, (x, y, w.agent_yaw[k, i]))
+        rel = relative(ego, (x, y, w.agent_yaw[k, i]))
         label = category_to_class(agent["category"])
         if np.hypot(rel[0], rel[1]) > BOX_RANGE_M or label is None:
             continue
@@ -44,8 +44,8 @@ def step_layers(loop, decision) -> dict:
     s_now = loop.route.project(ego[:2])[0]
     s = np.linspace(s_now, min(s_now + ROUTE_AHEAD_M, loop.route.length), 31)
     rx, ry, rh = loop.route.at(s)
-    route = np.array([motion.relative(ego, p)[:2] for p in zip(rx, ry, rh)])
-    plan = decision.plan if decision.plan is not None else motion.compose((0.0, 0.0, 0.0), decision.action)[None]
+    route = np.array([relative(ego, p)[:2] for p in zip(rx, ry, rh)])
+    plan = decision.plan if decision.plan is not None else compose((0.0, 0.0, 0.0), decision.action)[None]
     plan = np.concatenate([np.zeros((1, 3)), np.asarray(plan, dtype=np.float64)[:, :3]])
     out = {"points": points.astype(np.float32), "boxes": np.array(boxes, np.float64).reshape(-1, 9),
            "labels": np.array(labels, np.int64), "route": route, "plan": plan,

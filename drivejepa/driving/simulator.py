@@ -43,6 +43,7 @@ from drivejepa.data.synth.writer import DEFAULT_IMAGE_SIZE, KEY_PERIOD_US, SENSO
 from drivejepa.driving import motion, safety
 from drivejepa.driving.observation import Observer
 from drivejepa.errors import UserError
+from drivejepa.planning.motion import compose, relative
 
 KEY_PERIOD_S = KEY_PERIOD_US / 1e6
 KEY_STEPS = int(round(KEY_PERIOD_S / DT))     # simulation steps per key frame
@@ -235,7 +236,7 @@ class ClosedLoop:
         S = self.sim.S[:, 0]
         ahead = max(0.0, float(S[min(k + int(round(COMMAND_HORIZON_S / DT)), len(S) - 1)] - S[k]))
         x, y, _ = self.route.at(min(s_now + ahead, self.route.length))
-        lateral = motion.relative(pose, (x, y, 0.0))[1]
+        lateral = relative(pose, (x, y, 0.0))[1]
         return "left" if lateral >= COMMAND_LATERAL_M else "right" if lateral <= -COMMAND_LATERAL_M else "straight"
 
     # ------------------------------------------------------------------------------------------------ the loop
@@ -273,7 +274,7 @@ class ClosedLoop:
         if action.route:
             poses = [None] * (k_next + 1 - self.k)
         else:
-            target = motion.compose(self.ego_local[k_key], action.motion)
+            target = compose(self.ego_local[k_key], action.motion)
             track = motion.hermite_track(self.ego_local[self.k], target, k_next - self.k)
             poses = list(track) + [motion.extend(track, self.ego_local[self.k])]
         for pose in poses:

@@ -162,6 +162,18 @@ def pooled_tokens(tokens: np.ndarray, cells: int = POOLED_CELLS) -> np.ndarray:
     return F.adaptive_avg_pool2d(image, min(cells, g)).reshape(n, -1).numpy()
 
 
+def token_head(kind: str, channels: int, outputs: int, hidden: int):
+    """The map every token goes through (``[..., C] -> [..., outputs]``): ``linear`` or a two-layer ``mlp``. The
+    occupancy probe's cell head and the planner's cost heads (planning/heads.py) are built from it."""
+    from torch import nn
+
+    if kind == "linear":
+        return nn.Linear(channels, outputs)
+    if kind == "mlp":
+        return _mlp(channels, outputs, hidden)
+    raise ValueError(f"unknown head kind {kind!r} (linear or mlp)")
+
+
 def _cell_module(kind: str, channels: int, cells: int, hidden: int):
     """A torch module ``[n, cells, C] -> [n, cells]`` logits: a head shared by every cell plus a bias per cell."""
     import torch
@@ -170,7 +182,7 @@ def _cell_module(kind: str, channels: int, cells: int, hidden: int):
     class CellHead(nn.Module):
         def __init__(self):
             super().__init__()
-            self.head = nn.Linear(channels, 1) if kind == "linear" else _mlp(channels, 1, hidden)
+            self.head = token_head(kind, channels, 1, hidden)
             self.bias = nn.Parameter(torch.zeros(cells))
 
         def forward(self, x):

@@ -2,9 +2,10 @@
 scenes, written under ``metrics.json["planning"]`` and as a table of ``report.md`` (:func:`format_planning`).
 
 Runs in the driver process after the factual evaluation: loads the checkpoint, fits (or finds, beside the run) the
-planner's cost heads and the ego-status MLP on the run's train split, then per evaluated scene encodes every key
-frame once with the target encoder and plans every window with the world-model planner and the baselines
-(``openloop.py``), and recovers actions on a seeded subset of factual and branch windows (``recovery.py``). The
+planner's cost heads and the ego-status MLP on the run's train split, picks a seeded choice of ``eval_windows``
+factual and branch windows among the evaluated scenes (the section's cost grows with them), encodes every key frame
+of the scenes they are in once with the target encoder, plans each chosen window with the world-model planner and
+the baselines (``openloop.py``), and recovers actions on ``recovery.max_windows`` of them (``recovery.py``). The
 energy landscape of one window (a branch window when there is one) is drawn beside the metrics
 (``planning_landscape.png`` + ``.json``).
 """
@@ -74,7 +75,11 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
     shards = {scene: read_shard(shard_path(shard_dir, scene)) for scene in scenes}
     per_scene = {scene: scene_windows(shard, context, horizon, past_steps, plan_cfg, ids)
                  for scene, shard in shards.items()}
-    chosen = _recovery_choice(per_scene, rec.max_windows, plan_cfg.optimizer.seed)
+    available = sum(len(w) for w in per_scene.values())
+    planned = _choice(per_scene, plan_cfg.eval_windows, plan_cfg.optimizer.seed)
+    per_scene = {scene: per_scene[scene].take(sorted(i for subset in SUBSETS for sc, i in planned[subset]
+                                                     if sc == scene)) for scene in scenes}
+    chosen = _choice(per_scene, rec.max_windows, plan_cfg.optimizer.seed)
     landscape_at = next(((sc, i) for subset in ("branch", "factual") for sc, i in chosen[subset]), None)
 
     parts, predictions, recovered, landscape = [], {"world_model": [], "ego_mlp": []}, [], None
@@ -129,6 +134,7 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
                              if len(keep) else {}}
     section = {
         "windows": int(len(windows)),
+        "windows_available": int(available),
         "open_loop": open_loop,
         "action_recovery": _recovery_summary(recovered, rec_steps, dt),
         "planner": {"method": plan_cfg.optimizer.method, "candidates": plan_cfg.optimizer.candidates,
@@ -142,8 +148,9 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
     return section
 
 
-def _recovery_choice(per_scene: dict, max_windows: int, seed: int) -> dict:
-    """Seeded (scene, window index) picks of up to ``max_windows`` factual and branch windows (0 = every one)."""
+def _choice(per_scene: dict, max_windows: int, seed: int) -> dict:
+    """Seeded (scene, window index) picks of up to ``max_windows`` factual and branch windows each (0 = every
+    one): the windows the section plans (``eval_windows``), then those of them it recovers actions on."""
     rng = np.random.default_rng(seed)
     chosen = {}
     for subset in SUBSETS:
@@ -209,8 +216,9 @@ def format_planning(section: dict) -> str:
     secs = ol["seconds"]
     lines = ["## Planning (open loop)", "",
              f"World-model planner: {pl['method'].upper()}, {pl['candidates']} candidates x {pl['iterations']} "
-             f"iterations over {pl['horizon_steps']} steps. L2 in metres, collision rate of the planned ego box "
-             "against the annotated agent boxes.", ""]
+             f"iterations over {pl['horizon_steps']} steps, on {section['windows']} of the "
+             f"{section.get('windows_available', section['windows'])} windows of the evaluated scenes (seeded). L2 "
+             "in metres, collision rate of the planned ego box against the annotated agent boxes.", ""]
     for subset in SUBSETS:
         block = ol.get(subset, {})
         if not block.get("windows"):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from drivejepa.artifacts import artifact_path, find_artifact, module_from_state, save_module
 from drivejepa.errors import UserError
+from drivejepa.evaluation.probes import token_head
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,7 @@ class CostHeads(nn.Module):
         super().__init__()
         self.spec = spec
         c, s, t = spec.channels, spec.subcells, len(TASKS)
-        if spec.kind == "linear":
-            self.head = nn.Linear(c, t * s * s)
-        elif spec.kind == "mlp":
-            self.head = nn.Sequential(nn.Linear(c, spec.hidden), nn.GELU(), nn.Linear(spec.hidden, t * s * s))
-        else:
-            raise ValueError(f"unknown head kind {spec.kind!r} (linear or mlp)")
+        self.head = token_head(spec.kind, c, t * s * s, spec.hidden)        # the occupancy probe's kind of head
         self.bias = nn.Parameter(torch.zeros(t, spec.grid, spec.grid))
         self.register_buffer("mean", torch.zeros(c))
         self.register_buffer("std", torch.ones(c))

@@ -14,7 +14,9 @@ manoeuvres (``visualization/geometry.py``) do too.
 
 Feasibility (:func:`feasible`): speeds within [0, max_speed] and within the acceleration limits of the previous
 interval's speed; the yaw rate within the yaw-rate limit, the curvature limit (a stopped car cannot turn) and the
-lateral-acceleration limit. Every function takes numpy arrays or torch tensors (any leading batch axes).
+lateral-acceleration limit. Every function takes numpy arrays or torch tensors (any leading batch axes), except the
+single-pose helpers :func:`compose` (a pose moved by a motion) and :func:`relative` (its inverse), which the
+closed-loop simulator (``driving/``) uses too.
 """
 from __future__ import annotations
 
@@ -77,6 +79,26 @@ def integrate(actions):
     y = np.cumsum(s * d[..., 0] + c * d[..., 1], axis=-1)
     poses = np.stack([x, y, heading], axis=-1)
     return np.concatenate([np.zeros_like(poses[..., :1, :]), poses], axis=-2)
+
+
+def compose(pose, motion) -> np.ndarray:
+    """The pose (x, y, yaw) reached from ``pose`` (x, y, yaw) by ``motion`` (dx, dy, dyaw in ``pose``'s frame):
+    :func:`integrate` of the two steps (a pose is the motion from the origin)."""
+    steps = np.stack([np.asarray(pose, dtype=np.float64)[:3], np.asarray(motion, dtype=np.float64)[:3]])
+    return integrate(steps)[-1]
+
+
+def relative(pose_a, pose_b) -> np.ndarray:
+    """(dx, dy, dyaw) of ``pose_b`` in ``pose_a``'s frame (dyaw wrapped to (-pi, pi]): the inverse of
+    :func:`compose`."""
+    dx, dy = float(pose_b[0]) - float(pose_a[0]), float(pose_b[1]) - float(pose_a[1])
+    c, s = np.cos(pose_a[2]), np.sin(pose_a[2])
+    return np.array([c * dx + s * dy, -s * dx + c * dy, wrap(float(pose_b[2]) - float(pose_a[2]))])
+
+
+def wrap(angle):
+    """Angles wrapped to (-pi, pi]."""
+    return -((-np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi)
 
 
 def constant_velocity_controls(speed, horizon: int):
