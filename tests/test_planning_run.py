@@ -56,15 +56,25 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
 
 def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cfg, tmp_path,
                                                                  capsys):
+    import yaml
+
     from drivejepa import cli
-    from drivejepa.planning.evaluation import planning_section
+    from drivejepa.config import config_to_dict
 
     ckpt = smoke_run / "checkpoints" / "last.pt"
-    section = planning_section(ckpt, shard_dir, ["scene-0003"], small_plan_cfg, tmp_path / "eval", progress=False)
+    plan_yaml = tmp_path / "plan.yaml"
+    plan_yaml.write_text(yaml.safe_dump(config_to_dict(small_plan_cfg)))
+    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--split", "val", "--out",
+                     str(tmp_path / "eval"), "--num-workers", "0", "--no-progress", "--plan-config", str(plan_yaml),
+                     "probe_epochs=20", "horizon=6"]) == 0
+    section = json.loads((tmp_path / "eval" / "metrics.json").read_text())["planning"]
+    assert section["windows"] == min(small_plan_cfg.eval_windows, section["windows_available"])
     methods = section["open_loop"]["factual"]["methods"]
     assert set(methods) == {"world_model", "constant_velocity", "ego_mlp", "expert"}
     assert all(v is not None and v >= 0 for v in methods["world_model"]["l2_m"]["stp3"])
     assert section["action_recovery"]["factual"]["windows"] == 2
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Planning (open loop)" in report and "## Action recovery" in report
     args = ["plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--scene", "scene-0003", "--out",
             str(tmp_path / "plan"), "--no-progress", "optimizer.candidates=8", "optimizer.iterations=1", "device=cpu"]
     assert cli.main(args) == 0

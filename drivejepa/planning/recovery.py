@@ -2,8 +2,9 @@
 
 From a window's context and the true future latent ``h`` steps ahead (1, 2 and 3 s), the sampling optimiser
 (``optimizer.py``) searches the ``h``-step control sequence whose rollout ends nearest that latent
-(``latent_space.distance`` in the model's space), and projected gradient descent through the model refines it. The recovered controls are driven the planner's way
-(``motion.py``) and the end point compared with the true one (the ego poses of the shard): the error in metres,
+(``latent_space.distance`` in the model's space), and projected gradient descent through the model refines it.
+The recovered controls are driven the planner's way (``motion.py``) and the end point compared with the true one
+(the ego poses of the shard): the error in metres,
 beside the error of constant-velocity extrapolation (the current speed held straight ahead). A model that follows
 its actions recovers the motion that produced the future; one that ignores them can do no better than its prior.
 Reported on factual windows and on branch windows: the branch frame of each counterfactual scene, where the ego
