@@ -31,20 +31,24 @@ def _torch(x) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def _namespace(x):
+    """(array module, its concatenate) for ``x``: torch for tensors, numpy for anything else."""
+    if _torch(x):
+        import torch
+
+        return torch, torch.cat
+    return np, np.concatenate
+
+
 def controls_to_motion(controls, dt: float):
     """Controls ``[..., K, 2]`` (speed, yaw rate) -> motions ``[..., K, 3]`` (dx, dy, dyaw in each interval's start
     ego frame) on circular arcs."""
-    if _torch(controls):
-        import torch
-
-        v, w = controls[..., 0], controls[..., 1]
-        dyaw = w * dt
-        chord = v * dt
-        return torch.stack([chord * torch.cos(dyaw / 2), chord * torch.sin(dyaw / 2), dyaw], dim=-1)
-    controls = np.asarray(controls, dtype=np.float64)
+    xp, _ = _namespace(controls)
+    controls = controls if xp is not np else np.asarray(controls, dtype=np.float64)
     v, w = controls[..., 0], controls[..., 1]
     dyaw = w * dt
-    return np.stack([v * dt * np.cos(dyaw / 2), v * dt * np.sin(dyaw / 2), dyaw], axis=-1)
+    chord = v * dt
+    return xp.stack([chord * xp.cos(dyaw / 2), chord * xp.sin(dyaw / 2), dyaw], -1)
 
 
 def controls_to_actions(controls, dt: float):
@@ -60,25 +64,15 @@ def actions_to_controls(actions):
 def integrate(actions):
     """Actions ``[..., K, >=3]`` (dx, dy, dyaw in each step's start ego frame) -> poses ``[..., K + 1, 3]`` (x, y,
     yaw) in the ego frame of the first step, starting at the origin."""
-    if _torch(actions):
-        import torch
-
-        d = actions[..., :3]
-        heading = torch.cumsum(d[..., 2], dim=-1)
-        before = torch.cat([torch.zeros_like(heading[..., :1]), heading[..., :-1]], dim=-1)
-        c, s = torch.cos(before), torch.sin(before)
-        x = torch.cumsum(c * d[..., 0] - s * d[..., 1], dim=-1)
-        y = torch.cumsum(s * d[..., 0] + c * d[..., 1], dim=-1)
-        poses = torch.stack([x, y, heading], dim=-1)
-        return torch.cat([torch.zeros_like(poses[..., :1, :]), poses], dim=-2)
-    d = np.asarray(actions, dtype=np.float64)[..., :3]
-    heading = np.cumsum(d[..., 2], axis=-1)
-    before = np.concatenate([np.zeros_like(heading[..., :1]), heading[..., :-1]], axis=-1)
-    c, s = np.cos(before), np.sin(before)
-    x = np.cumsum(c * d[..., 0] - s * d[..., 1], axis=-1)
-    y = np.cumsum(s * d[..., 0] + c * d[..., 1], axis=-1)
-    poses = np.stack([x, y, heading], axis=-1)
-    return np.concatenate([np.zeros_like(poses[..., :1, :]), poses], axis=-2)
+    xp, cat = _namespace(actions)
+    d = actions[..., :3] if xp is not np else np.asarray(actions, dtype=np.float64)[..., :3]
+    heading = xp.cumsum(d[..., 2], -1)
+    before = cat([xp.zeros_like(heading[..., :1]), heading[..., :-1]], -1)
+    c, s = xp.cos(before), xp.sin(before)
+    x = xp.cumsum(c * d[..., 0] - s * d[..., 1], -1)
+    y = xp.cumsum(s * d[..., 0] + c * d[..., 1], -1)
+    poses = xp.stack([x, y, heading], -1)
+    return cat([xp.zeros_like(poses[..., :1, :]), poses], -2)
 
 
 def compose(pose, motion) -> np.ndarray:
