@@ -378,12 +378,13 @@ def scenes_in_split(shard_dir: str | Path, split: Optional[str] = None) -> list[
     return [s for s in scenes if s in members]
 
 
-def factual_scenes(shard_dir: str | Path, scenes: list[str]) -> list[str]:
-    """``scenes`` without the counterfactual branch scenes (``drivejepa synth --branches``): a branch repeats its
-    parent's key frames up to the branch frame, so the factual scenes are the ones that are each a drive of its own."""
+def factual_scenes(manifest: dict, scenes: list[str]) -> list[str]:
+    """``scenes`` without the counterfactual branch scenes (``drivejepa synth --branches``) of a loaded
+    ``manifest``: a branch repeats its parent's key frames up to the branch frame, so the factual scenes are the ones
+    that are each a drive of its own."""
     from drivejepa.data.synth.scenarios import branch_of
 
-    described = load_manifest(shard_dir)["scenes"]
+    described = manifest["scenes"]
     return [s for s in scenes if branch_of(described.get(s, {}).get("description", "")) is None]
 
 

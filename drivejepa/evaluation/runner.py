@@ -67,14 +67,14 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
     manifest = load_manifest(shards)
     listed = scenes_in_split(shards, split)
     descriptions = {s: manifest["scenes"].get(s, {}).get("description", "") for s in manifest["scenes"]}
-    eval_scenes = factual_scenes(shards, listed)
+    eval_scenes = factual_scenes(manifest, listed)
     points = branch_points({s: descriptions.get(s, "") for s in listed})
     if not eval_scenes:
         raise UserError(f"{shards}: split '{split}' has no scene in this shard directory"
                         + (" other than counterfactual branches" if listed else ""))
     try:
-        train_scenes = [s for s in factual_scenes(shards, scenes_in_split(shards, cfg.train_split))
-                        if s not in set(listed)]
+        held = set(listed)
+        train_scenes = [s for s in factual_scenes(manifest, scenes_in_split(shards, cfg.train_split)) if s not in held]
     except UserError as exc:
         log.warning("no probes: %s", exc)
         train_scenes = []

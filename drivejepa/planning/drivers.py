@@ -19,7 +19,8 @@ from typing import Optional
 import numpy as np
 
 
-def _plan_config(config: Optional[str], overrides) -> "object":
+def _plan_config(config: Optional[str], overrides):
+    """The PlanConfig of ``config`` (default pipelines/plan.yaml) with ``overrides`` (key=value strings)."""
     from drivejepa.commands.plan import default_config
     from drivejepa.config import PlanConfig, load_config
 
@@ -56,10 +57,10 @@ class WorldModelDriver:
         from drivejepa.driving.drivers import Action, window
         from drivejepa.planning.planner import observation_history
 
-        frames = window(history, status, self.context)
-        frames["cam_intrinsics"] = self.intrinsics()
         if len(history) < self.context:
             raise ValueError(f"the world-model planner needs {self.context} observed key frames, got {len(history)}")
+        frames = window(history, status, self.context)
+        frames["cam_intrinsics"] = self.intrinsics()
         obs = observation_history(frames, np.arange(self.context), self.camera_index)
         past = np.asarray(status.past_actions, dtype=np.float32).reshape(-1, 5)
         plan = self.planner.plan(obs, past, command)

@@ -2,8 +2,9 @@
 
 Pairs (latent, bird's-eye grids of the true frame) come from every key frame of the training split's factual scenes
 (branches left out): the target encoder's latent of the frame, and the predictor's teacher-forced one-step prediction
-of it from the previous frame and its action. Scores on the held-out split are saved with the decoder, next to the score of the trivial
-decoder that outputs the mean training grid, so a reader can tell whether the decoder learned anything.
+of it from the previous frame and its action. Scores on the held-out split are saved with the decoder, next to the
+score of the trivial decoder that outputs the mean training grid, so a reader can tell whether the decoder learned
+anything.
 """
 from __future__ import annotations
 
@@ -84,9 +85,9 @@ def split_scenes(shard_dir: str | Path, cfg) -> tuple[list[str], list[str]]:
     """(train, held-out) readable factual scenes of a run's splits (``cfg``: its TrainConfig; a counterfactual
     branch's frames up to its branch frame are its parent's); every readable scene not held out trains when the train
     split has none. What the decoder and the planner's heads are fitted and scored on."""
-    from drivejepa.data.shards import factual_scenes, readable_scenes, scenes_in_split
+    from drivejepa.data.shards import factual_scenes, load_manifest, readable_scenes, scenes_in_split
 
-    every, _ = readable_scenes(shard_dir, factual_scenes(shard_dir, scenes_in_split(shard_dir, None)),
+    every, _ = readable_scenes(shard_dir, factual_scenes(load_manifest(shard_dir), scenes_in_split(shard_dir, None)),
                                "visualisation")
     try:
         train = [s for s in scenes_in_split(shard_dir, cfg.data.train_split) if s in every]
