@@ -233,6 +233,7 @@ class DataConfig:
     cameras: list[str] = dataclasses.field(default_factory=lambda: ["CAM_FRONT"])
     batch_size: int = 8
     num_workers: int = 0
+    sibling_batches: bool = False                     # windows that share a context (branches) batched together
 
 
 @dataclasses.dataclass
@@ -264,6 +265,9 @@ class ModelConfig:
     # Training: share of actions replaced by the 'unknown' token. 1 = every action, in training and every rollout:
     # the action-blind model that `drivejepa evaluate --action-blind-checkpoint` reports as a baseline.
     action_dropout: float = 0.1
+    # Rollouts outside training mix the predictions with and without the action (classifier-free guidance):
+    # uncond + guidance * (cond - uncond). 1 = the conditional prediction alone; above 1 needs action_dropout > 0.
+    guidance: float = 1.0
     action_dim: int = 5                               # dx, dy, dyaw, speed, yaw_rate
     max_context: int = 2                              # states the predictor sees (all warped into the next frame)
 
@@ -309,6 +313,8 @@ class LossConfig:
     rollout_steps: int = 3                            # K for the autoregressive rollout loss
     rollout_weight: float = 0.5
     idm_weight: float = 0.0                           # inverse-dynamics regulariser (models/inverse_dynamics.py)
+    sibling_weight: float = 0.0                       # sibling-contrastive term (losses.sibling_contrast_loss)
+    sibling_temperature: float = 0.02                 # its temperature, in units of latent_space.distance
     ema_start: float = 0.99
     ema_end: float = 0.999
 
@@ -587,10 +593,14 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _require(0 <= getattr(m, key) < 1, source, f"model.{key}", getattr(m, key), "must be in [0, 1)")
         _require(0 <= m.action_dropout <= 1, source, "model.action_dropout", m.action_dropout,
                  "must be in [0, 1] (1 = every action masked: the action-blind baseline)")
+        _require(m.guidance == 1.0 or 0 < m.action_dropout < 1, source, "model.guidance", m.guidance,
+                 "needs 0 < model.action_dropout < 1 (the 'unknown action' prediction it mixes in must be trained)")
         _require(loss.temperature > 0, source, "loss.temperature", loss.temperature, "must be positive")
+        _require(loss.sibling_temperature > 0, source, "loss.sibling_temperature", loss.sibling_temperature,
+                 "must be positive")
         _at_least(loss, "loss.", source, 1, "rollout_steps")
         _at_least(loss, "loss.", source, 0, "vicreg_weight", "vicreg_var_weight", "vicreg_cov_weight",
-                  "rollout_weight", "idm_weight")
+                  "rollout_weight", "idm_weight", "sibling_weight")
         _require(0 <= loss.ema_start <= loss.ema_end <= 1, source, "loss.ema_start", loss.ema_start,
                  f"and loss.ema_end = {loss.ema_end} must satisfy 0 <= ema_start <= ema_end <= 1")
         _require(o.lr > 0, source, "optim.lr", o.lr, "must be positive")

@@ -1,5 +1,5 @@
-"""Training objectives of the world model: JEPA regression, InfoNCE, a VICReg-style variance/covariance term, and
-the inverse-dynamics regulariser (see drivejepa/models/inverse_dynamics.py)."""
+"""Training objectives of the world model: JEPA regression, InfoNCE, a VICReg-style variance/covariance term, the
+inverse-dynamics regulariser (see drivejepa/models/inverse_dynamics.py) and the sibling-contrastive term."""
 from __future__ import annotations
 
 import torch
@@ -76,6 +76,38 @@ def inverse_dynamics_loss(pred_motion: torch.Tensor, motion: torch.Tensor, valid
     err = F.smooth_l1_loss(pred_motion.float(), motion.float(), reduction="none").mean(dim=-1)
     valid = valid.to(err.dtype)
     return (err * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def sibling_contrast_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor, parted_after: torch.Tensor,
+                          first: int, temperature: float) -> tuple[torch.Tensor, int]:
+    """Counterfactual discrimination: each rollout must land nearest its own future among its siblings' futures.
+
+    ``pred`` and ``target`` are ``[B, K, N, C]`` rollouts and true latents in the model's space, step h at window
+    position ``first + h``; ``group [B]`` says which rows share their context (``WindowDataset.context_group``: a
+    scene and its counterfactual branches from the same key frame), so that they differ only in the actions they
+    are given, and ``parted_after [B]`` where each row's future leaves its parent's (``WindowDataset.parted_after``).
+    Rows i and j see different scenes at position p once p > min(parted_after_i, parted_after_j). For row i at step
+    h the candidates are its own future and those of the siblings parted from it by then; the logits are
+    ``-latent_space.distance(pred_i(h), target_j(h)) / temperature`` and cross-entropy picks j = i: the evaluation's
+    counterfactual top-1 (drivejepa/evaluation/counterfactual.py) made differentiable. A sibling not yet parted
+    shows the same scene (only sensor noise differs) and is no candidate. Returns (loss, number of terms); (0, 0)
+    when no row has a parted sibling."""
+    from drivejepa import latent_space
+
+    b, k = pred.shape[:2]
+    eye = torch.eye(b, dtype=torch.bool, device=pred.device)
+    sibling = (group[:, None] == group[None, :]) & ~eye                                    # [B, B]
+    positions = first + torch.arange(k, device=pred.device)                                # [K]
+    parted = torch.minimum(parted_after[:, None], parted_after[None, :])[..., None] < positions   # [B, B, K]
+    candidate = (sibling[..., None] & parted) | eye[..., None]
+    active = (candidate & ~eye[..., None]).any(dim=1)                                      # [B, K]
+    if not bool(active.any()):
+        return pred.sum() * 0.0, 0
+    d = latent_space.distance(pred.float().unsqueeze(1), target.float().unsqueeze(0))      # [B, B, K]
+    logits = (-d / temperature).masked_fill(~candidate, float("-inf"))
+    labels = torch.arange(b, device=pred.device)[:, None].expand(b, k)
+    ce = F.cross_entropy(logits.permute(0, 2, 1)[active], labels[active])
+    return ce, int(active.sum())
 
 
 def prediction_loss(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig) -> torch.Tensor:

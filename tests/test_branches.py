@@ -7,6 +7,7 @@ import hashlib
 
 import numpy as np
 import pytest
+import torch
 
 import test_synth
 from conftest import BRANCH_FRAMES as FRAMES     # key frames each branch runs past its branch point
@@ -291,3 +292,35 @@ def test_training_windows_of_a_branch_reach_past_its_branch_frame(branch_shards)
         assert starts[scene] == [s for s in range(frames - 4) if s + 4 > info["frame"]], scene
         assert starts[scene]
     assert starts[info["parent"]] == list(range(12 - 4))
+
+
+def test_windows_that_share_a_context_form_one_sibling_group(branch_shards):
+    """A parent window and its branches' windows from the same start share their context key frames while the
+    context lies within the shared prefix: one sibling group, the rows the sibling-contrastive loss compares.
+    Once the context passes the branch frame each window is on its own."""
+    from drivejepa.data.dataset import NEVER_PARTS, WindowDataset
+    from drivejepa.data.shards import read_shard, scenes_in_split, shard_path
+
+    ds = WindowDataset(branch_shards, scenes_in_split(branch_shards, "train"), context=2, horizon=3)
+    groups = ds.sibling_groups()
+    assert groups
+    for group in groups:
+        rows = [ds.index[i] for i in group]
+        infos = [branch_of(read_shard(shard_path(branch_shards, s)).meta["description"]) for s, _ in rows]
+        parents = {s if info is None else info["parent"] for (s, _), info in zip(rows, infos)}
+        assert len(parents) == 1 and len({start for _, start in rows}) == 1 and len(rows) == len(set(rows))
+        start = rows[0][1]
+        assert all(info is None or start + 1 <= info["frame"] for info in infos)
+        items = [ds[i] for i in group]
+        for item in items[1:]:
+            for key in ("images", "ego_pose"):     # point subsamples are drawn per sample token
+                assert torch.equal(item[key][:2], items[0][key][:2]), key
+            assert torch.equal(item["actions"][:1], items[0]["actions"][:1])   # the action taken at frame 2 differs
+        assert len({int(item["context_group"]) for item in items}) == 1
+        for item, info in zip(items, infos):            # where each future leaves the parent's, in window positions
+            frame0 = int(read_shard(shard_path(branch_shards, rows[0][0])).meta["frame_indices"][start])
+            assert int(item["parted_after"]) == (NEVER_PARTS if info is None else info["frame"] - frame0)
+    for i, (scene, start) in enumerate(ds.index):
+        info = branch_of(read_shard(shard_path(branch_shards, scene)).meta["description"])
+        if info is not None and start + 1 > info["frame"]:
+            assert not any(i in g for g in groups), (scene, start)

@@ -28,8 +28,9 @@ def _point_result(truth: np.ndarray, model: np.ndarray, blind: np.ndarray, last:
     behaviours = behaviours or [CF.KEEP] + [f"b{i}" for i in range(1, k)]
     point = dict(parent=parent, frame=7, scenes=[parent] + [f"{parent}-{b}" for b in behaviours[1:]],
                  behaviours=behaviours)
+    warped = np.broadcast_to(last, truth.shape) + 0.01 * np.arange(k).reshape(k, *[1] * (truth.ndim - 1))
     return {"role": "branch_point", "scene": f"{parent}:7", "point": point, "truth": truth, "model": model,
-            "action_blind": blind, "copy_last": last}
+            "warp_last": warped, "action_blind": blind, "copy_last": last}
 
 
 def test_top1_of_the_true_future_is_one_and_copy_last_and_action_blind_are_at_chance():

@@ -133,3 +133,22 @@ def test_windows_from_real_shards_are_consecutive_frames_of_one_scene(shard_dir)
     assert seen == len(ds)
     assert all(key in batch for key in ARRAY_DTYPES)
     assert all(batch[key].shape[1] == len(shards[batch["scene"][0]].meta["cameras"]) for key in PER_CAMERA)
+
+
+def test_sibling_batches_keep_each_group_together_and_cover_every_window():
+    from drivejepa.data.dataset import sibling_batches
+
+    groups = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    n, batch = 23, 4
+    counts = set()
+    for seed in range(5):
+        batches = sibling_batches(groups, n, batch, np.random.default_rng(seed))
+        counts.add(len(batches))
+        assert all(len(b) == batch for b in batches)
+        assert set(i for b in batches for i in b) == set(range(n))
+        for g in groups:                # a group of 5 in two chunks of 3 and 2, each in one batch, never alone
+            holding = [set(b) & set(g) for b in batches if set(b) & set(g)]
+            assert sorted(map(len, holding)) == ([2, 3] if len(g) == 5 else [len(g)])
+    assert len(counts) == 1             # how many batches does not depend on the draw
+    with pytest.raises(ValueError, match="at least 2"):
+        sibling_batches(groups, n, 1, np.random.default_rng(0))

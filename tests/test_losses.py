@@ -1,6 +1,8 @@
 """Objectives learn on a small fixed batch; the collapse diagnostics read collapse and perfect prediction correctly."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,30 @@ def test_error_ratio_of_perfect_and_copy_last_predictors():
     assert copy["error_ratio_vs_copy_last"] == pytest.approx(1.0)
     noisy = collapse_diagnostics(targets, targets + 3 * torch.randn_like(targets), targets, previous)
     assert noisy["error_ratio_vs_copy_last"] > 1.0
+
+
+def test_sibling_contrast_rewards_rollouts_that_follow_their_own_actions():
+    """Rows of one group share a context and part afterwards: a rollout that lands on its own future scores far
+    below chance (log n), one that ignores the action (the same prediction for every sibling) cannot score below
+    log n, and the steps before the futures part (where they differ by sensor noise only), or rows without
+    siblings, add nothing."""
+    from drivejepa.data.dataset import NEVER_PARTS
+    from drivejepa.losses import sibling_contrast_loss
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(5, 3, 4, 8, generator=g)
+    target[1:3, 0] = target[0, 0] + 0.1 * torch.randn(2, 4, 8, generator=g)   # step 0: the same scene, noise apart
+    group = torch.tensor([0, 0, 0, 1, 2])               # rows 3 and 4 have no sibling
+    parted = torch.tensor([NEVER_PARTS, 2, 2, NEVER_PARTS, 2])   # rows 1, 2 leave row 0's future after position 2
+    own, terms = sibling_contrast_loss(target + 0.01 * torch.randn(target.shape, generator=g), target, group,
+                                       parted, 2, 0.02)
+    assert terms == 6 and own < 0.01                    # 3 rows x the 2 steps at positions 3 and 4
+    blind = target[:1].expand_as(target).clone()
+    blind[:3, 1:] = target[:3, 1:].mean(dim=0)
+    loss, _ = sibling_contrast_loss(blind, target, group, parted, 2, 0.02)
+    assert loss >= math.log(3) - 1e-6
+    noisy = target.clone()
+    noisy[:3, 0] = target[torch.tensor([1, 2, 0]), 0]   # at step 0 each row "predicts" a sibling's noisy copy
+    assert sibling_contrast_loss(noisy, target, group, parted, 2, 0.02)[0] < 0.01
+    none, terms = sibling_contrast_loss(target, target, torch.arange(5), parted, 2, 0.02)
+    assert terms == 0 and float(none) == 0.0

@@ -368,3 +368,29 @@ def test_the_motion_token_has_three_degrees_of_freedom(model):
         turned = actions.clone()
         turned[..., 2] += 0.2
         assert (model.predict(states, turned) - model.predict(states, actions)).abs().max() > 1e-4
+
+
+def test_guidance_mixes_the_rollouts_with_and_without_the_action():
+    """Classifier-free guidance g: each step is u + g (c - u) from the same frames, c with the actions and u with
+    every action unknown; g = 1 is the plain rollout, and training never guides."""
+    from drivejepa.config import ConfigError, TrainConfig, check_config
+
+    torch.manual_seed(0)
+    model = tiny_model(action_dropout=0.2, guidance=2.0).eval()
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randn(B, 2, *state_shape(model), generator=g)
+    past = torch.randn(B, 1, 5, generator=g)
+    actions = torch.randn(B, 1, 5, generator=g)
+    with torch.no_grad():
+        guided = model.rollout(ctx, actions, past)
+        cond = model.predictor.rollout(ctx, actions, past)
+        uncond = model.predictor.rollout(ctx, actions, None, future_known=False)
+        model.train()
+        plain = model.rollout(ctx, actions, past)
+    torch.testing.assert_close(guided, uncond + 2.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, cond)
+    assert (guided - cond).abs().max() > 1e-3
+    cfg = TrainConfig()
+    cfg.model.guidance, cfg.model.action_dropout = 2.0, 0.0
+    with pytest.raises(ConfigError, match="model.guidance"):
+        check_config(cfg, "guided.yaml")

@@ -311,3 +311,33 @@ def test_ray_train_launcher_runs_the_same_loop_and_shares_the_train_arguments(sh
     summary = (run / "summary.json").read_text()
     assert '"steps": 2' in summary and load_checkpoint(run / "checkpoints/last.pt")["config"]["optim"]["lr"] == 2e-4
     assert launcher.main(["--config", str(tmp_path / "missing.yaml"), "--out", str(run)]) == 2
+
+
+def test_sibling_sampler_resumes_and_splits_whole_batches_over_ranks():
+    """With sibling batches the sampler hands out whole batches: a resumed epoch continues with the batches an
+    uninterrupted one would see, and two ranks get disjoint batches that keep each group together."""
+    from drivejepa.training.distributed import DistInfo, ResumableSampler
+
+    class Windows:
+        def __len__(self):
+            return 30
+
+        def sibling_groups(self):
+            return [[0, 1, 2], [3, 4], [5, 6, 7, 8, 9]]
+
+    one = ResumableSampler(Windows(), DistInfo(), shuffle=True, seed=3, sibling_batch=4)
+    one.set_position(2)
+    full = list(one)
+    assert len(full) == len(one) and len(full) % 4 == 0 and set(full) == set(range(30))
+    one.set_position(2, skip=8)
+    assert list(one) == full[8:]
+    ranks = [ResumableSampler(Windows(), DistInfo(rank=r, world_size=2), shuffle=True, seed=3, sibling_batch=4)
+             for r in range(2)]
+    for s in ranks:
+        s.set_position(2)
+    per_rank = [list(s) for s in ranks]
+    assert len(per_rank[0]) == len(per_rank[1])
+    batches = [tuple(r[i:i + 4]) for r in per_rank for i in range(0, len(r), 4)]
+    for g in Windows().sibling_groups():
+        holding = [b for b in batches if set(b) & set(g)]
+        assert all(len(set(b) & set(g)) >= 2 for b in holding)

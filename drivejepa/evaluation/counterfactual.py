@@ -15,6 +15,8 @@ Beside it:
   'unknown action' token for every action, ``WorldModel.rollout(..., future_known=False)``). Each makes one
   prediction for all K futures, so exactly one future is its nearest and both score 1/K by construction. A tie for
   the nearest among n futures counts 1/n (the expected score of a random tie-break), never a win;
+- warp-last (drivejepa/baselines.py): frame b carried along future k's ego motion, the predictor's geometric path
+  alone. It does follow the action, so it is the baseline a learned rollout must beat at telling futures apart;
 - the latent error of each on the branch futures, where the action-blind rollout is not at chance by construction.
 
 Only the synthetic world has branch points; on real nuScenes the section says there are none.
@@ -34,7 +36,7 @@ from drivejepa.errors import UserError
 log = logging.getLogger(__name__)
 
 KEEP = "keep intent"            # the behaviour of the parent scene's own future
-METHODS = ("model", "action_blind", "copy_last")
+METHODS = ("model", "warp_last", "action_blind", "copy_last")
 
 
 @dataclasses.dataclass
@@ -123,8 +125,11 @@ def plan_branch_points(shard_dir: str | Path, points: list[BranchPoint], context
 def encode_branch_point(model, job: BranchPointJob, batch_size: int, device) -> dict:
     """Latents of one branch point (plain numpy, in the model's space): ``truth`` [K, H, ...] (the target encoder's
     latents of each future's frames b+1..b+H), ``model`` [K, H, ...] (rollout k with future k's actions),
-    ``action_blind`` [H, ...] (every action unknown) and ``copy_last`` [...] (frame b)."""
+    ``warp_last`` [K, H, ...] (frame b warped along future k's motion), ``action_blind`` [H, ...] (every action
+    unknown) and ``copy_last`` [...] (frame b)."""
     import torch
+
+    from drivejepa.baselines import warp_last
 
     from drivejepa.data.shards import camera_positions, read_shard
     from drivejepa.evaluation.latents import encode_frames
@@ -154,8 +159,11 @@ def encode_branch_point(model, job: BranchPointJob, batch_size: int, device) -> 
                                torch.from_numpy(past).unsqueeze(0).expand(k, *past.shape).to(device))
         blind = model.rollout(ctx, acts[:1], None, future_known=False)
     space = model.space
+    last = latent_space.targets(torch.from_numpy(context[-1:]).double(), space)
+    warped = warp_last(last.unsqueeze(0).expand(k, 1, *last.shape[1:]), acts.cpu().double(), model.grid)
     return {**out, "truth": latent_space.targets(truth, space),
             "model": latent_space.predictions(rolled.float().cpu().numpy(), space),
+            "warp_last": warped.float().numpy(),
             "action_blind": latent_space.predictions(blind[0].float().cpu().numpy(), space),
             "copy_last": latent_space.targets(context[-1], space)}
 
@@ -181,7 +189,7 @@ def point_scores(result: dict) -> dict:
 
     truth = tensor(result["truth"])
     k, h = truth.shape[:2]
-    preds = {"model": tensor(result["model"]),
+    preds = {"model": tensor(result["model"]), "warp_last": tensor(result["warp_last"]),
              "action_blind": tensor(result["action_blind"]).unsqueeze(0).expand(k, *truth.shape[1:]),
              "copy_last": tensor(result["copy_last"]).unsqueeze(0).unsqueeze(0).expand(k, h, *truth.shape[2:])}
     out = {}

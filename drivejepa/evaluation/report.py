@@ -76,7 +76,7 @@ def headline_rows(metrics: dict, seconds=(0.5, 1.5, 3.0)) -> list[dict]:
             "top1_model": top1.get("model", [None] * (i + 1))[i],
             "top1_copy_last": top1.get("copy_last", [None] * (i + 1))[i],
             **{f"counterfactual_top1_{m}": cf["top1"][m][i] if cf.get("futures") else None
-               for m in ("model", "action_blind", "copy_last")},
+               for m in ("model", "warp_last", "action_blind", "copy_last")},
             "counterfactual_chance": cf.get("chance"),
         })
     return rows
@@ -110,11 +110,13 @@ def format_headline(metrics: dict) -> str:
         return "\n".join(lines)
     lines.append(f"Counterfactual top-1 over {cf['branch_points']} branch points ({cf['futures']} futures): rollout k "
                  f"with future k's actions is nearest future k's true latent (chance "
-                 f"{_f(cf['overall']['chance'], 3)}; copy-last and action-blind are at chance by construction)")
-    head = f"{'horizon':>8} | {'model':>8} {'act.blind':>9} {'copy-last':>9} {'chance':>8}"
+                 f"{_f(cf['overall']['chance'], 3)}; copy-last and action-blind are at chance by construction; warp-last "
+                 f"carries frame b along each future's ego motion)")
+    head = f"{'horizon':>8} | {'model':>8} {'warp-last':>9} {'act.blind':>9} {'copy-last':>9} {'chance':>8}"
     lines += [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['seconds']:>7.1f}s | {_f(r['counterfactual_top1_model'], 3):>8} "
+                     f"{_f(r.get('counterfactual_top1_warp_last'), 3):>9} "
                      f"{_f(r['counterfactual_top1_action_blind'], 3):>9} "
                      f"{_f(r['counterfactual_top1_copy_last'], 3):>9} {_f(r['counterfactual_chance'], 3):>8}")
     return "\n".join(lines)

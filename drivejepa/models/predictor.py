@@ -141,8 +141,11 @@ class Predictor(nn.Module):
 
     def base(self, last: torch.Tensor, warped: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
         """What the prediction is residual on: per channel, the last state carried with the world (``world_gate``
-        1: warped) or with the ego (0: as it was); cells that come into view keep the last state's token there."""
-        gate = self.world_gate.clamp(0.0, 1.0).to(last.dtype)
+        1: warped) or with the ego (0: as it was); cells that come into view keep the last state's token there.
+        The gate is clamped to [0, 1] with the gradient passed straight through: ``clamp``'s own gradient is 0 at
+        the bound, where the gate starts, so it would never move."""
+        gate = self.world_gate - (self.world_gate - self.world_gate.clamp(0.0, 1.0)).detach()   # straight-through
+        gate = gate.to(last.dtype)
         return torch.where(seen.unsqueeze(-1), last + gate * (warped - last), last)
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor,
@@ -164,9 +167,12 @@ class Predictor(nn.Module):
         return self.step(win_states, win_actions, win_known).view(b, t, *states.shape[2:])
 
     def rollout(self, context_states: torch.Tensor, actions: torch.Tensor,
-                past_actions: Optional[torch.Tensor] = None, future_known: bool = True) -> torch.Tensor:
+                past_actions: Optional[torch.Tensor] = None, future_known: bool = True,
+                guidance: float = 1.0) -> torch.Tensor:
         """Autoregressive prediction of K steps; see WorldModel.rollout. ``future_known=False`` gives the K future
-        actions the 'unknown' token too (only ``actions.shape`` is read then)."""
+        actions the 'unknown' token too (only ``actions.shape`` is read then). ``guidance`` g != 1 predicts each
+        step as ``u + g (c - u)`` from the same frames, c with the actions and u with every action unknown
+        (classifier-free guidance: g > 1 strengthens what the action changes)."""
         b, tc = context_states.shape[:2]
         k = actions.shape[1]
         if past_actions is None:
@@ -185,7 +191,14 @@ class Predictor(nn.Module):
         for step in range(k):
             end = tc + step
             start = max(0, end - self.max_context)
-            nxt = self.step(torch.stack(frames[start:end], dim=1), all_actions[:, start:end], known[:, start:end])
+            states = torch.stack(frames[start:end], dim=1)
+            if guidance == 1.0 or not future_known:
+                nxt = self.step(states, all_actions[:, start:end], known[:, start:end])
+            else:
+                both = self.step(torch.cat([states, states]), torch.cat([all_actions[:, start:end]] * 2),
+                                 torch.cat([known[:, start:end], torch.zeros_like(known[:, start:end])]))
+                cond, uncond = both.chunk(2)
+                nxt = uncond + guidance * (cond - uncond)
             preds.append(nxt)
             frames.append(nxt)
         return torch.stack(preds, dim=1)

@@ -30,7 +30,7 @@ from drivejepa.config import LossConfig, ModelConfig, TrainConfig, resolve_model
 from drivejepa.data.shards import PER_CAMERA, SENSOR_KEYS
 from drivejepa.diagnostics import collapse_diagnostics
 from drivejepa import latent_space
-from drivejepa.losses import inverse_dynamics_loss, prediction_loss, vicreg_terms
+from drivejepa.losses import inverse_dynamics_loss, prediction_loss, sibling_contrast_loss, vicreg_terms
 from drivejepa.models.fusion import MultimodalEncoder, grid_of
 from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
 from drivejepa.models.predictor import Predictor
@@ -112,10 +112,12 @@ class WorldModel(nn.Module):
         there (and does not warp those frames). ``future_known=False`` puts that token in place of the future actions
         too (an action-blind rollout: no warp, no modulation by the action). A model trained with
         ``model.action_dropout = 1`` never saw an action, so its rollouts are always action-blind (the 'same
-        predictor trained with actions masked' baseline of ``drivejepa evaluate --action-blind-checkpoint``)."""
+        predictor trained with actions masked' baseline of ``drivejepa evaluate --action-blind-checkpoint``).
+        Outside training the rollout uses ``model.guidance`` (classifier-free guidance, ``Predictor.rollout``)."""
         if self.action_blind:
             past_actions, future_known = None, False
-        return self.predictor.rollout(context_states, actions, past_actions, future_known)
+        guidance = 1.0 if self.training else self.cfg.guidance
+        return self.predictor.rollout(context_states, actions, past_actions, future_known, guidance)
 
     @property
     def action_blind(self) -> bool:
@@ -156,6 +158,14 @@ class WorldModel(nn.Module):
             metrics["loss_rollout"] = float(rollout.detach())
             metrics["rollout_cosine"] = float(
                 F.cosine_similarity(rolled.detach().float(), targets[:, context : context + k], dim=-1).mean())
+            if loss_cfg.sibling_weight > 0 and "context_group" in batch:
+                sibling, terms = sibling_contrast_loss(latent_space.predictions(rolled.float(), self.space),
+                                                       targets[:, context : context + k], batch["context_group"],
+                                                       batch["parted_after"], context,
+                                                       loss_cfg.sibling_temperature)
+                if terms:
+                    total = total + loss_cfg.sibling_weight * sibling
+                    metrics["loss_sibling"] = float(sibling.detach())
 
         if loss_cfg.idm_weight > 0:
             scales = self.predictor.action_scales[:MOTION_DIMS]

@@ -74,19 +74,45 @@ class ResumableSampler(DistributedSampler):
     """DistributedSampler whose order is a pure function of (seed, epoch) and which can start part-way through.
 
     ``set_position(epoch, skip)`` selects the epoch's permutation and drops this rank's first ``skip`` indices, so a
-    run resumed from a checkpoint taken after k batches sees exactly the batches an uninterrupted run would."""
+    run resumed from a checkpoint taken after k batches sees exactly the batches an uninterrupted run would.
 
-    def __init__(self, dataset, info: DistInfo, *, shuffle: bool, seed: int, drop_last: bool = False):
+    With ``sibling_batch`` (this rank's batch size, at least 2) the order is made of whole batches
+    (``data.dataset.sibling_batches`` over ``dataset.sibling_groups()``), so that windows sharing a context arrive
+    in one batch; the batches go to the ranks in turn, the list repeated from its start to give each rank as many.
+    """
+
+    def __init__(self, dataset, info: DistInfo, *, shuffle: bool, seed: int, drop_last: bool = False,
+                 sibling_batch: int = 0):
         super().__init__(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.skip = 0
+        self.sibling_batch = sibling_batch
+        if sibling_batch:
+            self.groups = dataset.sibling_groups()
+            count = len(self._batches(0))
+            self.num_samples = -(-count // self.num_replicas) * sibling_batch
+            self.total_size = self.num_samples * self.num_replicas
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        import numpy as np
+
+        from drivejepa.data.dataset import sibling_batches
+
+        rng = np.random.default_rng([self.seed, epoch])
+        return sibling_batches(self.groups, len(self.dataset), self.sibling_batch, rng)
 
     def set_position(self, epoch: int, skip: int = 0) -> None:
         self.set_epoch(epoch)
         self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
+        if self.sibling_batch:
+            batches = self._batches(self.epoch)
+            per_rank = self.num_samples // self.sibling_batch
+            mine = [batches[(self.rank + r * self.num_replicas) % len(batches)] for r in range(per_rank)]
+            indices = [i for b in mine for i in b]
+        else:
+            indices = list(super().__iter__())
         return iter(indices[self.skip:])
 
     def __len__(self) -> int:

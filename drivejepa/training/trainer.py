@@ -48,7 +48,7 @@ from drivejepa.training.validation import beats_copy_last, to_device, validate
 
 log = logging.getLogger(__name__)
 
-MODEL_KEYS = SENSOR_KEYS + ("actions", "action_valid")
+MODEL_KEYS = SENSOR_KEYS + ("actions", "action_valid", "context_group", "parted_after")
 
 
 # Exit status of ``drivejepa train`` stopped by SIGTERM / SIGINT after saving its checkpoint (EX_TEMPFAIL: "try
@@ -164,7 +164,11 @@ class _Run:
 
         self.train_ds, self.val_ds, self.skipped_shards = _windows_datasets(cfg)
         self.shards = ckpt_mod.shards_provenance(cfg.data.shards)
-        self.sampler = ResumableSampler(self.train_ds, info, shuffle=True, seed=cfg.seed)
+        if cfg.data.sibling_batches and self.local_batch < 2:
+            raise UserError(f"data.sibling_batches needs at least 2 windows a batch on each process, got "
+                            f"data.batch_size = {cfg.data.batch_size} over {info.world_size} processes")
+        self.sampler = ResumableSampler(self.train_ds, info, shuffle=True, seed=cfg.seed,
+                                        sibling_batch=self.local_batch if cfg.data.sibling_batches else 0)
         loader_kwargs = dict(collate_fn=collate_windows, num_workers=cfg.data.num_workers,
                              pin_memory=info.device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
         # Own generators: creating a DataLoader iterator must not draw from the global torch RNG, or a resumed run
@@ -452,7 +456,7 @@ class _Run:
         self.loader.generator.manual_seed(derived_seed(self.cfg.seed, self.info.rank, self.epoch))
         self.sampler.set_position(self.epoch, self.position * self.local_batch)
         self.model.train()
-        window = {"t": time.perf_counter(), "wait": 0.0, "windows": 0, "stats": {}, "n": 0}
+        window = {"t": time.perf_counter(), "wait": 0.0, "windows": 0, "stats": {}, "counts": {}}
         it = iter(self.loader)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
@@ -467,9 +471,9 @@ class _Run:
             window["wait"] += waited
             window["windows"] += len(batch["scene"]) * self.info.world_size
             if result is not None:
-                window["n"] += 1
-                for k, v in result.items():
+                for k, v in result.items():           # a term some batches lack is averaged over those it has
                     window["stats"][k] = window["stats"].get(k, 0.0) + float(v)
+                    window["counts"][k] = window["counts"].get(k, 0) + 1
             self.bar.update(1)
             if self.step % max(1, self.cfg.log_every) == 0 or self.step == self.total_steps:
                 self._log_window(window)
@@ -486,14 +490,14 @@ class _Run:
         elapsed = max(now - window["t"], 1e-9)
         self.clock["wait"] += window["wait"]
         self.clock["total"] += elapsed
-        values = {k: v / window["n"] for k, v in window["stats"].items()} if window["n"] else {}
+        values = {k: v / window["counts"][k] for k, v in window["stats"].items()}
         values.update(lr=self.optimizer.param_groups[0]["lr"], windows_per_s=window["windows"] / elapsed,
                       data_wait=window["wait"] / elapsed)
         self.logger.scalars("train", self.step, values, epoch=self.epoch)
         if "loss" in values:
             self.bar.set_postfix(loss=f"{values['loss']:.4f}", win_s=f"{values['windows_per_s']:.1f}",
                                  epoch=self.epoch)
-        window.update(t=now, wait=0.0, windows=0, stats={}, n=0)
+        window.update(t=now, wait=0.0, windows=0, stats={}, counts={})
 
     def _validate(self) -> None:
         if self.val_loader is None:
