@@ -324,3 +324,35 @@ def test_windows_that_share_a_context_form_one_sibling_group(branch_shards):
         info = branch_of(read_shard(shard_path(branch_shards, scene)).meta["description"])
         if info is not None and start + 1 > info["frame"]:
             assert not any(i in g for g in groups), (scene, start)
+
+
+def test_training_with_sibling_batches_logs_the_sibling_term_and_resumes(branch_shards, tmp_path):
+    """A run with sibling batches trains the sibling-contrastive term on the branch world, and a run resumed from
+    its step-2 checkpoint ends where the uninterrupted one does (the sampler hands out whole batches); the data
+    order cannot change on resume."""
+    import json
+    import shutil
+
+    from conftest import REPO
+    from drivejepa.config import TrainConfig, load_config
+    from drivejepa.errors import UserError
+    from drivejepa.training.trainer import train
+
+    overrides = [f"data.shards={branch_shards}", "data.sibling_batches=true", "loss.sibling_weight=1.0",
+                 "data.horizon=3", "loss.rollout_steps=3", "optim.max_steps=4", "log_every=1", "ckpt_every=2",
+                 "data.val_split="]
+    cfg = load_config(TrainConfig, REPO / "pipelines/train_smoke.yaml", overrides)
+    train(cfg, tmp_path / "full", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_sibling" in r for r in rows if r.get("split") == "train")
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    step2 = tmp_path / "resumed" / "checkpoints" / "step_0000002.pt"
+    shutil.copyfile(tmp_path / "full" / "checkpoints" / "step_0000002.pt", step2)
+    train(cfg, tmp_path / "resumed", resume=str(step2), progress=False)
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], msg=key)
+    other = load_config(TrainConfig, REPO / "pipelines/train_smoke.yaml", overrides + ["data.sibling_batches=false"])
+    with pytest.raises(UserError, match="data.sibling_batches"):
+        train(other, tmp_path / "resumed", resume=str(step2), progress=False)

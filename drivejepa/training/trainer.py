@@ -60,7 +60,7 @@ ARCHITECTURE_KEYS = ("image_backbone", "action_dim", "max_context", "bev_range",
                      *SIZE_PRESETS["demo"])
 # ... and what fixes the data order (the position in the epoch would point at other windows).
 DATA_ORDER_KEYS = ("data.batch_size", "data.context", "data.horizon", "data.stride", "data.train_split",
-                   "data.cameras", "seed")
+                   "data.cameras", "data.sibling_batches", "seed")
 # Optimiser settings applied on resume by rebuilding the schedule at the current step.
 OPTIM_KEYS = ("lr", "weight_decay", "warmup_steps", "t0", "t_mult", "min_lr")
 
