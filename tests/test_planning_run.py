@@ -54,8 +54,12 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
         assert plan.latency_ms["encode"] > 0 and plan.latency_ms["optimise"] > 0
 
 
-def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cfg, tmp_path,
-                                                                 capsys):
+def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, branch_shards, small_plan_cfg,
+                                                                 tmp_path, capsys):
+    """The planning section of ``evaluate`` on the branch world's val split plans factual windows and the branch
+    windows (a branch's window at its branch frame), and recovers actions on both."""
+    import copy
+
     import yaml
 
     from drivejepa import cli
@@ -63,16 +67,21 @@ def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard
 
     ckpt = smoke_run / "checkpoints" / "last.pt"
     plan_yaml = tmp_path / "plan.yaml"
-    plan_yaml.write_text(yaml.safe_dump(config_to_dict(small_plan_cfg)))
-    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--split", "val", "--out",
-                     str(tmp_path / "eval"), "--num-workers", "0", "--no-progress", "--plan-config", str(plan_yaml),
-                     "probe_epochs=20", "horizon=6"]) == 0
+    cfg = copy.deepcopy(small_plan_cfg)
+    cfg.horizon = 4                                  # the branch world's branches run 5 key frames past their branch
+    plan_yaml.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(branch_shards), "--split", "val",
+                     "--out", str(tmp_path / "eval"), "--num-workers", "0", "--no-progress", "--plan-config",
+                     str(plan_yaml), "--allow-other-shards", "probe_epochs=20", "horizon=3"]) == 0
     section = json.loads((tmp_path / "eval" / "metrics.json").read_text())["planning"]
-    assert section["windows"] == min(small_plan_cfg.eval_windows, section["windows_available"])
     methods = section["open_loop"]["factual"]["methods"]
     assert set(methods) == {"world_model", "constant_velocity", "ego_mlp", "expert"}
-    assert all(v is not None and v >= 0 for v in methods["world_model"]["l2_m"]["stp3"])
+    l2 = methods["world_model"]["l2_m"]["stp3"]                 # at 1, 2 and 3 s; a 2 s plan has none at 3 s
+    assert all(v is not None and v >= 0 for v in l2[:2]) and l2[2] is None
+    assert 1 <= section["open_loop"]["factual"]["windows"] <= cfg.eval_windows
+    assert section["open_loop"]["branch"]["windows"] >= 1
     assert section["action_recovery"]["factual"]["windows"] == 2
+    assert section["action_recovery"]["branch"]["windows"] >= 1
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Planning (open loop)" in report and "## Action recovery" in report
     args = ["plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--scene", "scene-0003", "--out",

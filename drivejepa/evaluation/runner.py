@@ -140,8 +140,11 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
         from drivejepa.config import PlanConfig
         from drivejepa.planning.evaluation import planning_section
 
-        metrics["planning"] = planning_section(checkpoint, shards, metrics["provenance"]["eval_scenes"],
-                                               load_config(PlanConfig, plan_config), out, progress=progress)
+        # Every scene of the split: the factual ones and the counterfactual branches, whose windows at their
+        # branch frames are the planning section's branch windows.
+        plan_scenes = [s for s in listed if s in manifest["scenes"]]
+        metrics["planning"] = planning_section(checkpoint, shards, plan_scenes, load_config(PlanConfig, plan_config),
+                                               out, progress=progress)
     write_outputs(out, metrics, fitted)
     if plan_config is not None:
         from drivejepa.planning.evaluation import append_report
