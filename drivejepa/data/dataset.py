@@ -35,8 +35,9 @@ class WindowDataset(Dataset):
     so those can differ) and then different futures: they form a sibling group (``context_group``, the id every
     item carries; ``sibling_groups()``). ``parted_after`` is the window position of a branch's branch frame (its
     last key frame shared with the parent; ``NEVER_PARTS`` for a scene that is no branch): two siblings see the
-    same scene up to the smaller of theirs. Batches of siblings (:func:`sibling_batches`) let the sibling-contrastive loss
-    (``losses.sibling_contrast_loss``) train the predictor to tell those futures apart by their actions alone.
+    same scene up to the smaller of theirs. Batches of siblings (:func:`sibling_batches`) let the
+    sibling-contrastive loss (``losses.sibling_contrast_loss``) train the predictor to tell those futures apart by
+    their actions alone.
 
     ``cameras`` (optional) selects and orders a subset of the shards' cameras. With ``shuffle_actions_seed``, item i
     also holds ``shuffled_actions`` [L, 5], the actions of window ``baselines.shuffled_sources(len, seed)[i]``: the
@@ -138,9 +139,9 @@ def sibling_batches(groups: list[list[int]], n: int, batch: int, rng: np.random.
     arrives together: a group is split into the fewest chunks of at most ``batch`` windows (sizes as equal as
     possible, so no chunk is alone), each chunk filled up to ``batch`` with windows of no group, and the other
     windows batched as they come. Every window appears once, and a batch still short at the end is topped up with
-    windows of no group drawn at random (as DistributedSampler pads), so that every batch is full and a sampler can hand them
-    out as a flat list. The batch order is shuffled by ``rng``; how many batches there are depends only on the group
-    sizes, ``n`` and ``batch``."""
+    windows of no group drawn at random (as DistributedSampler pads), so that every batch is full and a sampler can
+    hand them out as a flat list. The batch order is shuffled by ``rng``; how many batches there are depends only on
+    the group sizes, ``n`` and ``batch``."""
     if batch < 2:
         raise ValueError(f"sibling batches need at least 2 windows a batch, got {batch}")
     grouped = {i for g in groups for i in g}

@@ -130,7 +130,6 @@ def encode_branch_point(model, job: BranchPointJob, batch_size: int, device) -> 
     import torch
 
     from drivejepa.baselines import warp_last
-
     from drivejepa.data.shards import camera_positions, read_shard
     from drivejepa.evaluation.latents import encode_frames
 
@@ -159,13 +158,13 @@ def encode_branch_point(model, job: BranchPointJob, batch_size: int, device) -> 
                                torch.from_numpy(past).unsqueeze(0).expand(k, *past.shape).to(device))
         blind = model.rollout(ctx, acts[:1], None, future_known=False)
     space = model.space
-    last = latent_space.targets(torch.from_numpy(context[-1:]).double(), space)
-    warped = warp_last(last.unsqueeze(0).expand(k, 1, *last.shape[1:]), acts.cpu().double(), model.grid)
+    last = latent_space.targets(context[-1], space)
+    warped = warp_last(torch.from_numpy(last).double().expand(k, 1, *last.shape), acts.cpu().double(), model.grid)
     return {**out, "truth": latent_space.targets(truth, space),
             "model": latent_space.predictions(rolled.float().cpu().numpy(), space),
             "warp_last": warped.float().numpy(),
             "action_blind": latent_space.predictions(blind[0].float().cpu().numpy(), space),
-            "copy_last": latent_space.targets(context[-1], space)}
+            "copy_last": last}
 
 
 def nearest_share(d: np.ndarray) -> np.ndarray:

@@ -110,8 +110,8 @@ def format_headline(metrics: dict) -> str:
         return "\n".join(lines)
     lines.append(f"Counterfactual top-1 over {cf['branch_points']} branch points ({cf['futures']} futures): rollout k "
                  f"with future k's actions is nearest future k's true latent (chance "
-                 f"{_f(cf['overall']['chance'], 3)}; copy-last and action-blind are at chance by construction; warp-last "
-                 f"carries frame b along each future's ego motion)")
+                 f"{_f(cf['overall']['chance'], 3)}; copy-last and action-blind are at chance by construction; "
+                 f"warp-last carries frame b along each future's ego motion)")
     head = f"{'horizon':>8} | {'model':>8} {'warp-last':>9} {'act.blind':>9} {'copy-last':>9} {'chance':>8}"
     lines += [head, "-" * len(head)]
     for r in rows:
