@@ -53,6 +53,25 @@ def test_warps_compose_like_the_motions_and_a_standing_ego_changes_nothing():
     torch.testing.assert_close(step, once)
 
 
+def test_a_rollout_warping_its_own_states_step_by_step_stays_as_sharp_as_one_warp():
+    """A rollout warps its previous prediction at every step; the resampling must not smear the state (bilinear
+    does: six sub-cell steps on 4 m cells lose 12% of a scene's variance, bicubic under 3%)."""
+    grid = BevGrid(16, 32.0)                                                  # the demo grid: 4 m cells
+    g = torch.Generator().manual_seed(3)
+    objects = (torch.rand(30, 2, generator=g) - 0.5) * 64
+    state = _field(objects, grid, sigma=4.0)[None]
+    step = motion_matrix(torch.tensor([[1.3, 0.2, 0.02]]))                    # a third of a cell per step
+    stepwise, transform = state, torch.eye(3)[None]
+    for _ in range(6):
+        transform = transform @ step
+        warped, seen = warp(stepwise, step, grid)
+        stepwise = torch.where(seen[..., None], warped, stepwise)
+    once = warp(state, transform, grid)[0]
+    inner = (grid.centres().abs() < 16).all(dim=1)
+    lost = (stepwise[0, inner] - once[0, inner]).pow(2).mean() / once[0, inner].var()
+    assert lost < 0.05, float(lost)
+
+
 def test_an_untrained_predictor_carries_the_state_along_the_commanded_motion():
     from drivejepa.config import ModelConfig
     from drivejepa.models.world_model import WorldModel

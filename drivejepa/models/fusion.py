@@ -39,17 +39,20 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pos: Optional[torch.Tensor] = None, last: Optional[int] = None) -> torch.Tensor:
         """``pos`` (broadcast to x) is added to what queries and keys see, not to the values (DETR's way), so where
-        a token is steers attention without becoming part of what the token says."""
+        a token is steers attention without becoming part of what the token says. ``last``: only the last ``last``
+        tokens ask (the output is theirs, ``[B, last, D]``), all of them answer."""
         b, t, d = x.shape
         qkv = self.qkv(x)
         if pos is not None:
             qk = F.linear(pos.to(x.dtype), self.qkv.weight[: 2 * d])
             qkv = torch.cat([qkv[..., : 2 * d] + qk, qkv[..., 2 * d :]], dim=-1)
         q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last is not None:
+            q = q[:, :, t - last :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out(y.transpose(1, 2).reshape(b, t, d))
+        return self.out(y.transpose(1, 2).reshape(b, q.shape[2], d))
 
 
 class Block(nn.Module):

@@ -58,17 +58,20 @@ class SpaceTimeBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, frame_valid: torch.Tensor,
-                pos: torch.Tensor) -> torch.Tensor:
+                pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """x [B, T, N, D], cond [B, D], frame_valid [B, T] (the last frame always valid), pos [N, D] (the cells'
-        position embedding, seen by the spatial attention's queries and keys)."""
+        position embedding, seen by the spatial attention's queries and keys). ``last_only``: the output is the
+        last frame's alone, ``[B, 1, N, D]`` (the predictor's last block: nothing reads the other frames after it,
+        so their spatial attention and MLP are not computed)."""
         b, t, n, d = x.shape
         mods = self.modulation(cond).view(b, 9, 1, 1, d).unbind(1)
         h = _modulate(self.norms[0](x), mods[0], mods[1]).transpose(1, 2).reshape(b * n, t, d)
         mask = frame_valid.repeat_interleave(n, dim=0)[:, None, None, :]
-        h = self.time_attn(h, mask).view(b, n, t, d).transpose(1, 2)
-        x = x + self.drop_path(mods[2] * h)
-        h = _modulate(self.norms[1](x), mods[3], mods[4]).reshape(b * t, n, d)
-        x = x + self.drop_path(mods[5] * self.space_attn(h, pos=pos).view(b, t, n, d))
+        out = 1 if last_only else t
+        h = self.time_attn(h, mask, last=out).view(b, n, out, d).transpose(1, 2)
+        x = x[:, t - out :] + self.drop_path(mods[2] * h)
+        h = _modulate(self.norms[1](x), mods[3], mods[4]).reshape(b * out, n, d)
+        x = x + self.drop_path(mods[5] * self.space_attn(h, pos=pos).view(b, out, n, d))
         h = _modulate(self.norms[2](x), mods[6], mods[7])
         return x + self.drop_path(mods[8] * self.mlp(h))
 
@@ -133,8 +136,8 @@ class Predictor(nn.Module):
         a = actions[:, -1].to(x.dtype) / self.action_scales.to(x.dtype)
         cond = self.action_in(a.index_select(-1, self.condition_index))
         cond = torch.where(known[:, -1:], cond, self.unknown_action.to(cond.dtype))
-        for block in self.blocks:
-            x = block(x, cond, frame_valid, self.pos_embed)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cond, frame_valid, self.pos_embed, last_only=i == len(self.blocks) - 1)
         change = self.out(x[:, -1])
         scale = bases[:, -1].detach().pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()   # the change is relative to it
         return self.base(bases[:, -1], warped[:, -1], seen[:, -1]) + self.change_gate * scale * change
