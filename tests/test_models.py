@@ -248,6 +248,24 @@ def test_rollout_beyond_max_context_slides_the_window():
     assert out.shape == (1, 7, *state_shape(model)) and torch.isfinite(out).all()
 
 
+def test_the_last_block_computing_the_newest_frame_alone_gives_the_full_blocks_newest_frame():
+    """The predictor's last block skips the older frames' spatial attention and MLP; that must not change what it
+    predicts (modulation weights made non-zero: adaLN-Zero starts every block as the identity)."""
+    from drivejepa.models.predictor import SpaceTimeBlock
+
+    torch.manual_seed(0)
+    block = SpaceTimeBlock(16, 2, 2.0).eval()
+    torch.nn.init.normal_(block.modulation[1].weight, std=0.2)
+    x, cond, pos = torch.randn(3, 2, 9, 16), torch.randn(3, 16), torch.randn(9, 16)
+    valid = torch.tensor([[True, True], [False, True], [True, True]])
+    with torch.no_grad():
+        full = block(x, cond, valid, pos)
+        last = block(x, cond, valid, pos, last_only=True)
+    assert last.shape == (3, 1, 9, 16)
+    torch.testing.assert_close(last, full[:, -1:])
+    assert (full[:, -1] - x[:, -1]).abs().max() > 0.1                 # the block does change the frame
+
+
 def test_predictor_is_causal_and_uses_the_action(model):
     g = torch.Generator().manual_seed(4)
     states = torch.randn(B, 5, *state_shape(model), generator=g)
