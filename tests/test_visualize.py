@@ -292,3 +292,32 @@ def test_saved_decoder_is_reused_only_for_the_checkpoint_it_was_trained_for(tmp_
     assert found is not None and found[0].spec.grid == 16
     ckpt.write_bytes(b"weights v2")                                        # the run trained on
     assert find_decoder(ckpt) is None
+
+
+STANDING_PLAN = """
+import numpy as np
+from drivejepa.visualization.render import OffscreenView, save_png
+from drivejepa.visualization.scene import SceneLayers
+scene = SceneLayers(true_points=np.random.default_rng(0).uniform(0, 20, (500, 3)).astype(np.float32),
+                    ego=(-1.4, 0.0, 0.0), true_path=np.stack([np.linspace(0, 50, 31), np.zeros(31)], 1),
+                    action_path=np.zeros((7, 3)), candidate_paths=np.zeros((4, 6, 3)))
+with OffscreenView(320, 240) as view:
+    save_png({out!r}, view.render(scene))
+"""
+
+
+def test_a_standing_plan_renders(tmp_path):
+    """A planner that stands still has a plan and candidates whose points all coincide; Open3D's renderer segfaulted
+    on such a line set and took ``drive --render`` down with it. Rendered in a child process, so that a crash fails
+    this test and not the whole session."""
+    import subprocess
+    import sys
+
+    if not probe_rendering().ok:
+        pytest.skip(probe_rendering().message)
+    out = tmp_path / "standing.png"
+    done = subprocess.run([sys.executable, "-c", STANDING_PLAN.format(out=str(out))], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert _mask(image, EGO_COLOR).sum() > 20

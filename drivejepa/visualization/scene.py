@@ -106,11 +106,19 @@ def _point_cloud(points: np.ndarray, color) -> Any:
 
 
 def _line_set(vertices: np.ndarray, edges: np.ndarray, colors: np.ndarray) -> Any:
+    """An Open3D LineSet of the edges that have a length; None when none has. Open3D's offscreen renderer segfaults
+    on a line set whose points all coincide: a standing plan is one, and ``drive --render`` died at the first key
+    frame where the planner stood still."""
     import open3d as o3d
 
-    ls = o3d.geometry.LineSet(o3d.utility.Vector3dVector(np.asarray(vertices, dtype=np.float64)),
-                              o3d.utility.Vector2iVector(np.asarray(edges, dtype=np.int32)))
-    ls.colors = o3d.utility.Vector3dVector(np.asarray(colors, dtype=np.float64))
+    vertices = np.asarray(vertices, dtype=np.float64)
+    edges = np.asarray(edges, dtype=np.int64).reshape(-1, 2)
+    keep = np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=-1) > 1e-6
+    if not keep.any():
+        return None
+    ls = o3d.geometry.LineSet(o3d.utility.Vector3dVector(vertices),
+                              o3d.utility.Vector2iVector(edges[keep].astype(np.int32)))
+    ls.colors = o3d.utility.Vector3dVector(np.asarray(colors, dtype=np.float64)[keep])
     return ls
 
 
@@ -144,7 +152,8 @@ def _polyline(path: np.ndarray, color) -> Any:
 
 
 def build_geometries(layers: SceneLayers, point_size: float = 2.0, line_width: float = 3.0) -> list[Geometry]:
-    """Open3D geometry for every non-empty layer, in drawing order (later layers on top)."""
+    """Open3D geometry for every non-empty layer, in drawing order (later layers on top); a line layer with no edge
+    of any length (a standing plan) is left out."""
     out: list[Geometry] = []
     if layers.true_points is not None and len(layers.true_points):
         out.append(Geometry("true_points", _point_cloud(layers.true_points, TRUE_COLOR), "points", point_size))
@@ -174,4 +183,4 @@ def build_geometries(layers: SceneLayers, point_size: float = 2.0, line_width: f
             out.append(Geometry(name + "_steps", _point_cloud(_path3d(path), color), "points", point_size + 5.0))
     if layers.ego is not None:
         out.append(Geometry("ego", _ego_mesh(layers.ego), "mesh"))
-    return out
+    return [g for g in out if g.geometry is not None]
