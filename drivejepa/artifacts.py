@@ -44,12 +44,16 @@ def load_artifact(path: str | Path, what: str) -> dict:
         raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}); delete it to retrain") from exc
 
 
-def find_artifact(checkpoint: str | Path, kind: str, what: str) -> Optional[dict]:
-    """The saved state of ``kind`` for this exact checkpoint (same SHA-256 in its ``meta``), or None."""
+def find_artifact(checkpoint: str | Path, kind: str, what: str, fmt: Optional[int] = None) -> Optional[dict]:
+    """The saved state of ``kind`` for this exact checkpoint (same SHA-256 in its ``meta``) and, when ``fmt`` is
+    given, of this code's format; else None (the caller fits a new one)."""
     path = artifact_path(checkpoint, kind)
     if not path.is_file():
         return None
     state = load_artifact(path, what)
+    if fmt is not None and state.get("format") != fmt:
+        log.info("%s was written in format %s, this code reads %s; retraining", path, state.get("format"), fmt)
+        return None
     if dict(state.get("meta", {})).get("checkpoint_sha256") != file_sha256(checkpoint):
         log.info("%s was trained for another version of %s; retraining", path, checkpoint)
         return None

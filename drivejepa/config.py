@@ -304,7 +304,7 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
 @dataclasses.dataclass
 class LossConfig:
     objective: Literal["jepa", "infonce"] = "jepa"
-    regression: Literal["smooth_l1", "mse"] = "smooth_l1"
+    regression: Literal["smooth_l1", "mse", "l1"] = "smooth_l1"
     normalize_targets: bool = True
     temperature: float = 0.1
     vicreg_weight: float = 0.0
@@ -397,6 +397,8 @@ class OptimizerConfig:
     elites: int = 8                                   # CEM: best candidates the next distribution is fitted to
     momentum: float = 0.1                             # CEM: share of the old mean and spread kept each iteration
     temperature: float = 0.5                          # MPPI: weights exp(-(cost - min cost) / temperature)
+    noise: Literal["walk", "white"] = "walk"          # a candidate's deviation over the steps: a random walk, or
+                                                      # independent per step (see planning/optimizer.py)
     init_std: tuple[float, float] = (1.5, 0.1)        # sampling spread of speed (m/s) and yaw rate (rad/s)
     min_std: tuple[float, float] = (0.05, 0.005)      # CEM: the spread never shrinks below this
     seed: int = 0
@@ -418,6 +420,7 @@ class CostWeights:
     """Weights of the planner's cost terms (drivejepa/planning/costs.py)."""
     collision: float = 20.0                           # predicted (or, for the oracle, true) occupancy under the ego
     drivable: float = 5.0                             # predicted non-drivable area under the ego
+    headway: float = 10.0                             # predicted occupancy in the gap ahead the planned speed needs
     progress: float = 1.0                             # distance short of the reference speed's
     command: float = 2.0                              # end point on the wrong side of the route command
     comfort: float = 0.2                              # acceleration, jerk and yaw acceleration
@@ -472,9 +475,14 @@ class PlanConfig:
     ego_width: float = 1.85
     ego_center_ahead: float = 0.0                     # box centre ahead of the ego pose (0: synthetic world)
     collision_margin: float = 0.3                     # metres added around the ego box in the latent costs
+    headway_seconds: float = 1.2                      # the gap ahead the headway cost wants: min_gap + seconds * v
+    headway_min_gap: float = 2.5                      # (the synthetic world's IDM: 1.2 s and 2.5 m)
+    headway_static_steps: int = 6                     # steps whose headway also reads the observed scene held still
+    headway_static_frames: int = 1                    # ... what stood still over this many context frames
     command_threshold: float = 2.0                    # metres of lateral offset at command_seconds: left / right
     command_seconds: float = 3.0
-    reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = keep the current speed
+    reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = the cruise speed:
+    reference_seconds: float = 10.0                   # the speed kept: the highest of the ego's last seconds (0: now)
     min_reference_speed: float = 2.0                  # ... but at least this (a stopped ego moves on)
     eval_windows: int = 4                             # evaluate --plan-config: windows planned, factual and branch
                                                       # each (seeded choice over the evaluated scenes); 0 = all
@@ -613,7 +621,10 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _at_least(cfg, "", source, 1, "horizon")
         for key in ("frame_seconds", "ego_length", "ego_width", "command_threshold", "command_seconds"):
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")
-        _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows")
+        _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows",
+                  "headway_seconds", "reference_seconds", "headway_static_steps")
+        _at_least(cfg, "", source, 1, "headway_static_frames")
+        _require(cfg.headway_min_gap > 0, source, "headway_min_gap", cfg.headway_min_gap, "must be positive")
         _at_least(o, "optimizer.", source, 1, "candidates", "iterations", "elites")
         _require(o.elites <= o.candidates, source, "optimizer.elites", o.elites,
                  f"must be at most optimizer.candidates = {o.candidates}")
@@ -623,7 +634,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
                  "must be positive (and optimizer.min_std not negative)")
         for key in ("max_speed", "max_accel", "max_decel", "max_yaw_rate", "max_curvature", "max_lateral_accel"):
             _require(getattr(lim, key) > 0, source, f"limits.{key}", getattr(lim, key), "must be positive")
-        for key in ("collision", "drivable", "progress", "command", "comfort"):
+        for key in ("collision", "drivable", "headway", "progress", "command", "comfort"):
             _at_least(cfg.weights, "weights.", source, 0, key)
         _at_least(h, "heads.", source, 1, "subcells", "hidden", "steps", "batch_size", "max_train_frames")
         _at_least(e, "ego_mlp.", source, 1, "past_steps", "hidden", "steps", "batch_size")

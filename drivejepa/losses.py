@@ -13,7 +13,9 @@ def regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
         return F.smooth_l1_loss(pred, target)
     if kind == "mse":
         return F.mse_loss(pred, target)
-    raise ValueError(f"unknown regression loss '{kind}' (smooth_l1 or mse)")
+    if kind == "l1":
+        return F.l1_loss(pred, target)
+    raise ValueError(f"unknown regression loss '{kind}' (smooth_l1, mse or l1)")
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

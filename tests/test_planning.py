@@ -206,6 +206,108 @@ def test_planner_with_an_oracle_cost_avoids_a_stopped_car_that_constant_velocity
     assert end[0] > 5.0                                                        # and it still drives on
 
 
+def test_planner_takes_its_cruise_speed_back_once_the_lane_is_clear():
+    """An ego that cruised at 10 m/s and slowed to 2 m/s behind traffic (now gone) plans to speed up again; the
+    cruise speed is the highest of the last ``reference_seconds`` (with 0, only the current speed counts)."""
+    from drivejepa.planning.costs import OracleCost
+    from drivejepa.planning.planner import Planner
+
+    history = controls_to_actions(np.array([[10.0, 0.0]] * 10 + [[6.0, 0.0], [2.0, 0.0]]), 0.5)
+    ends = {}
+    for seconds in (10.0, 0.0):
+        cfg = PlanConfig(device="cpu", reference_seconds=seconds)
+        planner = Planner(cfg=cfg, scene_cost=OracleCost(torch.zeros(1, 6, 1, 5), torch.zeros(1, 6, 1), cfg))
+        ends[seconds] = planner.plan(None, history, "straight").controls[-1, 0]
+    assert ends[10.0] > 4.0 and ends[0.0] < 2.5
+
+
+class CopyLastModel(torch.nn.Module):
+    """A world model whose every predicted state is the last context state (the world moves with the ego)."""
+    space = "raw"
+
+    def rollout(self, context, actions, past_actions=None):
+        return context[:, -1:].expand(-1, actions.shape[1], *context.shape[2:])
+
+
+def _car_ahead_heads_and_state():
+    """Cost heads that read channel 0 as the occupancy of a token's 4 x 4 cells, and a context whose last state has
+    a car 8-12 m ahead of the ego's centre in its lane."""
+    from drivejepa.planning.heads import CostHeads, HeadSpec
+
+    heads = CostHeads(HeadSpec(channels=1, bev_size=16, bev_range=32.0, subcells=4, kind="linear"))
+    with torch.no_grad():
+        heads.head.weight.zero_()
+        heads.head.bias.fill_(-20.0)
+        heads.head.weight[: 16, 0] = 40.0
+    state = torch.zeros(1, 2, 256, 1)
+    state[..., [10 * 16 + 7, 10 * 16 + 8], 0] = 1.0    # the tokens of x in [8, 12) m, y in [-4, 4) m
+    return heads, state
+
+
+def _headway_terms(model, heads, state, cfg, speeds):
+    from drivejepa.planning.costs import LatentSceneCost, Situation
+
+    n = len(speeds)
+    actions = controls_to_actions(torch.stack([speeds, torch.zeros(n)], -1)[:, None].expand(n, 6, 2), 0.5)[None]
+    cost = LatentSceneCost(model, heads, cfg)
+    return cost(Situation(torch.tensor([5.0]), torch.tensor([0]), state, None), actions, integrate(actions))
+
+
+def test_headway_cost_wants_the_gap_the_planned_speed_needs_from_predicted_occupancy():
+    """A car predicted 8-12 m ahead of the ego's centre: standing still needs only the minimum gap and pays nothing,
+    faster plans reach further and pay more; the footprint collision term does not see that car at all."""
+    from drivejepa.planning.costs import corridor
+
+    cfg = PlanConfig(device="cpu", headway_static_steps=0)
+    heads, state = _car_ahead_heads_and_state()
+    lane, ahead = corridor(heads.spec.grid, heads.spec.bev_range, cfg)
+    assert (ahead >= 0).all() and ahead.min() < 1.0 and lane.numel() > 0
+    terms = _headway_terms(CopyLastModel(), heads, state, cfg, torch.tensor([0.0, 5.0, 10.0, 20.0]))
+    headway = terms["headway"][0]
+    assert headway[0] < 1e-6 and bool((headway[1:] > 0.1).all()) and bool((torch.diff(headway) > 0).all())
+    assert float(terms["collision"][0].max()) < 1e-6
+
+
+def test_headway_reads_the_observed_car_held_still_where_the_rollout_loses_it():
+    """A rollout that fades the car out predicts an empty lane; with ``headway_static_steps`` the last observed
+    state, held still and seen from the first planned pose, still puts the car in the way of the faster plans."""
+
+    class FadingModel(CopyLastModel):
+        def rollout(self, context, actions, past_actions=None):
+            return torch.zeros_like(super().rollout(context, actions, past_actions))
+
+    heads, state = _car_ahead_heads_and_state()
+    speeds = torch.tensor([0.0, 5.0, 10.0])
+    model = FadingModel()
+    blind = _headway_terms(model, heads, state, PlanConfig(device="cpu", headway_static_steps=0), speeds)["headway"]
+    floor = _headway_terms(model, heads, state, PlanConfig(device="cpu", headway_static_steps=1), speeds)["headway"]
+    assert float(blind.max()) < 1e-6
+    assert floor[0, 0] < 1e-6 and bool((floor[0, 1:] > 0.5).all())
+
+
+def test_headway_floor_counts_a_standing_car_and_not_one_that_drove_on():
+    """The floor is what stood still over the two context frames: a car in the same place in both is in the way of
+    a faster plan; a car that was 4 m further back half a second ago (driving on ahead of the ego) is not."""
+    class FadingModel(CopyLastModel):
+        def rollout(self, context, actions, past_actions=None):
+            return torch.zeros_like(super().rollout(context, actions, past_actions))
+
+    from drivejepa.planning.costs import LatentSceneCost, Situation
+
+    heads, standing = _car_ahead_heads_and_state()
+    moving = standing.clone()
+    moving[:, 0] = 0.0
+    moving[:, 0, [9 * 16 + 7, 9 * 16 + 8], 0] = 1.0   # half a second earlier: x in [4, 8) m
+    cfg = PlanConfig(device="cpu", headway_static_steps=6, headway_static_frames=2)
+    actions = controls_to_actions(torch.tensor([[[8.0, 0.0]] * 6]), 0.5)[None]
+    past = torch.zeros(1, 1, 5)                        # the ego stood still between the two frames
+    cost = LatentSceneCost(FadingModel(), heads, cfg)
+    floor = {name: float(cost(Situation(torch.tensor([8.0]), torch.tensor([0]), state, past), actions,
+                              integrate(actions))["headway"][0, 0])
+             for name, state in (("standing", standing), ("moving", moving))}
+    assert floor["standing"] > 0.5 and floor["moving"] < 1e-3
+
+
 def test_cost_heads_map_tokens_to_their_cells():
     """Token i * G + j holds the s x s cells of x bin i and y bin j; reading a few cells gives the full map's values."""
     from drivejepa.planning.heads import CostHeads, HeadSpec
@@ -240,7 +342,8 @@ def test_ego_mlp_learns_the_future_from_past_motion_and_the_command():
     past = controls_to_actions(np.stack([speed, np.zeros(n)], -1)[:, None].repeat(4, 1), 0.5)
     truth = integrate(controls_to_actions(np.stack([speed, yaw_rate], -1)[:, None].repeat(horizon, 1), 0.5))
     windows = Windows(scene=["toy"] * n, start=np.zeros(n, int), branch=np.zeros(n, bool), past=past,
-                      speed_now=speed.astype(np.float32), command=command, truth=truth,
+                      speed_now=speed.astype(np.float32), cruise_speed=speed.astype(np.float32), command=command,
+                      truth=truth,
                       actions=np.zeros((n, horizon, 5), np.float32), boxes=np.zeros((n, horizon, 0, 5)),
                       box_mask=np.zeros((n, horizon, 0), bool))
     model = fit_ego_mlp(windows, EgoSpec(past_steps=4, horizon=horizon, frame_seconds=0.5),

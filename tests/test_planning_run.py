@@ -49,8 +49,8 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
         np.testing.assert_allclose(plan.actions, controls_to_actions(plan.controls, 0.5), atol=1e-5)
         np.testing.assert_allclose(plan.trajectory, integrate(plan.actions), atol=1e-4)
         assert plan.candidates.shape == (small_plan_cfg.optimizer.candidates, h + 1, 3)
-        assert np.isfinite(plan.cost) and set(plan.terms) == {"collision", "drivable", "progress", "command",
-                                                              "comfort"}
+        assert np.isfinite(plan.cost) and set(plan.terms) == {"collision", "drivable", "headway", "progress",
+                                                              "command", "comfort"}
         assert plan.latency_ms["encode"] > 0 and plan.latency_ms["optimise"] > 0
 
 

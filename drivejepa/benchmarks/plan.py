@@ -87,7 +87,7 @@ def run(args) -> dict:
     from drivejepa.config import PlanConfig, TrainConfig, load_config
     from drivejepa.artifacts import find_artifact
     from drivejepa.data.shards import PER_CAMERA
-    from drivejepa.planning.heads import KIND, CostHeads, HeadSpec, heads_from_state, heads_path
+    from drivejepa.planning.heads import FORMAT, KIND, CostHeads, HeadSpec, heads_from_state, heads_path
     from drivejepa.planning.planner import Planner
     from drivejepa.runtime import select_device
 
@@ -100,7 +100,7 @@ def run(args) -> dict:
         from drivejepa.training.checkpoint import load_world_model
 
         model, train_cfg = load_world_model(args.checkpoint, device)
-        state = find_artifact(args.checkpoint, KIND, "cost heads")
+        state = find_artifact(args.checkpoint, KIND, "cost heads", FORMAT)
         heads = heads_from_state(state, heads_path(args.checkpoint))[0] if state is not None else None
         source = args.checkpoint
     else:

@@ -6,8 +6,26 @@
   that frame's ego frame: the ego sits at the grid's origin, so the cost reads the cells under the ego's box there
   (plus ``collision_margin``). Collision is the highest occupancy probability under the box, drivable the mean
   non-drivable probability, each averaged over the steps.
-- ``progress``: the share of the reference distance (``reference_speed`` times the horizon; by default the current
-  speed, at least ``min_reference_speed``) that the plan falls short of.
+- ``headway``: the gap the ego needs ahead at its planned speed, read from the same predicted occupancy. At step k the
+  ego drives at v_k; the cells in its lane ahead of its box (``corridor``) up to ``headway_min_gap + headway_seconds
+  * v_k`` count, each weighted by how far inside that gap it lies (1 at the bumper, 0 at the gap's end), and the term
+  is the highest weighted occupancy over the cells and the steps: the IDM's desired gap, as a cost (the highest over
+  the steps, not their mean: a plan that drives through a car would otherwise pay less than one that stops short). It is what lets a
+  planner brake before a collision rather than at it: a predicted state is the encoder's view of a frame, and no
+  training frame has another agent under the ego, so the heads read the ego's own cells as free (their per-cell
+  prior) whatever the rollout says; the cells ahead are where the heads were trained to see cars. For the first
+  ``headway_static_steps`` steps the term also reads the last observed state held still in the world and seen from
+  the step's planned pose (the predictor's own geometric path, ``bev.warp``, without its learned change): the
+  static-world assumption of occupancy-grid planners, a floor under what the rollout predicts. The rollouts of the
+  demo checkpoint fade a car ahead out of the lane when the ego drives on, so without the floor the planner reads a
+  clear road into a car it sees now. Over the whole horizon (the default) it takes every car ahead for a standing
+  one, and the ego keeps long gaps behind moving traffic; over the first step alone (the IDM's own rule: keep the
+  gap to what is there now) the calibrated heads' 0.2-0.3 on a car did not outweigh braking's comfort cost, and the
+  planner rear-ended as often as without the floor (README, closed loop).
+- ``progress``: the share of the reference distance (``reference_speed`` times the horizon; by default the ego's
+  cruise speed: its highest speed over the last ``reference_seconds``, at least ``min_reference_speed``) that the
+  plan falls short of. The cruise speed, not the current one: an ego that slowed behind a car wants its speed back
+  once the lane clears.
 - ``command``: the route as the nuScenes planning protocol gives it (:mod:`drivejepa.planning.route`): how far the end
   point at ``command_seconds`` lies on the wrong side of the command's lateral threshold, in thresholds.
 - ``comfort``: mean squared acceleration, jerk and yaw acceleration in units of 2 m/s^2, 4 m/s^3 and 0.5 rad/s^2.
@@ -19,9 +37,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
 import torch
 
 from drivejepa.boxes import boxes_overlap, ego_boxes
+from drivejepa.models.bev import BevGrid
 from drivejepa.planning.route import COMMAND_SIGN
 
 ACCEL_UNIT, JERK_UNIT, YAW_ACCEL_UNIT = 2.0, 4.0, 0.5
@@ -34,10 +54,22 @@ class Situation:
     command: torch.Tensor                          # [B] long: index into route.COMMANDS
     context: Optional[torch.Tensor] = None         # [B, Tc, *S] target-encoder states, oldest first
     past_actions: Optional[torch.Tensor] = None    # [B, Tc - 1, 5] actions of the earlier context frames
+    cruise_speed: Optional[torch.Tensor] = None    # [B] m/s: the highest of the last reference_seconds (or speed_now)
 
     @property
     def problems(self) -> int:
         return int(self.speed_now.shape[0])
+
+    @property
+    def cruise(self) -> torch.Tensor:
+        return self.speed_now if self.cruise_speed is None else self.cruise_speed
+
+
+def cruise_speed(speeds, cfg):
+    """The ego's cruise speed from its past speeds ``[..., n]`` (oldest first; numpy or torch): the highest of the
+    last ``reference_seconds`` (the last one alone when that is 0)."""
+    n = max(1, round(cfg.reference_seconds / cfg.frame_seconds))
+    return speeds[..., -n:].max(-1) if isinstance(speeds, np.ndarray) else speeds[..., -n:].amax(-1)
 
 
 def comfort(controls: torch.Tensor, speed_now: torch.Tensor, dt: float) -> torch.Tensor:
@@ -54,11 +86,12 @@ def comfort(controls: torch.Tensor, speed_now: torch.Tensor, dt: float) -> torch
     return out
 
 
-def progress(poses: torch.Tensor, speed_now: torch.Tensor, cfg) -> torch.Tensor:
-    """``[B, P, H+1, 3]`` poses -> ``[B, P]``: share of the reference distance not covered (0 when reached)."""
+def progress(poses: torch.Tensor, cruise: torch.Tensor, cfg) -> torch.Tensor:
+    """``[B, P, H+1, 3]`` poses, cruise speeds ``[B]`` -> ``[B, P]``: share of the reference distance not covered (0
+    when reached)."""
     steps = poses.shape[-2] - 1
-    reference = speed_now.clamp(min=cfg.min_reference_speed) if cfg.reference_speed <= 0 else \
-        torch.full_like(speed_now, float(cfg.reference_speed))
+    reference = cruise.clamp(min=cfg.min_reference_speed) if cfg.reference_speed <= 0 else \
+        torch.full_like(cruise, float(cfg.reference_speed))
     distance = torch.diff(poses[..., :2], dim=-2).norm(dim=-1).sum(-1)
     target = reference * steps * cfg.frame_seconds
     return (1.0 - distance / target[:, None]).clamp(min=0.0)
@@ -91,12 +124,28 @@ def footprint(grid: int, grid_range: float, cfg, device=None) -> torch.Tensor:
     return inside.reshape(grid, grid).to(device)
 
 
+def corridor(grid: int, grid_range: float, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ego's lane ahead of its box at the origin: flat indices ``[M]`` of the cells whose centres lie within the
+    box's half width (plus ``collision_margin``) and ahead of its front, up to the largest gap the limits allow
+    (``headway_min_gap + headway_seconds * limits.max_speed``), and each one's distance ahead of the front ``[M]``."""
+    from drivejepa.evaluation.probes import grid_centers
+
+    centres = torch.as_tensor(grid_centers(grid, grid_range), dtype=torch.float32)
+    ahead = centres[:, 0] - cfg.ego_center_ahead - cfg.ego_length / 2
+    reach = cfg.headway_min_gap + cfg.headway_seconds * cfg.limits.max_speed
+    inside = (ahead >= 0) & (ahead <= reach) & (centres[:, 1].abs() <= cfg.ego_width / 2 + cfg.collision_margin)
+    cells = torch.nonzero(inside)[:, 0]
+    return cells, ahead[cells]
+
+
 class LatentSceneCost:
-    """Collision and drivable-area terms read from the model's rollout through the cost heads."""
+    """Collision, headway and drivable-area terms read from the model's rollout through the cost heads."""
 
     def __init__(self, model, heads, cfg, chunk: int = 512):
         self.model, self.heads, self.cfg, self.chunk = model, heads, cfg, chunk
         self.cells = torch.nonzero(footprint(heads.spec.grid, heads.spec.bev_range, cfg).flatten())[:, 0]
+        self.lane, self.ahead = corridor(heads.spec.grid, heads.spec.bev_range, cfg)
+        self.grid = BevGrid(heads.spec.bev_size, heads.spec.bev_range)       # the states' grid
 
     def __call__(self, situation: Situation, actions: torch.Tensor, poses: torch.Tensor) -> dict:
         from drivejepa.planning.heads import TASKS
@@ -104,18 +153,63 @@ class LatentSceneCost:
 
         if situation.context is None:
             raise ValueError("the latent scene cost needs the context states of the decision")
-        cells = self.cells.to(actions.device)
+        cfg, under = self.cfg, len(self.cells)
+        cells = torch.cat([self.cells, self.lane]).to(actions.device)
+        ahead = self.ahead.to(actions.device)
+        flat = actions.flatten(0, 1)                                            # [B*P, H, 5]
+        gaps = cfg.headway_min_gap + cfg.headway_seconds * flat[..., 3].clamp(min=0.0)   # [B*P, H]
         occ, free = TASKS.index("occupancy"), TASKS.index("drivable")
+        p = actions.shape[1]
 
         def reduce(pred, rows):
             prob = torch.sigmoid(self.heads.logits_at(pred, cells))             # [n, H, 2, cells]
-            collision = prob[:, :, occ].amax(-1).mean(-1)
-            off_road = (1.0 - prob[:, :, free]).mean(-1).mean(-1)
-            return torch.stack([collision, off_road], dim=-1)
+            collision = prob[:, :, occ, :under].amax(-1).mean(-1)
+            off_road = (1.0 - prob[:, :, free, :under]).mean(-1).mean(-1)
+            lane = prob[:, :, occ, under:]
+            k = min(int(cfg.headway_static_steps), lane.shape[1])
+            if k > 0:
+                problem = torch.arange(rows.start, rows.stop, device=pred.device) // p
+                past = None if situation.past_actions is None else situation.past_actions[problem]
+                floor = self.static_lane(situation.context[problem], past, flat[rows, :k])
+                lane = torch.cat([torch.maximum(lane[:, :k], floor), lane[:, k:]], dim=1)
+            inside = (1.0 - ahead / gaps[rows, :, None]).clamp(min=0.0)         # [n, H, lane cells]
+            headway = (lane * inside).amax(-1).amax(-1)
+            return torch.stack([collision, off_road, headway], dim=-1)
 
         terms = rollout_candidates(self.model, situation.context, situation.past_actions, actions, reduce,
                                    self.chunk)
-        return {"collision": terms[..., 0], "drivable": terms[..., 1]}
+        return {"collision": terms[..., 0], "drivable": terms[..., 1], "headway": terms[..., 2]}
+
+    def static_lane(self, context: torch.Tensor, past: Optional[torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
+        """Occupancy ``[n, H, lane cells]`` of what stood still over the last ``headway_static_frames`` context
+        states (``context`` ``[n, Tc, N, C]``, ``past`` ``[n, Tc - 1, 5]`` the actions between them, or None): each
+        state held still in the world and seen from the pose after each of the planned ``actions`` ``[n, H, 5]``,
+        and the lowest of their occupancies (a car that drove on is in one frame's place and not the other's; a
+        cell out of a frame's view reads 0)."""
+        from drivejepa import latent_space
+        from drivejepa.models.bev import motion_matrix, warp
+        from drivejepa.planning.heads import TASKS
+
+        n, h = actions.shape[:2]
+        steps = motion_matrix(actions[..., :3].float())                         # frame k+1 -> frame k
+        poses = [steps[:, 0]]
+        for k in range(1, h):
+            poses.append(poses[-1] @ steps[:, k])                               # frame k+1 -> now
+        to_now = torch.stack(poses, dim=1)                                      # [n, H, 3, 3]
+        frames = 1 if past is None else min(int(self.cfg.headway_static_frames), context.shape[1])
+        spec = self.heads.spec
+        row, col = self.lane // spec.grid, self.lane % spec.grid
+        token = ((row // spec.subcells) * spec.bev_size + col // spec.subcells).to(actions.device)
+        lowest, back = None, torch.eye(3, device=actions.device).expand(n, 3, 3)
+        for j in range(1, frames + 1):                                          # the last frame first
+            if j > 1:
+                back = motion_matrix(past[:, -(j - 1), :3].float()) @ back        # now -> frame t-j+1
+            base = latent_space.targets(context[:, -j].float(), self.model.space)
+            warped, seen = warp(base.repeat_interleave(h, dim=0), (back[:, None] @ to_now).flatten(0, 1), self.grid)
+            logits = self.heads.logits_at(warped, self.lane.to(actions.device))[:, TASKS.index("occupancy")]
+            prob = torch.sigmoid(logits) * seen[:, token]
+            lowest = prob if lowest is None else torch.minimum(lowest, prob)
+        return lowest.view(n, h, -1)
 
 
 class OracleCost:

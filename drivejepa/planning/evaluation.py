@@ -102,7 +102,8 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
             past = None if context < 2 else torch.from_numpy(
                 np.ascontiguousarray(windows.past[sl, -(context - 1):], dtype=np.float32)).to(device)
             situation = Situation(torch.from_numpy(windows.speed_now[sl]).to(device),
-                                  torch.from_numpy(windows.command[sl]).to(device), ctx, past)
+                                  torch.from_numpy(windows.command[sl]).to(device), ctx, past,
+                                  torch.from_numpy(windows.cruise_speed[sl]).to(device))
             predictions["world_model"].append(planner.decide(situation).poses.cpu().numpy())
         plan_seconds += time.perf_counter() - t1
         mine = [i for subset in SUBSETS for sc, i in chosen[subset] if sc == scene]

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("occupancy", "drivable")
 KIND = "planning_heads"
-FORMAT = 1
+FORMAT = 2                          # 2: probabilities calibrated (the positives' weight taken back out of the bias)
 
 
 @dataclasses.dataclass
@@ -155,7 +155,10 @@ def collect(model, shard_dir, scenes: list[str], spec: HeadSpec, drivable_range:
 # ----------------------------------------------------------------------------------------------------------------
 def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progress: bool = True) -> CostHeads:
     """Fit both heads on (states ``[n, N, C]``, bool labels ``[n, 2, G*s, G*s]``); ``cfg`` is a
-    ``config.HeadsConfig``. Occupancy's rare positive cells are weighted up (as the occupancy probe does)."""
+    ``config.HeadsConfig``. Occupancy's rare positive cells are weighted up (as the occupancy probe does), which
+    learns logits shifted by log(pos_weight) (the minimiser of the weighted loss for a cell occupied with
+    probability p is logit(p) + log w); the shift is taken back out of the bias after the fit, so the costs read
+    calibrated probabilities (with it, a cell occupied 5% of the time read 0.5, and the empty lane ahead 0.5-0.9)."""
     from tqdm import tqdm
 
     from drivejepa.evaluation.probes import best_threshold
@@ -186,6 +189,8 @@ def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progr
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         heads.eval()
+        with torch.no_grad():
+            heads.bias.sub_(torch.log(pos_weight))
         prob = predict(heads, states)
     truth = np.asarray(labels, dtype=bool)
     heads.threshold.copy_(torch.tensor([best_threshold(prob[:, t], truth[:, t]) for t in range(len(TASKS))]))
@@ -237,7 +242,7 @@ def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path
     from drivejepa.visualization.decoder_training import split_scenes
 
     path = heads_path(checkpoint)
-    state = None if retrain else find_artifact(checkpoint, KIND, "cost heads")
+    state = None if retrain else find_artifact(checkpoint, KIND, "cost heads", FORMAT)
     if state is not None:
         heads, meta = heads_from_state(state, path)
         return heads, meta, path

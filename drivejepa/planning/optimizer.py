@@ -9,6 +9,12 @@ the ``elites`` best candidates (with ``momentum``); MPPI moves the mean to the a
 evaluated on, the final mean included. Sampling uses its own seeded ``torch.Generator`` on the device of the mean,
 so a run is reproducible on CPU and on CUDA, and nothing else's random state is touched.
 
+A candidate's deviation from the mean is, by default (``noise: walk``), a random walk over the steps scaled back to
+the spread at each step (time-correlated noise, as iCEM samples it): a candidate speeds up, slows down or turns
+smoothly. With independent noise per step (``white``) almost every candidate that leaves the mean jitters from
+step to step and pays the comfort term's jerk, so the search could not leave constant velocity for a smooth
+acceleration that costs less (a test checks the planner regains its cruise speed).
+
 Receding horizon: :func:`shift` turns the previous decision's plan into the next one's starting mean (drop the step
 that was executed, repeat the last).
 """
@@ -47,6 +53,8 @@ class SamplingOptimizer:
                  generator: Optional[torch.Generator] = None):
         if cfg.method not in ("cem", "mppi"):
             raise ValueError(f"unknown optimiser method {cfg.method!r} (cem or mppi)")
+        if cfg.noise not in ("walk", "white"):
+            raise ValueError(f"unknown optimiser noise {cfg.noise!r} (walk or white)")
         self.cfg = cfg
         self.lower = torch.as_tensor(lower, dtype=torch.float32)
         self.upper = torch.as_tensor(upper, dtype=torch.float32)
@@ -84,6 +92,9 @@ class SamplingOptimizer:
         samples = costs = None
         for it in range(int(cfg.iterations)):
             noise = torch.randn((b, p - 1, h, d), generator=gen, device=mean.device, dtype=mean.dtype)
+            if cfg.noise == "walk":
+                steps = torch.arange(1, h + 1, device=mean.device, dtype=mean.dtype)
+                noise = noise.cumsum(dim=2) / steps.sqrt()[:, None]
             samples = torch.cat([mean[:, None], mean[:, None] + std[:, None] * noise], dim=1)
             if it == 0 and anchors is not None and anchors.shape[1]:
                 a = min(anchors.shape[1], p - 1)

@@ -24,14 +24,11 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from drivejepa.planning.costs import Situation, command_violation, comfort, progress
+from drivejepa.planning.costs import Situation, command_violation, comfort, cruise_speed, progress
 from drivejepa.planning.motion import constant_velocity_controls, controls_to_actions, feasible, integrate
 from drivejepa.planning.optimizer import SamplingOptimizer, shift
 from drivejepa.planning.recovery import control_bounds
 from drivejepa.planning.route import COMMANDS, command_index
-
-TERMS = ("collision", "drivable", "progress", "command", "comfort")
-
 
 @dataclasses.dataclass
 class Plan:
@@ -121,7 +118,8 @@ class Planner:
     def plan(self, obs_history: Optional[Mapping], actions_history, command, steps_since_last: int = 1) -> Plan:
         """Plan from the last ``Tc`` observed key frames (``obs_history``; None for a model-free scene cost) and the
         ego's past actions (``actions_history`` ``[n, 5]``, oldest first, the last one the motion into the current
-        frame; at least the ``Tc - 1`` of the earlier context frames). ``command``: left / straight / right. Warm
+        frame; at least the ``Tc - 1`` of the earlier context frames; those of the last ``reference_seconds`` give
+        the cruise speed the progress term asks for). ``command``: left / straight / right. Warm
         starts from the previous plan shifted by ``steps_since_last`` key-frame steps."""
         start = time.perf_counter()
         context = self.encode(obs_history) if obs_history is not None else None
@@ -144,9 +142,10 @@ class Planner:
                                  f"{len(history)}")
             past = history[len(history) - (context.shape[1] - 1):][None]
         speed = history[-1:, 3] if len(history) else torch.zeros(1, device=self.device)
+        cruise = cruise_speed(history[None, :, 3], self.cfg) if len(history) else speed
         index = command_index(command)
         context = None if context is None else context.to(self.device)
-        situation = Situation(speed, torch.tensor([index], device=self.device), context, past)
+        situation = Situation(speed, torch.tensor([index], device=self.device), context, past, cruise)
         warm = None if self._previous is None else shift(self._previous, steps_since_last)
         decision = self.decide(situation, warm)
         self._sync()
@@ -169,7 +168,7 @@ class Planner:
         actions = controls_to_actions(controls, cfg.frame_seconds)
         poses = integrate(actions)
         terms = dict(self.scene_cost(situation, actions, poses))
-        terms["progress"] = progress(poses, situation.speed_now, cfg)
+        terms["progress"] = progress(poses, situation.cruise.to(poses), cfg)
         terms["command"] = command_violation(poses, situation.command, cfg)
         terms["comfort"] = comfort(controls, situation.speed_now, cfg.frame_seconds)
         total = sum(float(getattr(cfg.weights, name)) * value for name, value in terms.items())

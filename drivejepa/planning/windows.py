@@ -24,6 +24,7 @@ class Windows:
     branch: np.ndarray                 # [W] bool: a counterfactual branch's departure window
     past: np.ndarray                   # [W, P, 5] actions a_{s-P} .. a_{s-1} (the earliest repeated before frame 0)
     speed_now: np.ndarray              # [W] m/s
+    cruise_speed: np.ndarray           # [W] m/s: the highest of the last reference_seconds (costs.cruise_speed)
     command: np.ndarray                # [W] index into route.COMMANDS
     truth: np.ndarray                  # [W, H + 1, 3] logged ego poses x, y, yaw in the ego frame of s
     actions: np.ndarray                # [W, H, 5] logged actions a_s .. a_{s+H-1}
@@ -52,6 +53,7 @@ def scene_windows(shard, context: int, horizon: int, past_steps: int, cfg, agent
     from drivejepa.data.synth.scenarios import branch_of
     from drivejepa.evaluation.latents import window_starts
     from drivejepa.evaluation.probes import agent_mask
+    from drivejepa.planning.costs import cruise_speed
 
     a = shard.arrays
     n = shard.frames
@@ -70,6 +72,7 @@ def scene_windows(shard, context: int, horizon: int, past_steps: int, cfg, agent
     w, m = len(starts), boxes.shape[1]
     out = Windows(scene=[shard.meta["scene"]] * w, start=starts, branch=np.full(w, branch is not None),
                   past=np.zeros((w, past_steps, 5), np.float32), speed_now=np.zeros(w, np.float32),
+                  cruise_speed=np.zeros(w, np.float32),
                   command=np.zeros(w, np.int64), truth=np.zeros((w, horizon + 1, 3)),
                   actions=np.zeros((w, horizon, 5), np.float32), boxes=np.zeros((w, horizon, m, 5)),
                   box_mask=np.zeros((w, horizon, m), bool))
@@ -77,6 +80,7 @@ def scene_windows(shard, context: int, horizon: int, past_steps: int, cfg, agent
         idx = np.clip(np.arange(s - past_steps, s), 0, None)
         out.past[i] = actions[idx]
         out.speed_now[i] = actions[s - 1, 3] if s >= 1 else 0.0
+        out.cruise_speed[i] = cruise_speed(actions[:s, 3], cfg) if s >= 1 else 0.0
         future = np.arange(s, s + horizon + 1)
         out.truth[i] = relative_poses_2d(poses, s, future)
         out.actions[i] = actions[s:s + horizon]
@@ -105,6 +109,7 @@ def concatenate(parts: list[Windows]) -> Optional[Windows]:
     return Windows(scene=[s for p in parts for s in p.scene], start=np.concatenate([p.start for p in parts]),
                    branch=np.concatenate([p.branch for p in parts]), past=np.concatenate([p.past for p in parts]),
                    speed_now=np.concatenate([p.speed_now for p in parts]),
+                   cruise_speed=np.concatenate([p.cruise_speed for p in parts]),
                    command=np.concatenate([p.command for p in parts]), truth=np.concatenate([p.truth for p in parts]),
                    actions=np.concatenate([p.actions for p in parts]),
                    boxes=np.concatenate([pad(p.boxes, 0.0) for p in parts]),
