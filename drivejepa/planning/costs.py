@@ -10,15 +10,16 @@
   ego drives at v_k; the cells in its lane ahead of its box (``corridor``) up to ``headway_min_gap + headway_seconds
   * v_k`` count, each weighted by how far inside that gap it lies (1 at the bumper, 0 at the gap's end), and the term
   is the highest weighted occupancy over the cells and the steps: the IDM's desired gap, as a cost (the highest over
-  the steps, not their mean: a plan that drives through a car would otherwise pay less than one that stops short). It is what lets a
-  planner brake before a collision rather than at it: a predicted state is the encoder's view of a frame, and no
-  training frame has another agent under the ego, so the heads read the ego's own cells as free (their per-cell
-  prior) whatever the rollout says; the cells ahead are where the heads were trained to see cars. For the first
-  ``headway_static_steps`` steps the term also reads the last observed state held still in the world and seen from
-  the step's planned pose (the predictor's own geometric path, ``bev.warp``, without its learned change): the
-  static-world assumption of occupancy-grid planners, a floor under what the rollout predicts. The rollouts of the
-  demo checkpoint fade a car ahead out of the lane when the ego drives on, so without the floor the planner reads a
-  clear road into a car it sees now. Over the whole horizon (the default) it takes every car ahead for a standing
+  the steps, not their mean, or a plan that drives through a car would pay less than one that stops short). It is
+  what lets a planner brake before a collision rather than at it: no training frame has another agent under the
+  ego, so the heads read the ego's own cells as free (their per-cell prior) whatever the rollout says; the cells
+  ahead are where the heads were trained to see cars.
+  For the first ``headway_static_steps`` steps the term also reads the last observed state held still in the world
+  and seen from the step's planned pose (the predictor's own geometric path, ``bev.warp``, without its learned
+  change): the static-world assumption of occupancy-grid planners, a floor under what the rollout predicts (with
+  ``headway_static_frames`` > 1, only what stood still over that many context frames). The rollouts of the demo
+  checkpoint fade a car ahead out of the lane when the ego drives on, so without the floor the planner reads a clear
+  road into a car it sees now. Over the whole horizon (the default) the floor takes every car ahead for a standing
   one, and the ego keeps long gaps behind moving traffic; over the first step alone (the IDM's own rule: keep the
   gap to what is there now) the calibrated heads' 0.2-0.3 on a car did not outweigh braking's comfort cost, and the
   planner rear-ended as often as without the floor (README, closed loop).

@@ -30,6 +30,7 @@ from drivejepa.planning.optimizer import SamplingOptimizer, shift
 from drivejepa.planning.recovery import control_bounds
 from drivejepa.planning.route import COMMANDS, command_index
 
+
 @dataclasses.dataclass
 class Plan:
     """One decision, numpy arrays in the ego frame of the last context frame (x forward, y left)."""
