@@ -157,8 +157,8 @@ class LatentSceneCost:
         cfg, under = self.cfg, len(self.cells)
         cells = torch.cat([self.cells, self.lane]).to(actions.device)
         ahead = self.ahead.to(actions.device)
-        flat = actions.flatten(0, 1)                                            # [B*P, H, 5]
-        gaps = cfg.headway_min_gap + cfg.headway_seconds * flat[..., 3].clamp(min=0.0)   # [B*P, H]
+        planned = poses.flatten(0, 1)                                           # [B*P, H+1, 3]
+        gaps = cfg.headway_min_gap + cfg.headway_seconds * actions[..., 3].clamp(min=0.0).flatten(0, 1)  # [B*P, H]
         occ, free = TASKS.index("occupancy"), TASKS.index("drivable")
         p = actions.shape[1]
 
@@ -171,7 +171,7 @@ class LatentSceneCost:
             if k > 0:
                 problem = torch.arange(rows.start, rows.stop, device=pred.device) // p
                 past = None if situation.past_actions is None else situation.past_actions[problem]
-                floor = self.static_lane(situation.context[problem], past, flat[rows, :k])
+                floor = self.static_lane(situation.context[problem], past, planned[rows, 1:k + 1])
                 lane = torch.cat([torch.maximum(lane[:, :k], floor), lane[:, k:]], dim=1)
             inside = (1.0 - ahead / gaps[rows, :, None]).clamp(min=0.0)         # [n, H, lane cells]
             headway = (lane * inside).amax(-1).amax(-1)
@@ -181,34 +181,28 @@ class LatentSceneCost:
                                    self.chunk)
         return {"collision": terms[..., 0], "drivable": terms[..., 1], "headway": terms[..., 2]}
 
-    def static_lane(self, context: torch.Tensor, past: Optional[torch.Tensor], actions: torch.Tensor) -> torch.Tensor:
+    def static_lane(self, context: torch.Tensor, past: Optional[torch.Tensor], poses: torch.Tensor) -> torch.Tensor:
         """Occupancy ``[n, H, lane cells]`` of what stood still over the last ``headway_static_frames`` context
         states (``context`` ``[n, Tc, N, C]``, ``past`` ``[n, Tc - 1, 5]`` the actions between them, or None): each
-        state held still in the world and seen from the pose after each of the planned ``actions`` ``[n, H, 5]``,
-        and the lowest of their occupancies (a car that drove on is in one frame's place and not the other's; a
-        cell out of a frame's view reads 0)."""
+        state held still in the world and seen from each planned pose ``poses`` ``[n, H, 3]`` (x, y, yaw in the
+        ego frame now, as ``motion.integrate`` gives them), and the lowest of their occupancies (a car that drove on
+        is in one frame's place and not the other's; a cell out of a frame's view reads 0)."""
         from drivejepa import latent_space
         from drivejepa.models.bev import motion_matrix, warp
         from drivejepa.planning.heads import TASKS
 
-        n, h = actions.shape[:2]
-        steps = motion_matrix(actions[..., :3].float())                         # frame k+1 -> frame k
-        poses = [steps[:, 0]]
-        for k in range(1, h):
-            poses.append(poses[-1] @ steps[:, k])                               # frame k+1 -> now
-        to_now = torch.stack(poses, dim=1)                                      # [n, H, 3, 3]
+        n, h = poses.shape[:2]
+        to_now = motion_matrix(poses.float())                                   # planned frame -> now
         frames = 1 if past is None else min(int(self.cfg.headway_static_frames), context.shape[1])
-        spec = self.heads.spec
-        row, col = self.lane // spec.grid, self.lane % spec.grid
-        token = ((row // spec.subcells) * spec.bev_size + col // spec.subcells).to(actions.device)
-        lowest, back = None, torch.eye(3, device=actions.device).expand(n, 3, 3)
+        lane = self.lane.to(poses.device)
+        token = self.heads.token_of(lane)
+        lowest, back = None, torch.eye(3, device=poses.device).expand(n, 3, 3)
         for j in range(1, frames + 1):                                          # the last frame first
             if j > 1:
                 back = motion_matrix(past[:, -(j - 1), :3].float()) @ back        # now -> frame t-j+1
             base = latent_space.targets(context[:, -j].float(), self.model.space)
             warped, seen = warp(base.repeat_interleave(h, dim=0), (back[:, None] @ to_now).flatten(0, 1), self.grid)
-            logits = self.heads.logits_at(warped, self.lane.to(actions.device))[:, TASKS.index("occupancy")]
-            prob = torch.sigmoid(logits) * seen[:, token]
+            prob = torch.sigmoid(self.heads.logits_at(warped, lane)[:, TASKS.index("occupancy")]) * seen[:, token]
             lowest = prob if lowest is None else torch.minimum(lowest, prob)
         return lowest.view(n, h, -1)
 

@@ -76,12 +76,18 @@ class CostHeads(nn.Module):
     def probabilities(self, states: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self(states))
 
+    def token_of(self, cells: torch.Tensor) -> torch.Tensor:
+        """The state token ``[M]`` that holds each output cell of ``cells`` (``[M]`` flat indices ``I * G*s + J``)."""
+        g, s = self.spec.bev_size, self.spec.subcells
+        row, col = cells // (g * s), cells % (g * s)
+        return (row // s) * g + col // s
+
     def logits_at(self, states: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., 2, M]`` of the output cells ``cells`` (``[M]`` flat indices ``I * G*s + J``) only: the
         tokens holding them go through the head, nothing else (the planner reads the few cells under the ego)."""
         g, s, t = self.spec.bev_size, self.spec.subcells, len(TASKS)
         row, col = cells // (g * s), cells % (g * s)
-        tokens, which = torch.unique((row // s) * g + col // s, return_inverse=True)
+        tokens, which = torch.unique(self.token_of(cells), return_inverse=True)
         x = (states.index_select(-2, tokens).float() - self.mean) / self.std             # [..., K, C]
         out = self.head(x).unflatten(-1, (t, s * s))[..., which, :, :]                  # [..., M, T, s*s]
         sub = ((row % s) * s + col % s).view(-1, 1, 1).expand(*out.shape[:-1], 1)
