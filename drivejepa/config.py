@@ -437,6 +437,10 @@ class HeadsConfig:
     lr: float = 3e-3
     max_train_frames: int = 4000
     seed: int = 0
+    rollouts: bool = True                             # a second set fitted on the model's own rollouts (else a copy)
+    rollout_steps: int = 800                          # its AdamW steps
+    rollout_stride: int = 2                           # every n-th window start of each train scene and branch
+    max_rollout_frames: int = 8000                    # predicted states it fits on, at most
 
 
 @dataclasses.dataclass
@@ -479,6 +483,7 @@ class PlanConfig:
     headway_min_gap: float = 2.5                      # (the synthetic world's IDM: 1.2 s and 2.5 m)
     headway_static_steps: int = 6                     # steps whose headway also reads the observed scene held still
     headway_static_frames: int = 1                    # ... what stood still over this many context frames
+    headway_static_seconds: float = 1.2               # the gap the floor wants: min_gap + these seconds * v
     command_threshold: float = 2.0                    # metres of lateral offset at command_seconds: left / right
     command_seconds: float = 3.0
     reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = the cruise speed:
@@ -622,7 +627,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         for key in ("frame_seconds", "ego_length", "ego_width", "command_threshold", "command_seconds"):
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")
         _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows",
-                  "headway_seconds", "reference_seconds", "headway_static_steps")
+                  "headway_seconds", "reference_seconds", "headway_static_steps", "headway_static_seconds")
         _at_least(cfg, "", source, 1, "headway_static_frames")
         _require(cfg.headway_min_gap > 0, source, "headway_min_gap", cfg.headway_min_gap, "must be positive")
         _at_least(o, "optimizer.", source, 1, "candidates", "iterations", "elites")
@@ -636,7 +641,8 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _require(getattr(lim, key) > 0, source, f"limits.{key}", getattr(lim, key), "must be positive")
         for key in ("collision", "drivable", "headway", "progress", "command", "comfort"):
             _at_least(cfg.weights, "weights.", source, 0, key)
-        _at_least(h, "heads.", source, 1, "subcells", "hidden", "steps", "batch_size", "max_train_frames")
+        _at_least(h, "heads.", source, 1, "subcells", "hidden", "steps", "batch_size", "max_train_frames",
+                  "rollout_steps", "rollout_stride", "max_rollout_frames")
         _at_least(e, "ego_mlp.", source, 1, "past_steps", "hidden", "steps", "batch_size")
         for key, value in (("heads.lr", h.lr), ("ego_mlp.lr", e.lr)):
             _require(value > 0, source, key, value, "must be positive")

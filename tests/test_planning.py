@@ -230,18 +230,25 @@ class CopyLastModel(torch.nn.Module):
 
 
 def _car_ahead_heads_and_state():
-    """Cost heads that read channel 0 as the occupancy of a token's 4 x 4 cells, and a context whose last state has
-    a car 8-12 m ahead of the ego's centre in its lane."""
+    """Cost heads (both sets) that read channel 0 as the occupancy of a token's 4 x 4 cells, and a context whose last
+    state has a car 8-12 m ahead of the ego's centre in its lane."""
+    from drivejepa.planning.heads import PlanningHeads
+
+    state = torch.zeros(1, 2, 256, 1)
+    state[..., [10 * 16 + 7, 10 * 16 + 8], 0] = 1.0    # the tokens of x in [8, 12) m, y in [-4, 4) m
+    return PlanningHeads.of(_channel_zero_heads(sees=True)), state
+
+
+def _channel_zero_heads(sees: bool):
+    """A set of cost heads that reads channel 0 as occupancy (``sees``), or reads every cell as free."""
     from drivejepa.planning.heads import CostHeads, HeadSpec
 
     heads = CostHeads(HeadSpec(channels=1, bev_size=16, bev_range=32.0, subcells=4, kind="linear"))
     with torch.no_grad():
         heads.head.weight.zero_()
         heads.head.bias.fill_(-20.0)
-        heads.head.weight[: 16, 0] = 40.0
-    state = torch.zeros(1, 2, 256, 1)
-    state[..., [10 * 16 + 7, 10 * 16 + 8], 0] = 1.0    # the tokens of x in [8, 12) m, y in [-4, 4) m
-    return heads, state
+        heads.head.weight[: 16, 0] = 40.0 if sees else 0.0
+    return heads
 
 
 def _headway_terms(model, heads, state, cfg, speeds):
@@ -283,6 +290,36 @@ def test_headway_reads_the_observed_car_held_still_where_the_rollout_loses_it():
     floor = _headway_terms(model, heads, state, PlanConfig(device="cpu", headway_static_steps=1), speeds)["headway"]
     assert float(blind.max()) < 1e-6
     assert floor[0, 0] < 1e-6 and bool((floor[0, 1:] > 0.5).all())
+
+
+def test_the_floor_wants_the_gap_of_its_own_time():
+    """``headway_static_seconds`` is the floor's gap time: a shorter one asks less room from the car held still (a
+    plan may brake later), never more; the rollout's gap is left as it was."""
+    class FadingModel(CopyLastModel):
+        def rollout(self, context, actions, past_actions=None):
+            return torch.zeros_like(super().rollout(context, actions, past_actions))
+
+    heads, state = _car_ahead_heads_and_state()
+    speeds = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    terms = {t: _headway_terms(FadingModel(), heads, state, PlanConfig(device="cpu", headway_static_seconds=t),
+                               speeds)["headway"][0] for t in (0.0, 1.2)}
+    assert bool((terms[0.0] <= terms[1.2] + 1e-6).all()) and bool((terms[0.0] < terms[1.2] - 0.05).any())
+
+
+def test_rollout_heads_read_the_predictions_and_state_heads_the_observed_floor():
+    """The planner reads its rollouts with the set fitted on rollouts and the static floor (an encoder state) with
+    the set fitted on encoder states: each set alone sees the car only through its own source."""
+    from drivejepa.planning.heads import PlanningHeads
+
+    _, state = _car_ahead_heads_and_state()
+    speeds = torch.tensor([0.0, 10.0])
+    seeing, blind = _channel_zero_heads(sees=True), _channel_zero_heads(sees=False)
+    rollout_only = PlanConfig(device="cpu", headway_static_steps=0)
+    floor_only = PlanConfig(device="cpu", headway_static_steps=6)
+    model = CopyLastModel()
+    assert _headway_terms(model, PlanningHeads.of(blind, seeing), state, rollout_only, speeds)["headway"][0, 1] > 0.5
+    assert _headway_terms(model, PlanningHeads.of(seeing, blind), state, rollout_only, speeds)["headway"][0, 1] < 1e-6
+    assert _headway_terms(model, PlanningHeads.of(seeing, blind), state, floor_only, speeds)["headway"][0, 1] > 0.5
 
 
 def test_headway_floor_counts_a_standing_car_and_not_one_that_drove_on():

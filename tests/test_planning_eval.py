@@ -93,7 +93,7 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     cfg.optimizer.candidates, cfg.optimizer.iterations = 16, 2
     cfg.recovery.candidates, cfg.recovery.iterations, cfg.recovery.max_windows = 8, 1, 3
     cfg.recovery.gradient_steps = 2
-    cfg.heads.steps, cfg.ego_mlp.steps = 150, 150
+    cfg.heads.steps, cfg.heads.rollout_steps, cfg.ego_mlp.steps = 150, 150, 150
     cfg.recovery.landscape_size = 3
     train_cfg = TrainConfig()
     train_cfg.data.shards = str(shard_dir)
@@ -108,7 +108,10 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
         l2 = factual["methods"][name]["l2_m"]
         assert all(v >= 0 for v in l2["uniad"] + l2["stp3"]), name
     heads = section["cost_heads"]
-    assert heads["drivable"]["iou"] > heads["drivable"]["prior_iou"]          # the lidar grid knows the road
+    assert heads["states"]["drivable"]["iou"] > heads["states"]["drivable"]["prior_iou"]   # the lidar knows the road
+    # the model's rollouts (copy-last) are read better by the set fitted on them than by the state set
+    for task in ("occupancy", "drivable"):
+        assert heads["rollouts"][task]["log_loss"] < heads["state_heads_on_rollouts"][task]["log_loss"], task
     assert heads_path(ckpt).is_file() and heads_path(ckpt).with_suffix(".json").is_file()
     rec = section["action_recovery"]
     assert rec["factual"]["windows"] == 3 and len(rec["factual"]["endpoint_error_m"]) == 3
@@ -137,7 +140,8 @@ def test_plan_command_replays_a_logged_scene(shard_dir, tmp_path, monkeypatch, g
     monkeypatch.setattr(checkpoint, "load_world_model", lambda path, device="cpu": (LidarGridModel(), TrainConfig()))
     monkeypatch.setattr(checkpoint, "refuse_other_shards", lambda *a, **k: None)
     args = ["plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--scene", "scene-0001", "--steps", "2",
-            "--out", str(tmp_path / "plan"), "--no-progress", "heads.steps=50", "optimizer.candidates=16", "device=cpu"]
+            "--out", str(tmp_path / "plan"), "--no-progress", "heads.steps=50", "heads.rollout_steps=50",
+            "optimizer.candidates=16", "device=cpu"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "plan" / "plan.json").read_text())
@@ -146,5 +150,5 @@ def test_plan_command_replays_a_logged_scene(shard_dir, tmp_path, monkeypatch, g
         assert len(d["trajectory"]) == 7 and len(d["l2_m"]) == 6 and d["command"] in ("left", "straight", "right")
         assert (tmp_path / "plan" / d["figure"]).stat().st_size > 0
     assert "2 decisions" in printed and (tmp_path / "run" / "planning_heads" / "best.pt").is_file()
-    assert cli.main(args[:-3] + ["--command", "u-turn", "device=cpu"]) == 2            # one clear line
+    assert cli.main(args[:-4] + ["--command", "u-turn", "device=cpu"]) == 2            # one clear line
     assert "--command u-turn" in capsys.readouterr().err

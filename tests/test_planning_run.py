@@ -14,7 +14,7 @@ from drivejepa.config import PlanConfig
 def small_plan_cfg():
     cfg = PlanConfig(device="cpu")
     cfg.optimizer.candidates, cfg.optimizer.iterations = 8, 2
-    cfg.heads.steps, cfg.ego_mlp.steps = 60, 60
+    cfg.heads.steps, cfg.heads.rollout_steps, cfg.ego_mlp.steps = 60, 60, 60
     cfg.recovery.candidates, cfg.recovery.iterations, cfg.recovery.gradient_steps = 8, 1, 2
     cfg.recovery.max_windows, cfg.recovery.landscape_size = 2, 3
     return cfg
@@ -31,7 +31,8 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
     ckpt = smoke_run / "checkpoints" / "last.pt"
     model, train_cfg = load_world_model(ckpt)
     heads, meta, path = ensure_heads(ckpt, model, train_cfg, shard_dir, small_plan_cfg, progress=False)
-    assert path == heads_path(ckpt) and path.is_file() and meta["train_frames"] > 0
+    assert path == heads_path(ckpt) and path.is_file() and min(meta["train_frames"].values()) > 0
+    assert set(meta["train_frames"]) == {"states", "rollouts"}             # a set fitted on the model's own rollouts
     assert heads.spec.bev_size == model.bev_size
     again, _, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, small_plan_cfg, progress=False)
     assert all((a == b).all() for a, b in zip(again.state_dict().values(), heads.state_dict().values()))
@@ -105,7 +106,8 @@ def test_planners_drive_the_closed_loop(smoke_run, shard_dir, tmp_path):
     from test_driving import REPO, TINY
 
     ckpt = str(smoke_run / "checkpoints" / "last.pt")
-    small = ["device=cpu", "optimizer.candidates=8", "optimizer.iterations=2", "heads.steps=60", "ego_mlp.steps=60"]
+    small = ["device=cpu", "optimizer.candidates=8", "optimizer.iterations=2", "heads.steps=60",
+             "heads.rollout_steps=60", "ego_mlp.steps=60"]
     cfg = load_config(DriveConfig, REPO / "eval/drive.yaml", [*TINY, "steps=2"])
     cfg.drivers = [DriverSpec(name, "factory", f"drivejepa.planning.drivers:{name}",
                               {"checkpoint": ckpt, "shards": str(shard_dir), "overrides": small})

@@ -87,7 +87,7 @@ def run(args) -> dict:
     from drivejepa.config import PlanConfig, TrainConfig, load_config
     from drivejepa.artifacts import find_artifact
     from drivejepa.data.shards import PER_CAMERA
-    from drivejepa.planning.heads import FORMAT, KIND, CostHeads, HeadSpec, heads_from_state, heads_path
+    from drivejepa.planning.heads import FORMAT, KIND, HeadSpec, PlanningHeads, heads_from_state, heads_path
     from drivejepa.planning.planner import Planner
     from drivejepa.runtime import select_device
 
@@ -112,9 +112,9 @@ def run(args) -> dict:
         source = f"{args.config} (random weights)"
     if heads is None:
         torch.manual_seed(0)
-        heads = CostHeads(HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size),
-                                   bev_range=float(model.bev_range), subcells=cfg.heads.subcells,
-                                   hidden=cfg.heads.hidden, kind=cfg.heads.kind))
+        heads = PlanningHeads(HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size),
+                                       bev_range=float(model.bev_range), subcells=cfg.heads.subcells,
+                                       hidden=cfg.heads.hidden, kind=cfg.heads.kind))
     context = int(train_cfg.data.context)
     planner = Planner(model, heads, cfg, device=device)
     obs, obs_source = _shard_obs(args.shards, model, context) if args.shards else \

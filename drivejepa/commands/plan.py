@@ -41,10 +41,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {d['frame']:>5}  {d['command']:<8}  {at[0]:5.2f} / {at[1]:5.2f} / {at[2]:5.2f}       "
                      f"{d['constant_velocity_l2_m'][-1]:6.2f}        {'yes' if any(d['collides']) else 'no ':<9}"
                      f"{d['cost']:7.3f}  {d['latency_ms']['total']:8.1f}")
-    heads = summary["heads"]["scores"]
-    if heads:
-        lines.append("cost heads (held out): " + ", ".join(
-            f"{t} IoU {heads[t]['iou']:.3f} (prior {heads[t]['prior_iou']:.3f})" for t in ("occupancy", "drivable")))
+    scores = summary["heads"]["scores"] or {}
+    for source, what in (("states", "encoder states"), ("rollouts", "rollouts")):
+        if source in scores:
+            heads = scores[source]
+            lines.append(f"cost heads on {what} (held out): " + ", ".join(
+                f"{t} IoU {heads[t]['iou']:.3f} (prior {heads[t]['prior_iou']:.3f}, log loss {heads[t]['log_loss']:.3f})"
+                for t in ("occupancy", "drivable")))
     lines.append(f"figures and plan.json in {summary['out']}")
     return "\n".join(lines)
 

@@ -14,12 +14,14 @@
   what lets a planner brake before a collision rather than at it: no training frame has another agent under the
   ego, so the heads read the ego's own cells as free (their per-cell prior) whatever the rollout says; the cells
   ahead are where the heads were trained to see cars.
+  The predictions are read with the heads' rollout set (fitted on the model's own rollouts), the floor below with
+  their state set (fitted on encoder states).
   For the first ``headway_static_steps`` steps the term also reads the last observed state held still in the world
   and seen from the step's planned pose (the predictor's own geometric path, ``bev.warp``, without its learned
   change): the static-world assumption of occupancy-grid planners, a floor under what the rollout predicts (with
-  ``headway_static_frames`` > 1, only what stood still over that many context frames). The rollouts of the demo
-  checkpoint fade a car ahead out of the lane when the ego drives on, so without the floor the planner reads a clear
-  road into a car it sees now. Over the whole horizon (the default) the floor takes every car ahead for a standing
+  ``headway_static_frames`` > 1, only what stood still over that many context frames; its gap has its own time,
+  ``headway_static_seconds``). The rollouts of the demo checkpoint fade a car ahead out of the lane when the ego
+  drives on, so without the floor the planner reads a clear road into a car it sees now. Over the whole horizon (the default) the floor takes every car ahead for a standing
   one, and the ego keeps long gaps behind moving traffic; over the first step alone (the IDM's own rule: keep the
   gap to what is there now) the calibrated heads' 0.2-0.3 on a car did not outweigh braking's comfort cost, and the
   planner rear-ended as often as without the floor (README, closed loop).
@@ -140,7 +142,8 @@ def corridor(grid: int, grid_range: float, cfg) -> tuple[torch.Tensor, torch.Ten
 
 
 class LatentSceneCost:
-    """Collision, headway and drivable-area terms read from the model's rollout through the cost heads."""
+    """Collision, headway and drivable-area terms read from the model's rollout through the cost heads
+    (``heads`` a ``heads.PlanningHeads``: its rollout set on the predictions, its state set on the static floor)."""
 
     def __init__(self, model, heads, cfg, chunk: int = 512):
         self.model, self.heads, self.cfg, self.chunk = model, heads, cfg, chunk
@@ -158,23 +161,25 @@ class LatentSceneCost:
         cells = torch.cat([self.cells, self.lane]).to(actions.device)
         ahead = self.ahead.to(actions.device)
         planned = poses.flatten(0, 1)                                           # [B*P, H+1, 3]
-        gaps = cfg.headway_min_gap + cfg.headway_seconds * actions[..., 3].clamp(min=0.0).flatten(0, 1)  # [B*P, H]
+        speeds = actions[..., 3].clamp(min=0.0).flatten(0, 1)                  # [B*P, H]
+        gaps = cfg.headway_min_gap + cfg.headway_seconds * speeds
+        static_gaps = cfg.headway_min_gap + cfg.headway_static_seconds * speeds
         occ, free = TASKS.index("occupancy"), TASKS.index("drivable")
         p = actions.shape[1]
 
         def reduce(pred, rows):
-            prob = torch.sigmoid(self.heads.logits_at(pred, cells))             # [n, H, 2, cells]
+            prob = torch.sigmoid(self.heads.rollouts.logits_at(pred, cells))    # [n, H, 2, cells]
             collision = prob[:, :, occ, :under].amax(-1).mean(-1)
             off_road = (1.0 - prob[:, :, free, :under]).mean(-1).mean(-1)
-            lane = prob[:, :, occ, under:]
-            k = min(int(cfg.headway_static_steps), lane.shape[1])
+            inside = (1.0 - ahead / gaps[rows, :, None]).clamp(min=0.0)         # [n, H, lane cells]
+            headway = (prob[:, :, occ, under:] * inside).amax(-1).amax(-1)
+            k = min(int(cfg.headway_static_steps), inside.shape[1])
             if k > 0:
                 problem = torch.arange(rows.start, rows.stop, device=pred.device) // p
                 past = None if situation.past_actions is None else situation.past_actions[problem]
                 floor = self.static_lane(situation.context[problem], past, planned[rows, 1:k + 1])
-                lane = torch.cat([torch.maximum(lane[:, :k], floor), lane[:, k:]], dim=1)
-            inside = (1.0 - ahead / gaps[rows, :, None]).clamp(min=0.0)         # [n, H, lane cells]
-            headway = (lane * inside).amax(-1).amax(-1)
+                inside = (1.0 - ahead / static_gaps[rows, :k, None]).clamp(min=0.0)
+                headway = torch.maximum(headway, (floor * inside).amax(-1).amax(-1))
             return torch.stack([collision, off_road, headway], dim=-1)
 
         terms = rollout_candidates(self.model, situation.context, situation.past_actions, actions, reduce,
@@ -195,14 +200,15 @@ class LatentSceneCost:
         to_now = motion_matrix(poses.float())                                   # planned frame -> now
         frames = 1 if past is None else min(int(self.cfg.headway_static_frames), context.shape[1])
         lane = self.lane.to(poses.device)
-        token = self.heads.token_of(lane)
+        token = self.heads.states.token_of(lane)
         lowest, back = None, torch.eye(3, device=poses.device).expand(n, 3, 3)
         for j in range(1, frames + 1):                                          # the last frame first
             if j > 1:
                 back = motion_matrix(past[:, -(j - 1), :3].float()) @ back        # now -> frame t-j+1
             base = latent_space.targets(context[:, -j].float(), self.model.space)
             warped, seen = warp(base.repeat_interleave(h, dim=0), (back[:, None] @ to_now).flatten(0, 1), self.grid)
-            prob = torch.sigmoid(self.heads.logits_at(warped, lane)[:, TASKS.index("occupancy")]) * seen[:, token]
+            prob = torch.sigmoid(self.heads.states.logits_at(warped, lane)[:, TASKS.index("occupancy")])
+            prob = prob * seen[:, token]
             lowest = prob if lowest is None else torch.minimum(lowest, prob)
         return lowest.view(n, h, -1)
 
