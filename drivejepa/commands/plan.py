@@ -46,8 +46,8 @@ def format_summary(summary: dict) -> str:
         if source in scores:
             heads = scores[source]
             lines.append(f"cost heads on {what} (held out): " + ", ".join(
-                f"{t} IoU {heads[t]['iou']:.3f} (prior {heads[t]['prior_iou']:.3f}, log loss {heads[t]['log_loss']:.3f})"
-                for t in ("occupancy", "drivable")))
+                f"{t} IoU {heads[t]['iou']:.3f} (prior {heads[t]['prior_iou']:.3f}, "
+                f"log loss {heads[t]['log_loss']:.3f})" for t in ("occupancy", "drivable")))
     lines.append(f"figures and plan.json in {summary['out']}")
     return "\n".join(lines)
 

@@ -21,10 +21,11 @@
   change): the static-world assumption of occupancy-grid planners, a floor under what the rollout predicts (with
   ``headway_static_frames`` > 1, only what stood still over that many context frames; its gap has its own time,
   ``headway_static_seconds``). The rollouts of the demo checkpoint fade a car ahead out of the lane when the ego
-  drives on, so without the floor the planner reads a clear road into a car it sees now. Over the whole horizon (the default) the floor takes every car ahead for a standing
-  one, and the ego keeps long gaps behind moving traffic; over the first step alone (the IDM's own rule: keep the
-  gap to what is there now) the calibrated heads' 0.2-0.3 on a car did not outweigh braking's comfort cost, and the
-  planner rear-ended as often as without the floor (README, closed loop).
+  drives on, so without the floor the planner reads a clear road into a car it sees now. Over the whole horizon (the
+  default) the floor takes every car ahead for a standing one, and the ego keeps long gaps behind moving traffic;
+  over the first step alone (the IDM's own rule: keep the gap to what is there now) the calibrated heads' 0.2-0.3 on
+  a car did not outweigh braking's comfort cost, and the planner rear-ended as often as without the floor (README,
+  closed loop).
 - ``progress``: the share of the reference distance (``reference_speed`` times the horizon; by default the ego's
   cruise speed: its highest speed over the last ``reference_seconds``, at least ``min_reference_speed``) that the
   plan falls short of. The cruise speed, not the current one: an ego that slowed behind a car wants its speed back

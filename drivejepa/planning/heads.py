@@ -231,10 +231,11 @@ def collect(model, shard_dir, scenes: list[str], spec: HeadSpec, drivable_range:
 def fit_heads(states: np.ndarray, labels: np.ndarray, spec: HeadSpec, cfg, progress: bool = True,
               steps: Optional[int] = None) -> CostHeads:
     """Fit both heads on (states ``[n, N, C]``, bool labels ``[n, 2, G*s, G*s]``); ``cfg`` is a
-    ``config.HeadsConfig`` (``steps`` overrides its ``steps``). Occupancy's rare positive cells are weighted up (as the occupancy probe does), which
-    learns logits shifted by log(pos_weight) (the minimiser of the weighted loss for a cell occupied with
-    probability p is logit(p) + log w); the shift is taken back out of the bias after the fit, so the costs read
-    calibrated probabilities (with it, a cell occupied 5% of the time read 0.5, and the empty lane ahead 0.5-0.9)."""
+    ``config.HeadsConfig`` (``steps`` overrides its ``steps``). Occupancy's rare positive cells are weighted up (as
+    the occupancy probe does), which learns logits shifted by log(pos_weight) (the minimiser of the weighted loss
+    for a cell occupied with probability p is logit(p) + log w); the shift is taken back out of the bias after the
+    fit, so the costs read calibrated probabilities (with it, a cell occupied 5% of the time read 0.5, and the empty
+    lane ahead 0.5-0.9)."""
     from tqdm import tqdm
 
     from drivejepa.evaluation.probes import best_threshold
