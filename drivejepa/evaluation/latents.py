@@ -36,6 +36,14 @@ def future_index(starts: np.ndarray, horizon: int) -> np.ndarray:
     return starts[:, None] + np.arange(1, horizon + 1)[None, :]
 
 
+def window_actions(actions: np.ndarray, starts: np.ndarray, context: int, horizon: int) -> tuple:
+    """(future ``[W, H, A]``: ``a_s..a_{s+H-1}``, past ``[W, Tc-1, A]``: the earlier context frames' actions) of
+    every window start ``s`` (float32; empty arrays of those shapes when there is no start)."""
+    actions = np.asarray(actions, dtype=np.float32)
+    starts = np.asarray(starts, dtype=np.int64)[:, None]
+    return actions[starts + np.arange(horizon)], actions[starts + np.arange(-context + 1, 0)]
+
+
 def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = None):
     """Torch observation batch for the key frames ``index`` of one shard (the modalities the shard holds)."""
     import torch

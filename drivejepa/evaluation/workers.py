@@ -48,7 +48,7 @@ class SceneWorker:
         if isinstance(job, BranchPointJob):     # counterfactual futures: evaluation/counterfactual.py
             return encode_branch_point(self.model, job, self.settings["batch_size"], self.device)
         from drivejepa.data.shards import camera_positions, read_shard
-        from drivejepa.evaluation.latents import encode_frames, rollout_windows
+        from drivejepa.evaluation.latents import encode_frames, rollout_windows, window_actions
         from drivejepa.evaluation.probes import box_baseline_grids, frame_labels
 
         s = self.settings
@@ -69,11 +69,7 @@ class SceneWorker:
             return out
         horizon, context = s["horizon"], s["context"]
         starts = job.starts
-        actions = np.asarray(arrays["actions"], dtype=np.float32)
-        true_future = np.stack([actions[t:t + horizon] for t in starts]) if len(starts) else \
-            np.zeros((0, horizon, actions.shape[1]), np.float32)
-        past = np.stack([actions[t - context + 1:t] for t in starts]) if len(starts) else \
-            np.zeros((0, context - 1, actions.shape[1]), np.float32)
+        true_future, past = window_actions(arrays["actions"], starts, context, horizon)
         model_pred = rollout_windows(self.model, raw, starts, context, true_future, past, s["batch_size"],
                                      self.device)
         other = job.shuffled_actions

@@ -161,7 +161,7 @@ def scene_data(model, shard, spec: HeadSpec, drivable_range: float, ids: np.ndar
     labelled with its true frame. ``shared`` is a branch's last key frame shared with its parent (-1 for a factual
     scene): only windows whose future passes it are rolled out (the others are the parent's)."""
     from drivejepa import latent_space
-    from drivejepa.evaluation.latents import encode_frames, rollout_windows, window_starts
+    from drivejepa.evaluation.latents import encode_frames, rollout_windows, window_actions, window_starts
     from drivejepa.visualization.decoder_training import camera_index
 
     _, target = encode_frames(model, shard.arrays, shard.frames, 16, model_device(model), camera_index(shard, model),
@@ -173,11 +173,7 @@ def scene_data(model, shard, spec: HeadSpec, drivable_range: float, ids: np.ndar
         starts = window_starts(shard.frames, context, horizon, np.asarray(shard.arrays["action_valid"], dtype=bool),
                                frames)
         starts = starts[frames[starts + horizon] > shared][::stride]
-        actions = np.asarray(shard.arrays["actions"], dtype=np.float32)
-        future = np.stack([actions[s:s + horizon] for s in starts]) if len(starts) else \
-            np.zeros((0, horizon, actions.shape[-1]), np.float32)
-        past = np.stack([actions[s - context + 1:s] for s in starts]) if len(starts) else \
-            np.zeros((0, context - 1, actions.shape[-1]), np.float32)
+        future, past = window_actions(shard.arrays["actions"], starts, context, horizon)
         pred = rollout_windows(model, target, starts, context, future, past, 32, model_device(model))
         pred = latent_space.predictions(torch.from_numpy(pred), model.space).numpy()
         index = starts[:, None] + np.arange(1, horizon + 1)
