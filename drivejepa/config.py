@@ -337,6 +337,19 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class PredictorStageConfig:
+    """After the joint run: the predictor alone on the frozen target encoder's cached latents (V-JEPA 2-AC's recipe;
+    drivejepa/training/predictor_stage.py). Without the encoder a step costs a fraction of a joint one, so the
+    predictor sees many more windows in the same time; it starts from best.pt and replaces it when val improves."""
+    steps: int = 0                                    # 0 = no stage
+    batch_size: int = 16
+    lr: float = 5e-4                                  # AdamW, linear warm-up then cosine to 0 over ``steps``
+    weight_decay: float = 0.05
+    warmup_steps: int = 50
+    val_every: int = 100                              # steps between validations (and resumable checkpoints)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     seed: int = 0
     device: str = "auto"                              # auto | cpu | cuda | cuda:N
@@ -351,6 +364,7 @@ class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    predictor_stage: PredictorStageConfig = dataclasses.field(default_factory=PredictorStageConfig)
 
 
 @dataclasses.dataclass
@@ -619,6 +633,12 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _require(o.lr > 0, source, "optim.lr", o.lr, "must be positive")
         _at_least(o, "optim.", source, 0, "weight_decay", "warmup_steps", "min_lr", "clip_grad", "max_steps")
         _at_least(o, "optim.", source, 1, "t0", "t_mult", "epochs")
+        ps = cfg.predictor_stage
+        _at_least(ps, "predictor_stage.", source, 0, "steps", "weight_decay", "warmup_steps")
+        _at_least(ps, "predictor_stage.", source, 1, "batch_size", "val_every")
+        _require(ps.lr > 0, source, "predictor_stage.lr", ps.lr, "must be positive")
+        _require(not (ps.steps and d.sibling_batches and ps.batch_size < 2), source, "predictor_stage.batch_size",
+                 ps.batch_size, "must be at least 2 with data.sibling_batches")
         _at_least(cfg, "", source, 1, "log_every", "max_bad_steps", "keep_checkpoints")
         _at_least(cfg, "", source, 0, "ckpt_every", "threads")
     elif isinstance(cfg, PlanConfig):

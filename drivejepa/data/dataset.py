@@ -110,19 +110,32 @@ class WindowDataset(Dataset):
             self._shards[scene] = read_shard(shard_path(self.shard_dir, scene))
         return self._shards[scene]
 
-    def __getitem__(self, i: int) -> dict:
-        scene, start = self.index[i]
+    def frames(self, scene: str, start: int, stop: int, keys: Optional[tuple[str, ...]] = None) -> dict:
+        """Shard positions ``start..stop-1`` of ``scene`` as tensors with a leading frame axis (per-camera
+        calibration without it), the cameras selected; ``keys`` limits which arrays are read (all by default)."""
         shard = self.shard(scene)
         cams = self._camera_index[scene]
-        item: dict = {}
+        out: dict = {}
         for key, arr in shard.arrays.items():
+            if keys is not None and key not in keys:
+                continue
             if key in PER_CAMERA:
                 window = arr if cams is None else arr[cams]
             else:
-                window = arr[start:start + self.length]
+                window = arr[start:stop]
                 if cams is not None and key in CAMERA_AXIS:
                     window = window[:, cams]
-            item[key] = torch.from_numpy(np.array(window))
+            out[key] = torch.from_numpy(np.array(window))
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i)
+
+    def item(self, i: int, keys: Optional[tuple[str, ...]] = None) -> dict:
+        """Window i (``keys``: the shard arrays to read, all by default) with ``context_group``, ``parted_after``,
+        ``scene``, ``start`` and, with ``shuffle_actions_seed``, ``shuffled_actions``."""
+        scene, start = self.index[i]
+        item = self.frames(scene, start, start + self.length, keys)
         if self.shuffled_source is not None:
             other, other_start = self.index[self.shuffled_source[i]]
             actions = self.shard(other).arrays["actions"][other_start:other_start + self.length]
@@ -170,7 +183,7 @@ def collate_windows(items: list[dict]) -> dict:
         raise ValueError("collate_windows needs at least one item")
     batch: dict = {"scene": [it["scene"] for it in items],
                    "start": torch.tensor([it["start"] for it in items], dtype=torch.long)}
-    n_boxes = max(it["boxes"].shape[1] for it in items)
+    n_boxes = max((it["boxes"].shape[1] for it in items if "boxes" in it), default=0)
     for key in items[0]:
         if key in ("scene", "start"):
             continue

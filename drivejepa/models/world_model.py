@@ -7,9 +7,11 @@ predicted and target states token by token.
 ``loss`` encodes a window of L key frames with both encoders, predicts frame i+1 from the online states up to i and
 action i (teacher forcing; this trains the encoder), rolls forward K steps from the target encoder's latents of the
 first ``context`` frames (this trains the predictor exactly as it is evaluated), and compares the predictions with
-the stop-gradient target latents under the configured objective. Two regularisers act on the online states: the
-VICReg variance/covariance term against collapse, and the inverse-dynamics term (the ego motion between consecutive
-states must be recoverable) against latents that ignore what the action changes.
+the stop-gradient target latents under the configured objective (those predictor terms are ``predictor_terms``,
+which the predictor stage, drivejepa/training/predictor_stage.py, calls on cached target latents alone). Two
+regularisers act on the online states: the VICReg variance/covariance term against collapse, and the
+inverse-dynamics term (the ego motion between consecutive states must be recoverable) against latents that ignore
+what the action changes.
 
 Rollouts outside training (validation, evaluation, visualisation) start from the EMA target encoder's latents
 (``context_states``): it is the encoder JEPA models deploy, and it is the source of the targets and of the copy-last
@@ -141,10 +143,41 @@ class WorldModel(nn.Module):
 
         valid = batch.get("action_valid")
         valid = torch.ones(b, length, dtype=torch.bool, device=actions.device) if valid is None else valid.bool()
+        total, metrics, one_step_pred = self.predictor_terms(states, target_states, targets, batch, valid, loss_cfg,
+                                                             context)
+
+        if loss_cfg.idm_weight > 0:
+            scales = self.predictor.action_scales[:MOTION_DIMS]
+            motion = self.inverse_dynamics(states[:, :-1].float(), states[:, 1:].float())
+            idm = inverse_dynamics_loss(motion, actions[:, :-1, :MOTION_DIMS].float() / scales, valid[:, :-1])
+            total = total + loss_cfg.idm_weight * idm
+            metrics["loss_idm"] = float(idm.detach())
+
+        var, cov = vicreg_terms(states)
+        if loss_cfg.vicreg_weight > 0:
+            regulariser = loss_cfg.vicreg_var_weight * var + loss_cfg.vicreg_cov_weight * cov
+            total = total + loss_cfg.vicreg_weight * regulariser
+        metrics.update(vicreg_var=float(var.detach()), vicreg_cov=float(cov.detach()))
+        first = latent_space.predictions(one_step_pred.detach().float(), self.space)
+        # Spread and rank of the pooled states (an SVD of every token would cost a tenth of a step on a CPU).
+        metrics.update(collapse_diagnostics(self.summary(states.detach().float()), first, targets[:, 1:],
+                                            targets[:, :-1]))
+        metrics["loss"] = float(total.detach())
+        return total, metrics
+
+    def predictor_terms(self, inputs: torch.Tensor, target_states: torch.Tensor, targets: torch.Tensor,
+                        batch: Mapping[str, torch.Tensor], valid: torch.Tensor, loss_cfg: LossConfig, context: int):
+        """The predictor's share of the objective on a window batch: teacher-forced one-step predictions from
+        ``inputs`` (the online states in the joint run, which trains the encoder through them; the cached target
+        latents in the predictor stage, drivejepa/training/predictor_stage.py), the K-step rollout from the target
+        latents of the context frames, and the sibling-contrastive term. ``targets`` are ``target_states`` in the
+        model's space, ``valid [B, L]`` the actions that are known. Returns (total, metrics, one-step predictions)."""
+        actions = batch["actions"]
+        b, length = actions.shape[:2]
         known = valid
         if self.training and self.cfg.action_dropout > 0:
             known = known & (torch.rand(b, length, device=actions.device) >= self.cfg.action_dropout)
-        one_step_pred = self.predict(states[:, :-1], actions[:, :-1], known[:, :-1])
+        one_step_pred = self.predict(inputs[:, :-1], actions[:, :-1], known[:, :-1])
         one_step = prediction_loss(one_step_pred.float(), targets[:, 1:], loss_cfg)
         total = one_step
         metrics = {"loss_one_step": float(one_step.detach())}
@@ -166,25 +199,7 @@ class WorldModel(nn.Module):
                 if terms:
                     total = total + loss_cfg.sibling_weight * sibling
                     metrics["loss_sibling"] = float(sibling.detach())
-
-        if loss_cfg.idm_weight > 0:
-            scales = self.predictor.action_scales[:MOTION_DIMS]
-            motion = self.inverse_dynamics(states[:, :-1].float(), states[:, 1:].float())
-            idm = inverse_dynamics_loss(motion, actions[:, :-1, :MOTION_DIMS].float() / scales, valid[:, :-1])
-            total = total + loss_cfg.idm_weight * idm
-            metrics["loss_idm"] = float(idm.detach())
-
-        var, cov = vicreg_terms(states)
-        if loss_cfg.vicreg_weight > 0:
-            regulariser = loss_cfg.vicreg_var_weight * var + loss_cfg.vicreg_cov_weight * cov
-            total = total + loss_cfg.vicreg_weight * regulariser
-        metrics.update(vicreg_var=float(var.detach()), vicreg_cov=float(cov.detach()))
-        first = latent_space.predictions(one_step_pred.detach().float(), self.space)
-        # Spread and rank of the pooled states (an SVD of every token would cost a tenth of a step on a CPU).
-        metrics.update(collapse_diagnostics(self.summary(states.detach().float()), first, targets[:, 1:],
-                                            targets[:, :-1]))
-        metrics["loss"] = float(total.detach())
-        return total, metrics
+        return total, metrics, one_step_pred
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

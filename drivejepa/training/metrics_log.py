@@ -43,9 +43,12 @@ def truncate_after(path: str | Path, step: int) -> None:
 class MetricsLogger:
     """Writes on the main rank only; on other ranks every method does nothing."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, resume_step: Optional[int] = None,
+                 name: str = "metrics"):
+        """Records go to ``RUN/<name>.jsonl`` and TensorBoard's ``RUN/tb`` (``RUN/tb/<name>`` for another name: a
+        stage with its own step count, such as the predictor stage); ``resume_step`` drops the records after it."""
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / f"{name}.jsonl"
         self._writer = None
         self._fh = None
         if not enabled:
@@ -54,7 +57,7 @@ class MetricsLogger:
 
         if resume_step is not None:
             truncate_after(self.path, resume_step)
-        self._writer = SummaryWriter(str(Path(run_dir) / "tb"),
+        self._writer = SummaryWriter(str(Path(run_dir) / "tb" / ("" if name == "metrics" else name)),
                                      purge_step=None if resume_step is None else resume_step + 1)
         self._fh = open(self.path, "a", encoding="utf-8")
 

@@ -29,6 +29,14 @@ def format_summary(summary: dict, horizon: int) -> str:
                      f"{val.get('diag_effective_rank', float('nan')):.1f}")
     else:
         lines.append("validation     none (no held-out windows)")
+    stage = summary.get("predictor_stage")
+    if stage:
+        val = stage["val"]
+        lines.append(f"predictor      {stage['steps']} steps on {stage['train_windows']} windows' cached latents in "
+                     f"{stage['seconds']:.0f} s (caching {stage['cache_seconds']:.0f} s): val error / copy-last "
+                     f"{stage['start_error']:.3f} -> {val.get('ratio', float('nan')):.3f}"
+                     + (f" (+{horizon} frames {val[f'ratio_h{horizon}']:.3f}, action ratio "
+                        f"{val.get('action_ratio', float('nan')):.3f})" if val.get("windows") else ""))
     lines += [f"checkpoints    {summary['last_checkpoint']}", f"               {summary['best_checkpoint']}"
               + (f" (best val error / copy-last {summary['best_error']:.3f})" if summary["best_error"] is not None
                  else "")]

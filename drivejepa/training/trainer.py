@@ -84,7 +84,15 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: Optional[str | Path]
     when there is none) or a checkpoint path. Returns the final summary (see ``training.summary.format_summary``)."""
     info = init_distributed(cfg.device)
     try:
-        return _Run(cfg, Path(run_dir), info, progress, allow_other_shards).fit(resume)
+        summary = _Run(cfg, Path(run_dir), info, progress, allow_other_shards).fit(resume)
+        if cfg.predictor_stage.steps > 0 and info.is_main:
+            from drivejepa.training.predictor_stage import fit_predictor_stage
+
+            summary["predictor_stage"] = fit_predictor_stage(cfg, run_dir, summary["steps"], info.device,
+                                                             resume is not None, progress)
+            summary["best_error"] = summary["predictor_stage"]["best_error"]
+            atomic_write_json(Path(run_dir) / "summary.json", summary)
+        return summary
     finally:
         shutdown(info)
 

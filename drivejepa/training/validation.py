@@ -59,7 +59,8 @@ def validate(model, batches: Iterable[dict], cfg: TrainConfig, info: DistInfo, a
         future_actions = actions[:, context - 1 : context - 1 + horizon][valid]
         other = batch.get("shuffled_actions")
         with autocast():
-            target = model.context_states(batch)[valid]
+            # A batch of the predictor stage carries its cached target latents (training/predictor_stage.py).
+            target = (batch["latents"] if "latents" in batch else model.context_states(batch))[valid]
             context_states, past = target[:, :context], actions[valid][:, : context - 1]
             pred = model.rollout(context_states, future_actions, past)
             shuffled = None
