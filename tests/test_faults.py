@@ -129,7 +129,7 @@ def test_an_edited_dtype_is_refused_even_with_a_matching_header_checksum(shard_d
 
 def test_training_evaluation_and_visualisation_skip_the_same_corrupt_shard(shard_dir, tmp_path):
     from drivejepa.evaluation.runner import plan_jobs
-    from drivejepa.training.trainer import _windows_datasets
+    from drivejepa.training.trainer import windows_datasets
     from drivejepa.visualization.decoder_training import split_scenes
 
     shards = copy_shards(shard_dir, tmp_path / "shards")
@@ -138,7 +138,7 @@ def test_training_evaluation_and_visualisation_skip_the_same_corrupt_shard(shard
     _flip_image_bytes(shard_path(shards, bad))
     cfg = load_config(TrainConfig, REPO / "pipelines/train_smoke.yaml", [f"data.shards={shards}"])
 
-    train_ds, _, skipped = _windows_datasets(cfg)
+    train_ds, _, skipped = windows_datasets(cfg)
     assert train_ds.scenes == train_scenes[1:]
     assert [s["scene"] for s in skipped] == [bad] and "fails its checksum" in skipped[0]["reason"]
 

@@ -26,7 +26,6 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -110,9 +109,9 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
     RUN/checkpoints/predictor_stage.pt when it belongs to this joint run. Returns the stage's summary."""
     from tqdm.auto import tqdm
 
-    from drivejepa.data.shards import readable_scenes, scenes_in_split
     from drivejepa.precision import choose_precision
     from drivejepa.training.optim import param_groups
+    from drivejepa.training.trainer import windows_datasets
 
     stage, run_dir = cfg.predictor_stage, Path(run_dir)
     folder = ckpt_mod.checkpoint_dir(run_dir)
@@ -130,21 +129,10 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
 
     precision = choose_precision(device, cfg.optim.amp, cfg.optim.amp_dtype)
 
-    def windows(split: str, shuffle_seed: Optional[int]) -> Optional[WindowDataset]:
-        scenes, _ = readable_scenes(cfg.data.shards, scenes_in_split(cfg.data.shards, split), split)
-        if not scenes:
-            return None
-        ds = WindowDataset(cfg.data.shards, scenes, context=cfg.data.context, horizon=cfg.data.horizon,
-                           stride=cfg.data.stride, cameras=cfg.data.cameras, shuffle_actions_seed=shuffle_seed)
-        return ds if len(ds) else None
-
-    train_windows = windows(cfg.data.train_split, None)
-    if train_windows is None:
-        raise UserError(f"{cfg.data.shards}: split '{cfg.data.train_split}' has no window for the predictor stage")
+    train_windows, val_windows, _ = windows_datasets(cfg)
     started = time.perf_counter()
     train_data = LatentWindows(train_windows, model, precision.autocast, desc="cache train latents",
                                progress=progress)
-    val_windows = windows(cfg.data.val_split, cfg.seed) if cfg.data.val_split else None
     val_data = None if val_windows is None else LatentWindows(val_windows, model, precision.autocast,
                                                               desc="cache val latents", progress=progress)
     cache_seconds = time.perf_counter() - started

@@ -115,7 +115,9 @@ class _LossModule(nn.Module):
         return self.model.loss(batch, self.loss_cfg, self.context)
 
 
-def _windows_datasets(cfg: TrainConfig):
+def windows_datasets(cfg: TrainConfig):
+    """(train windows, val windows or None, skipped shards) of a training config: the val windows carry the
+    shuffled-action partner of ``cfg.seed``; a UserError when the train split has no window."""
     from drivejepa.data.dataset import WindowDataset
     from drivejepa.data.shards import readable_scenes, scenes_in_split
 
@@ -170,7 +172,7 @@ class _Run:
         self.local_batch = cfg.data.batch_size // info.world_size
         seed_everything(cfg.seed, cfg.deterministic)
 
-        self.train_ds, self.val_ds, self.skipped_shards = _windows_datasets(cfg)
+        self.train_ds, self.val_ds, self.skipped_shards = windows_datasets(cfg)
         self.shards = ckpt_mod.shards_provenance(cfg.data.shards)
         if cfg.data.sibling_batches and self.local_batch < 2:
             raise UserError(f"data.sibling_batches needs at least 2 windows a batch on each process, got "
