@@ -1,6 +1,7 @@
 """The predictor stage (drivejepa/training/predictor_stage.py): the predictor alone on cached target latents."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -25,11 +26,6 @@ def _cfg(shard_dir, *overrides) -> TrainConfig:
                        [f"data.shards={shard_dir}", "threads=1", "deterministic=true", *STAGE, *overrides])
 
 
-def _copy_run(smoke_run: Path, dest: Path) -> Path:
-    shutil.copytree(smoke_run, dest)
-    return dest
-
-
 def _joint_steps(run: Path) -> int:
     return int(json.loads((run / "summary.json").read_text())["steps"])
 
@@ -42,7 +38,7 @@ def test_cached_latents_are_the_target_encoders_latents_of_each_window(smoke_run
     model, cfg = ckpt_mod.load_world_model(smoke_run / "checkpoints/best.pt")
     windows = WindowDataset(shard_dir, scenes_in_split(shard_dir, "val"), context=cfg.data.context,
                             horizon=cfg.data.horizon, cameras=cfg.data.cameras)
-    cached = predictor_stage.LatentWindows(windows, model, _no_autocast, batch_frames=5, progress=False)
+    cached = predictor_stage.LatentWindows(windows, model, contextlib.nullcontext, batch_frames=5, progress=False)
     for i in (0, len(windows) // 2, len(windows) - 1):
         item = cached[i]
         with torch.no_grad():
@@ -52,12 +48,8 @@ def test_cached_latents_are_the_target_encoders_latents_of_each_window(smoke_run
         assert "images" not in item and "lidar" not in item
 
 
-def _no_autocast():
-    return torch.autocast("cpu", enabled=False)
-
-
 def test_stage_trains_the_predictor_alone_and_best_pt_keeps_the_encoders(smoke_run, shard_dir, tmp_path):
-    run = _copy_run(smoke_run, tmp_path / "run")
+    run = shutil.copytree(smoke_run, tmp_path / "run")
     before = run / "checkpoints/best_before.pt"
     shutil.copyfile(run / "checkpoints/best.pt", before)
     summary = train(_cfg(shard_dir), run, resume="auto", progress=False)
@@ -83,10 +75,10 @@ def test_stage_trains_the_predictor_alone_and_best_pt_keeps_the_encoders(smoke_r
 
 
 def test_stage_killed_midway_resumes_to_the_same_predictor(smoke_run, shard_dir, tmp_path, monkeypatch):
-    straight = _copy_run(smoke_run, tmp_path / "straight")
+    straight = shutil.copytree(smoke_run, tmp_path / "straight")
     train(_cfg(shard_dir), straight, resume="auto", progress=False)
 
-    interrupted = _copy_run(smoke_run, tmp_path / "interrupted")
+    interrupted = shutil.copytree(smoke_run, tmp_path / "interrupted")
     save = ckpt_mod.save_checkpoint
 
     class Killed(Exception):

@@ -116,8 +116,6 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
     stage, run_dir = cfg.predictor_stage, Path(run_dir)
     folder = ckpt_mod.checkpoint_dir(run_dir)
     best_path, state_path = folder / "best.pt", folder / STAGE_CHECKPOINT
-    best = ckpt_mod.load_checkpoint(best_path, "cpu")
-    model, _ = ckpt_mod.load_world_model(best_path, device)
     saved = ckpt_mod.load_checkpoint(state_path, "cpu") if resume and state_path.is_file() else None
     if saved is not None and int(saved["joint_step"]) != joint_step:
         log.warning("%s belongs to the joint run's step %d, not %d: the predictor stage starts over", state_path,
@@ -126,6 +124,8 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
     if saved is not None and int(saved["step"]) >= stage.steps:
         log.info("predictor stage already done (%d steps)", int(saved["step"]))
         return dict(saved["summary"])
+    best = ckpt_mod.load_checkpoint(best_path, "cpu")
+    model, _ = ckpt_mod.load_world_model(best_path, device)
 
     precision = choose_precision(device, cfg.optim.amp, cfg.optim.amp_dtype)
 
