@@ -37,14 +37,14 @@ def warp_last(context: torch.Tensor, future_actions: torch.Tensor, grid) -> torc
     """The last context state ``[B, Tc, N, C]`` carried along the future ego motions ``[B, H, 5]`` (actions
     ``a_t..a_{t+H-1}``): step k is the state seen from frame t+k; cells that come into view keep the last state's
     token (what the edge of the grid usually looks like)."""
-    from drivejepa.models.bev import motion_matrix, warp
+    from drivejepa.models.bev import compose, motion_matrix, warp
 
     steps = motion_matrix(future_actions[..., :3].double())                       # frame k+1 -> frame k
     transform = torch.eye(3, dtype=steps.dtype, device=steps.device).expand(context.shape[0], 3, 3)
     last = context[:, -1]
     out = []
     for k in range(future_actions.shape[1]):
-        transform = transform @ steps[:, k]
+        transform = compose(transform, steps[:, k])
         warped, seen = warp(last, transform.to(last.dtype), grid)
         out.append(torch.where(seen.unsqueeze(-1), warped, last))
     return torch.stack(out, dim=1)

@@ -489,6 +489,8 @@ class PlanConfig:
     horizon: int = 6                                  # key-frame steps planned (3 s at 2 Hz)
     frame_seconds: float = 0.5
     device: str = "auto"
+    amp: Union[bool, Literal["auto"]] = "auto"        # autocast of the rollouts (drivejepa/precision.py): auto = bf16
+                                                      # on CUDA and on a CPU with native bf16, else fp32
     ego_length: float = 4.084                         # metres (nuScenes' Renault Zoe, the planning papers' box)
     ego_width: float = 1.85
     ego_center_ahead: float = 0.0                     # box centre ahead of the ego pose (0: synthetic world)

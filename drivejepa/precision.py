@@ -1,4 +1,5 @@
-"""Numeric precision of training, chosen from the hardware (``optim.amp: auto | true | false``).
+"""Numeric precision of training and planning, chosen from the hardware (``optim.amp`` / ``amp`` of a plan config:
+``auto | true | false``).
 
 bf16 autocast only pays where the hardware computes in bf16. On a CPU without AVX512-BF16 or AMX, PyTorch emulates
 it: measured on an AVX2-only machine of this project's kind, forward and backward of 8 images at 128x224 took 0.57 s
@@ -11,7 +12,9 @@ step went from 1.1 s to 11-13 s. So ``auto`` picks:
 
 ``true`` forces autocast (warning, with that cost, on a CPU that would emulate it), ``false`` forces fp32.
 ``optim.amp_dtype`` picks the CUDA dtype (``auto``: bf16 where supported); CPU autocast is always bf16.
-The choice and its reason are logged by the trainer and saved in ``RUN/summary.json`` and ``metrics.jsonl``.
+The choice and its reason are logged by the trainer and saved in ``RUN/summary.json`` and ``metrics.jsonl``; the
+planner (drivejepa/planning/planner.py) logs its own. Planning only runs forward passes, so the trade is the same
+(bf16 where it is native, for speed) and no GradScaler is involved.
 """
 from __future__ import annotations
 
@@ -65,15 +68,17 @@ def cpu_bf16_support() -> tuple[bool, str]:
     return native, evidence
 
 
-def choose_precision(device: torch.device, amp: Union[bool, str] = "auto", amp_dtype: str = "auto") -> Precision:
-    """The precision ``optim.amp`` / ``optim.amp_dtype`` mean on ``device`` (see the module docstring)."""
+def choose_precision(device: torch.device, amp: Union[bool, str] = "auto", amp_dtype: str = "auto",
+                     setting: str = "optim.amp") -> Precision:
+    """The precision ``amp`` / ``amp_dtype`` mean on ``device`` (see the module docstring); ``setting`` is the config
+    key they came from, named in errors and in the reason."""
     if amp not in (True, False, "auto"):
-        raise ValueError(f"optim.amp must be auto, true or false, got {amp!r}")
+        raise ValueError(f"{setting} must be auto, true or false, got {amp!r}")
     if amp_dtype not in ("auto", "bfloat16", "float16"):
-        raise ValueError(f"optim.amp_dtype must be auto, bfloat16 or float16, got {amp_dtype!r}")
+        raise ValueError(f"{setting}_dtype must be auto, bfloat16 or float16, got {amp_dtype!r}")
     kind = device.type
     if amp is False:
-        return Precision(kind, None, "optim.amp = false")
+        return Precision(kind, None, f"{setting} = false")
     if kind == "cuda":
         bf16 = bool(torch.cuda.is_bf16_supported())
         name = torch.cuda.get_device_name(device)
@@ -81,21 +86,21 @@ def choose_precision(device: torch.device, amp: Union[bool, str] = "auto", amp_d
             dtype = "bfloat16" if bf16 else "float16"
             why = f"{name} {'supports' if bf16 else 'does not support'} bf16"
         else:
-            dtype, why = amp_dtype, f"optim.amp_dtype = {amp_dtype} on {name}"
-        return Precision(kind, dtype, f"optim.amp = {amp}: {why}")
+            dtype, why = amp_dtype, f"{setting}_dtype = {amp_dtype} on {name}"
+        return Precision(kind, dtype, f"{setting} = {amp}: {why}")
     if kind != "cpu":
         return Precision(kind, None, f"no autocast policy for device type '{kind}': fp32")
     native, evidence = cpu_bf16_support()
     if amp == "auto":
         if native:
-            return Precision(kind, "bfloat16", f"optim.amp = auto: native bf16 on this CPU ({evidence})")
-        return Precision(kind, None, f"optim.amp = auto: no native bf16 on this CPU ({evidence}), where "
+            return Precision(kind, "bfloat16", f"{setting} = auto: native bf16 on this CPU ({evidence})")
+        return Precision(kind, None, f"{setting} = auto: no native bf16 on this CPU ({evidence}), where "
                                      f"{EMULATED_BF16_COST}")
-    reason = f"optim.amp = true ({evidence})"
+    reason = f"{setting} = true ({evidence})"
     if not native:
-        log.warning("optim.amp = true on a CPU without native bf16 (%s): %s. Use optim.amp=auto or false.",
-                    evidence, EMULATED_BF16_COST)
+        log.warning("%s = true on a CPU without native bf16 (%s): %s. Use %s=auto or false.", setting, evidence,
+                    EMULATED_BF16_COST, setting)
         reason += f"; {EMULATED_BF16_COST}"
     if amp_dtype == "float16":
-        reason += "; optim.amp_dtype = float16 applies to CUDA, CPU autocast is bf16"
+        reason += f"; {setting}_dtype = float16 applies to CUDA, CPU autocast is bf16"
     return Precision(kind, "bfloat16", reason)

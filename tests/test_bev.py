@@ -144,3 +144,25 @@ def test_camera_lifting_puts_a_bright_object_in_the_cell_where_the_lidar_sees_it
     assert ray_only[behind] > 0.5 * ray_only.max()                                # without depth: along the ray
     assert with_lidar[behind] < 0.25 * with_lidar.max()                           # with lidar: where it is
     assert float(with_lidar.max()) > 0.25                                          # the object fills part of a cell
+
+
+def test_bf16_autocast_leaves_the_warp_geometry_in_float32():
+    """Training and planning run under bf16 autocast where the CPU (or GPU) has native bf16; the motions' products
+    and the sample coordinates must not: a bf16 product keeps three significant digits (0.1 m of 30 m)."""
+    from drivejepa.models.bev import compose
+
+    grid = BevGrid(16, 32.0)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(3, grid.tokens, 8, generator=g)
+    steps = motion_matrix(torch.tensor([[7.37, 0.41, 0.093], [6.91, -0.22, -0.051], [31.3, 2.7, 0.21]]))
+    exact = compose(steps[:1], steps[1:2], steps[2:])
+    want = warp(tokens, steps, grid)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        product = compose(steps[:1], steps[1:2], steps[2:])
+        got, _ = warp(tokens, steps, grid)
+        halved, _ = warp(tokens.bfloat16(), steps, grid)
+    assert product.dtype == torch.float32 and torch.equal(product, exact)
+    assert exact[0, 0, 2] != steps[0, 0, 2].bfloat16().float()      # the offset is not a bf16 number
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert halved.dtype == torch.bfloat16
+    torch.testing.assert_close(halved, warp(tokens.bfloat16().float(), steps, grid)[0].bfloat16())

@@ -412,3 +412,23 @@ def test_guidance_mixes_the_rollouts_with_and_without_the_action():
     cfg.model.guidance, cfg.model.action_dropout = 2.0, 0.0
     with pytest.raises(ConfigError, match="model.guidance"):
         check_config(cfg, "guided.yaml")
+
+
+def test_short_sequence_attention_matches_the_fused_kernel(monkeypatch):
+    """The attention over a handful of keys (the predictor's over time) is computed per key instead of by
+    ``F.scaled_dot_product_attention``; it must be the same attention: masks, the last queries only, gradients."""
+    from drivejepa.models import fusion
+
+    torch.manual_seed(0)
+    attn = fusion.Attention(16, 4)
+    x = torch.randn(6, 3, 16, requires_grad=True)
+    mask = torch.tensor([[True, True, True], [False, True, True]] * 3)[:, None, None, :]
+    for kwargs in ({}, {"attn_mask": mask}, {"attn_mask": mask, "last": 1}, {"last": 2}):
+        short = attn(x, **kwargs)
+        with monkeypatch.context() as m:
+            m.setattr(fusion, "SHORT_SEQUENCE", 0)
+            fused = attn(x, **kwargs)
+        torch.testing.assert_close(short, fused)
+        g_short = torch.autograd.grad(short.square().sum(), x)[0]
+        g_fused = torch.autograd.grad(fused.square().sum(), x)[0]
+        torch.testing.assert_close(g_short, g_fused)

@@ -221,6 +221,44 @@ def test_planner_takes_its_cruise_speed_back_once_the_lane_is_clear():
     assert ends[10.0] > 4.0 and ends[0.0] < 2.5
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_planner_rolls_out_in_the_precision_the_hardware_calls_for(monkeypatch, caplog, native):
+    """``amp: auto`` plans under bf16 autocast on a CPU with native bf16 and in fp32 where bf16 would be emulated,
+    says which and why, and hands the optimiser float32 costs either way (bf16 costs tie the candidates)."""
+    import logging
+
+    from drivejepa import precision
+    from drivejepa.planning.planner import Planner
+
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: (native, "test CPU"))
+    seen = []
+
+    class LinearModel(CopyLastModel):
+        def __init__(self):
+            super().__init__()
+            self.mix = torch.nn.Linear(1, 1)
+
+        def rollout(self, context, actions, past_actions=None):
+            moved = self.mix(super().rollout(context, actions, past_actions))
+            seen.append(moved.dtype)
+            return moved
+
+    heads, state = _car_ahead_heads_and_state()
+    with caplog.at_level(logging.INFO, logger="drivejepa.planning.planner"):
+        planner = Planner(LinearModel(), heads, PlanConfig(device="cpu"))
+    assert planner.precision.dtype == ("bfloat16" if native else None)
+    assert any("planning precision" in r.getMessage() and "test CPU" in r.getMessage() for r in caplog.records)
+    history = controls_to_actions(np.array([[5.0, 0.0]] * 3), 0.5)
+    from drivejepa.planning.costs import Situation
+
+    situation = Situation(torch.tensor([5.0]), torch.tensor([0]), state, None, torch.tensor([5.0]))
+    cost, terms = planner.evaluate(situation, torch.full((1, 4, 6, 2), 5.0))
+    assert set(seen) == {torch.bfloat16 if native else torch.float32}
+    assert cost.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    plan = planner.plan_states(state, history, "straight")
+    assert np.isfinite(plan.cost) and plan.controls.shape == (6, 2)
+
+
 class CopyLastModel(torch.nn.Module):
     """A world model whose every predicted state is the last context state (the world moves with the ego)."""
     space = "raw"

@@ -12,6 +12,11 @@ random, or real key frames with ``--shards``. Timed, batch 1, median of ``--repe
 
 The bare timm ResNet18 on one 224x400 image is timed in turn with them, so a reading taken on a busy shared machine
 can be put beside the ~26 ms that network takes on an idle one (docs: ecosystem facts).
+
+The planner runs in the precision its ``amp`` setting chooses on this hardware (drivejepa/precision.py: bf16
+autocast on a CPU with native bf16 or a GPU, else fp32). Where that is not fp32, the same decision is timed in fp32
+in turn with it (the baseline beside the choice), and the two plans from the same states are compared: the distance
+between their end points at the horizon.
 """
 from __future__ import annotations
 
@@ -116,44 +121,64 @@ def run(args) -> dict:
                                        bev_range=float(model.bev_range), subcells=cfg.heads.subcells,
                                        hidden=cfg.heads.hidden, kind=cfg.heads.kind))
     context = int(train_cfg.data.context)
-    planner = Planner(model, heads, cfg, device=device)
+    planners = {"chosen": Planner(model, heads, cfg, device=device)}
+    precision = planners["chosen"].precision
+    if precision.dtype is not None:
+        planners["fp32"] = Planner(model, heads, dataclasses.replace(cfg, amp=False), device=device)
+    planner = planners["chosen"]
     obs, obs_source = _shard_obs(args.shards, model, context) if args.shards else \
         _random_obs(list(model.cameras), context)
     newest = {k: v if k in PER_CAMERA else v[-1:] for k, v in obs.items()}
     history = np.tile(np.array([[4.0, 0.05, 0.01, 8.0, 0.02]], np.float32), (max(context - 1, 1), 1))
     with torch.inference_mode():
-        states = planner.encode(obs)
+        states = planners["fp32" if "fp32" in planners else "chosen"].encode(obs)
 
-    def decide():
-        planner.reset()
-        return planner.plan_states(states, history, "straight")
+    def decide(p):
+        p.reset()
+        return p.plan_states(states, history, "straight")
 
-    def decision():
-        planner.reset()
-        newest_state = planner.encode(newest)
-        return planner.plan_states(torch.cat([states[:, 1:], newest_state], dim=1), history, "straight")
+    def decision(p):
+        p.reset()
+        newest_state = p.encode(newest)
+        return p.plan_states(torch.cat([states[:, 1:], newest_state], dim=1), history, "straight")
 
     import timm
 
     resnet = timm.create_model("resnet18", pretrained=False, num_classes=0).eval().to(device)
     image = torch.randn(1, 3, 224, 400, device=device)
+    timed = {"resnet18_224x400": lambda: resnet(image)}
+    for name, p in planners.items():
+        timed.update({f"{name}/encode": lambda p=p: p.encode(newest), f"{name}/optimise": lambda p=p: decide(p),
+                      f"{name}/decision": lambda p=p: decision(p)})
     with torch.inference_mode():
-        ms = interleaved_medians({"resnet18_224x400": lambda: resnet(image), "encode": lambda: planner.encode(newest),
-                                  "optimise": decide, "decision": decision}, args.repeats, args.warmup)
+        ms = interleaved_medians(timed, args.repeats, args.warmup)
+        plans = {name: decide(p) for name, p in planners.items()}
     o = cfg.optimizer
-    row = {"resnet18_224x400_ms": round(ms["resnet18_224x400"], 2), "encode_ms": round(ms["encode"], 2),
-           "optimise_ms": round(ms["optimise"], 2), "decision_ms": round(ms["decision"], 2), "method": o.method,
+    row = {"resnet18_224x400_ms": round(ms["resnet18_224x400"], 2), "encode_ms": round(ms["chosen/encode"], 2),
+           "optimise_ms": round(ms["chosen/optimise"], 2), "decision_ms": round(ms["chosen/decision"], 2),
+           "precision": precision.as_dict(), "method": o.method,
            "candidates": o.candidates, "iterations": o.iterations, "horizon_steps": cfg.horizon,
            "rollouts_per_decision": o.candidates * o.iterations + 2,
            "state": [int(model.bev_size), int(model.bev_size), int(model.latent_dim)], "context_frames": context}
+    if "fp32" in planners:
+        row["fp32"] = {k: round(ms[f"fp32/{k}"], 2) for k in ("encode", "optimise", "decision")}
+        row["decision_speedup_vs_fp32"] = round(ms["fp32/decision"] / ms["chosen/decision"], 3)
+        row["plan_end_point_gap_m"] = round(float(np.linalg.norm(
+            plans["chosen"].trajectory[-1, :2] - plans["fp32"].trajectory[-1, :2])), 3)
     result = {"benchmark": "plan", "model": source, "observations": obs_source, "device": str(device),
               "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "target_decision_ms": TARGET_DECISION_MS, "meets_target": row["decision_ms"] <= TARGET_DECISION_MS,
               "repeats": args.repeats, **row}
-    print(f"{'device':<8}{'state':<14}{'search':<22}{'resnet18 ms':>12}{'encode ms':>10}{'optimise ms':>13}"
-          f"{'decision ms':>13}")
-    print(f"{str(device):<8}{'x'.join(map(str, row['state'])):<14}"
-          f"{o.method + f' {o.candidates}x{o.iterations}':<22}{row['resnet18_224x400_ms']:>12.1f}"
-          f"{row['encode_ms']:>10.1f}{row['optimise_ms']:>13.1f}{row['decision_ms']:>13.1f}")
+    print(f"precision: {precision.name} ({precision.reason})")
+    print(f"{'device':<8}{'precision':<16}{'state':<14}{'search':<22}{'resnet18 ms':>12}{'encode ms':>10}"
+          f"{'optimise ms':>13}{'decision ms':>13}")
+    for name in planners:
+        label = "fp32" if name == "fp32" else precision.name
+        print(f"{str(device):<8}{label:<16}{'x'.join(map(str, row['state'])):<14}"
+              f"{o.method + f' {o.candidates}x{o.iterations}':<22}{row['resnet18_224x400_ms']:>12.1f}"
+              f"{ms[f'{name}/encode']:>10.1f}{ms[f'{name}/optimise']:>13.1f}{ms[f'{name}/decision']:>13.1f}")
+    if "fp32" in planners:
+        print(f"{precision.name}: decision {row['decision_speedup_vs_fp32']:.2f}x faster than fp32; the two plans' "
+              f"end points {row['plan_end_point_gap_m']:.2f} m apart")
     print(f"target: one decision <= {TARGET_DECISION_MS:.0f} ms -> {'met' if result['meets_target'] else 'NOT met'}")
     return result

@@ -29,7 +29,7 @@ from timm.layers import DropPath
 
 from drivejepa import latent_space
 from drivejepa.config import ModelConfig
-from drivejepa.models.bev import BevGrid, motion_matrix, warp
+from drivejepa.models.bev import BevGrid, compose, motion_matrix, warp
 from drivejepa.models.fusion import Attention, drop_path_rates, grid_of
 
 ACTION_SCALES = (10.0, 2.0, 0.5, 15.0, 1.0)   # dx (m), dy (m), dyaw (rad), speed (m/s), yaw_rate (rad/s)
@@ -122,7 +122,7 @@ class Predictor(nn.Module):
         steps = self.motion(actions, known)
         transforms = [steps[:, -1]]                          # next frame -> frame t-1-o, newest first
         for j in range(t - 2, -1, -1):
-            transforms.append(steps[:, j] @ transforms[-1])
+            transforms.append(compose(steps[:, j], transforms[-1]))
         transforms = torch.stack(transforms[::-1], dim=1)                               # [B, T, 3, 3]
         later_known = known.int().flip(1).cummin(dim=1).values.flip(1).bool()             # every action from j on
         frame_valid = torch.cat([later_known[:, :-1], torch.ones_like(known[:, -1:])], dim=1)

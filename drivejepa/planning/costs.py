@@ -169,7 +169,7 @@ class LatentSceneCost:
         p = actions.shape[1]
 
         def reduce(pred, rows):
-            prob = torch.sigmoid(self.heads.rollouts.logits_at(pred, cells))    # [n, H, 2, cells]
+            prob = torch.sigmoid(self.heads.rollouts.logits_at(pred, cells).float())   # [n, H, 2, cells]
             collision = prob[:, :, occ, :under].amax(-1).mean(-1)
             off_road = (1.0 - prob[:, :, free, :under]).mean(-1).mean(-1)
             inside = (1.0 - ahead / gaps[rows, :, None]).clamp(min=0.0)         # [n, H, lane cells]
@@ -194,7 +194,7 @@ class LatentSceneCost:
         ego frame now, as ``motion.integrate`` gives them), and the lowest of their occupancies (a car that drove on
         is in one frame's place and not the other's; a cell out of a frame's view reads 0)."""
         from drivejepa import latent_space
-        from drivejepa.models.bev import motion_matrix, warp
+        from drivejepa.models.bev import compose, motion_matrix, warp
         from drivejepa.planning.heads import TASKS
 
         n, h = poses.shape[:2]
@@ -205,10 +205,11 @@ class LatentSceneCost:
         lowest, back = None, torch.eye(3, device=poses.device).expand(n, 3, 3)
         for j in range(1, frames + 1):                                          # the last frame first
             if j > 1:
-                back = motion_matrix(past[:, -(j - 1), :3].float()) @ back        # now -> frame t-j+1
+                back = compose(motion_matrix(past[:, -(j - 1), :3].float()), back)   # now -> frame t-j+1
             base = latent_space.targets(context[:, -j].float(), self.model.space)
-            warped, seen = warp(base.repeat_interleave(h, dim=0), (back[:, None] @ to_now).flatten(0, 1), self.grid)
-            prob = torch.sigmoid(self.heads.states.logits_at(warped, lane)[:, TASKS.index("occupancy")])
+            warped, seen = warp(base.repeat_interleave(h, dim=0), compose(back[:, None], to_now).flatten(0, 1),
+                                self.grid)
+            prob = torch.sigmoid(self.heads.states.logits_at(warped, lane)[:, TASKS.index("occupancy")].float())
             prob = prob * seen[:, token]
             lowest = prob if lowest is None else torch.minimum(lowest, prob)
         return lowest.view(n, h, -1)

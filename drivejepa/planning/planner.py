@@ -18,6 +18,7 @@ The API the closed-loop driver and evaluation call::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Mapping, Optional
 
@@ -29,6 +30,8 @@ from drivejepa.planning.motion import constant_velocity_controls, controls_to_ac
 from drivejepa.planning.optimizer import SamplingOptimizer, shift
 from drivejepa.planning.recovery import control_bounds
 from drivejepa.planning.route import COMMANDS, command_index
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -83,6 +86,7 @@ class Planner:
     def __init__(self, model=None, heads=None, cfg=None, *, scene_cost=None, device=None):
         from drivejepa.config import PlanConfig
         from drivejepa.planning.costs import LatentSceneCost
+        from drivejepa.precision import choose_precision
         from drivejepa.runtime import select_device
 
         self.cfg = cfg if cfg is not None else PlanConfig()
@@ -93,6 +97,9 @@ class Planner:
                 raise ValueError("a planner needs a world model and its cost heads, or a scene_cost")
             scene_cost = LatentSceneCost(self.model, heads.to(self.device).eval(), self.cfg)
         self.scene_cost = scene_cost
+        self.precision = choose_precision(self.device, self.cfg.amp, setting="amp")
+        if self.model is not None:
+            log.info("planning precision: %s (%s)", self.precision.name, self.precision.reason)
         lower, upper = control_bounds(self.cfg.limits)
         self.optimizer = SamplingOptimizer(self.cfg.optimizer, lower, upper)
         self._previous: Optional[torch.Tensor] = None
@@ -114,7 +121,8 @@ class Planner:
             raise ValueError("this planner has no world model to encode observations with")
         frames = next(len(v) for k, v in obs_history.items() if k not in PER_CAMERA)
         obs = {k: v.to(self.device) for k, v in frames_as_obs(obs_history, np.arange(frames)).items()}
-        return self.model.encode(obs, target=True)[None]
+        with self.precision.autocast():
+            return self.model.encode(obs, target=True).float()[None]
 
     def plan(self, obs_history: Optional[Mapping], actions_history, command, steps_since_last: int = 1) -> Plan:
         """Plan from the last ``Tc`` observed key frames (``obs_history``; None for a model-free scene cost) and the
@@ -168,7 +176,8 @@ class Planner:
         cfg = self.cfg
         actions = controls_to_actions(controls, cfg.frame_seconds)
         poses = integrate(actions)
-        terms = dict(self.scene_cost(situation, actions, poses))
+        with self.precision.autocast():
+            terms = {name: value.float() for name, value in self.scene_cost(situation, actions, poses).items()}
         terms["progress"] = progress(poses, situation.cruise.to(poses), cfg)
         terms["command"] = command_violation(poses, situation.command, cfg)
         terms["comfort"] = comfort(controls, situation.speed_now, cfg.frame_seconds)
