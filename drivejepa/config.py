@@ -343,7 +343,8 @@ class PredictorStageConfig:
     predictor sees many more windows in the same time; it starts from best.pt and replaces it when val improves."""
     steps: int = 0                                    # 0 = no stage
     batch_size: int = 16
-    lr: float = 5e-4                                  # AdamW, linear warm-up then cosine to 0 over ``steps``
+    lr: float = 5e-4                                  # the joint run's AdamW recipe (training/optim.py): linear
+                                                      # warm-up, then one cosine cycle to optim.min_lr
     weight_decay: float = 0.05
     warmup_steps: int = 50
     val_every: int = 100                              # steps between validations (and resumable checkpoints)

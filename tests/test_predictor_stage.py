@@ -74,7 +74,7 @@ def test_stage_trains_the_predictor_alone_and_best_pt_keeps_the_encoders(smoke_r
     assert again["steps"] == 6 and again["best_error"] == stage["best_error"]   # done: nothing rerun
 
 
-def test_stage_killed_midway_resumes_to_the_same_predictor(smoke_run, shard_dir, tmp_path, monkeypatch):
+def test_stage_killed_midway_resumes_to_the_same_predictor(smoke_run, shard_dir, tmp_path, monkeypatch, caplog):
     straight = shutil.copytree(smoke_run, tmp_path / "straight")
     train(_cfg(shard_dir), straight, resume="auto", progress=False)
 
@@ -97,9 +97,20 @@ def test_stage_killed_midway_resumes_to_the_same_predictor(smoke_run, shard_dir,
         pass
     monkeypatch.setattr(ckpt_mod, "save_checkpoint", save)
     assert ckpt_mod.load_checkpoint(interrupted / "checkpoints" / predictor_stage.STAGE_CHECKPOINT)["step"] == 3
+    legacy = shutil.copytree(interrupted, tmp_path / "legacy")
     train(_cfg(shard_dir), interrupted, resume="auto", progress=False)
     a = ckpt_mod.load_checkpoint(straight / "checkpoints" / predictor_stage.STAGE_CHECKPOINT)["predictor"]
     b = ckpt_mod.load_checkpoint(interrupted / "checkpoints" / predictor_stage.STAGE_CHECKPOINT)["predictor"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_metrics(interrupted / "predictor_stage.jsonl") if r["split"] == "val"]
     assert steps == [3, 6]
+
+    # a half-done stage of the code before the joint run's optimiser recipe: its optimiser and schedule states do
+    # not fit this recipe's, so the stage starts over (and says why) instead of failing to load them
+    state_path = legacy / "checkpoints" / predictor_stage.STAGE_CHECKPOINT
+    state = ckpt_mod.load_checkpoint(state_path)
+    del state["recipe"]
+    ckpt_mod.save_checkpoint(state_path, state)
+    with caplog.at_level("WARNING", logger="drivejepa.training.predictor_stage"):
+        redone = train(_cfg(shard_dir), legacy, resume="auto", progress=False)["predictor_stage"]
+    assert "older optimiser recipe" in caplog.text and redone["steps"] == 6

@@ -15,6 +15,9 @@ validation and evaluation. Validation is ``training.validation.validate`` on the
 (the encoders of the joint run's best.pt, which the stage starts from) takes the stage's predictor whenever the val
 error relative to copy-last beats the best so far.
 
+Optimiser: the joint run's recipe (``training.optim``: AdamW with its parameter groups and betas, linear warm-up),
+with the stage's learning rate and decay and one cosine cycle over its remaining steps down to ``optim.min_lr``.
+
 Logs: ``RUN/predictor_stage.jsonl`` (``train`` and ``val`` records by stage step) and ``RUN/tb/predictor_stage``.
 Resume: ``RUN/checkpoints/predictor_stage.pt`` (predictor, optimiser, schedule, position, RNG) every
 ``predictor_stage.val_every`` steps; the window order is a pure function of (seed, epoch). The stage runs in one
@@ -22,6 +25,7 @@ process (under torchrun, on rank 0 after the joint run).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -44,6 +48,7 @@ from drivejepa.training.validation import to_device, validate
 log = logging.getLogger(__name__)
 
 STAGE_CHECKPOINT = "predictor_stage.pt"
+RECIPE = 2                         # the optimiser recipe a stage checkpoint was written with (1: its own AdamW)
 ORDER_TAG = 0x5354                 # keeps the stage's window order apart from the joint run's
 LABEL_KEYS = ("actions", "action_valid")
 
@@ -110,7 +115,7 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
     from tqdm.auto import tqdm
 
     from drivejepa.precision import choose_precision
-    from drivejepa.training.optim import param_groups
+    from drivejepa.training.optim import build_optimizer, build_scheduler, step_scheduler
     from drivejepa.training.trainer import windows_datasets
 
     stage, run_dir = cfg.predictor_stage, Path(run_dir)
@@ -120,6 +125,10 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
     if saved is not None and int(saved["joint_step"]) != joint_step:
         log.warning("%s belongs to the joint run's step %d, not %d: the predictor stage starts over", state_path,
                     int(saved["joint_step"]), joint_step)
+        saved = None
+    if saved is not None and int(saved.get("recipe", 1)) != RECIPE and int(saved["step"]) < stage.steps:
+        log.warning("%s was written with an older optimiser recipe (%d, this code's is %d): the predictor stage "
+                    "starts over", state_path, int(saved.get("recipe", 1)), RECIPE)
         saved = None
     if saved is not None and int(saved["step"]) >= stage.steps:
         log.info("predictor stage already done (%d steps)", int(saved["step"]))
@@ -140,13 +149,10 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
     predictor = model.predictor
     model.requires_grad_(False)
     predictor.requires_grad_(True)
-    optimizer = torch.optim.AdamW(param_groups(predictor, stage.weight_decay), lr=stage.lr)
-
-    def schedule(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, stage.warmup_steps))
-        return warm * 0.5 * (1.0 + math.cos(math.pi * min(step, stage.steps) / stage.steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    recipe = dataclasses.replace(cfg.optim, lr=stage.lr, weight_decay=stage.weight_decay,
+                                 warmup_steps=stage.warmup_steps, t0=max(1, stage.steps - stage.warmup_steps), t_mult=1)
+    optimizer = build_optimizer(predictor, recipe)
+    scheduler = build_scheduler(optimizer, recipe)
     step = epoch = position = 0
     best_error = float(best.get("best_error", math.inf))
     start_error = best_error
@@ -176,7 +182,7 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
         ckpt_mod.save_checkpoint(state_path, {
             "config": best["config"], "model": {}, "predictor": predictor.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": ckpt_mod.capture_rng(),
-            "step": step, "epoch": epoch, "position": position, "joint_step": joint_step,
+            "step": step, "epoch": epoch, "position": position, "joint_step": joint_step, "recipe": RECIPE,
             "best_error": best_error, "start_error": start_error, "summary": summary()})
 
     def summary() -> dict:
@@ -205,7 +211,7 @@ def fit_predictor_stage(cfg: TrainConfig, run_dir: str | Path, joint_step: int, 
                 if cfg.optim.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(predictor.parameters(), cfg.optim.clip_grad)
                 optimizer.step()
-                scheduler.step()
+                step_scheduler(scheduler)
                 step, position = step + 1, position + 1
                 bar.update(1)
                 if step % max(1, cfg.log_every) == 0:
