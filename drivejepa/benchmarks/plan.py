@@ -125,7 +125,6 @@ def run(args) -> dict:
     precision = planners["chosen"].precision
     if precision.dtype is not None:
         planners["fp32"] = Planner(model, heads, dataclasses.replace(cfg, amp=False), device=device)
-    planner = planners["chosen"]
     obs, obs_source = _shard_obs(args.shards, model, context) if args.shards else \
         _random_obs(list(model.cameras), context)
     newest = {k: v if k in PER_CAMERA else v[-1:] for k, v in obs.items()}

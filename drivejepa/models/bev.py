@@ -85,9 +85,10 @@ def compose(*transforms: torch.Tensor) -> torch.Tensor:
 def warp(tokens: torch.Tensor, transform: torch.Tensor, grid: BevGrid) -> tuple[torch.Tensor, torch.Tensor]:
     """Resample states ``[B, N, C]`` seen from frame a into frame b, with ``transform [B, 3, 3]`` mapping frame b
     coordinates into frame a (a product of :func:`motion_matrix`, :func:`compose`). Returns (warped [B, N, C] in the
-    tokens' dtype, seen [B, N]: the cell's centre fell inside frame a's grid). The coordinates and the resampling run
-    in float32 (or the inputs' float64) whatever the autocast: bf16 sample coordinates in [-1, 1] are 1/128 apart near the edge, a quarter
-    of a metre on the demo grid, and a rollout resamples its own prediction at every step."""
+    tokens' dtype, seen [B, N]: the cell's centre fell inside frame a's grid). The coordinates and the resampling
+    run in float32 (or the inputs' float64) whatever the autocast: bf16 sample coordinates in [-1, 1] are 1/128
+    apart near the edge, a quarter of a metre on the demo grid, and a rollout resamples its own prediction at every
+    step."""
     b = tokens.shape[0]
     dtype = torch.promote_types(torch.promote_types(torch.float32, tokens.dtype), transform.dtype)
     with torch.autocast(tokens.device.type, enabled=False):
