@@ -506,6 +506,8 @@ class PlanConfig:
     reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = the cruise speed:
     reference_seconds: float = 10.0                   # the speed kept: the highest of the ego's last seconds (0: now)
     min_reference_speed: float = 2.0                  # ... but at least this (a stopped ego moves on)
+    resume_accel: float = 1.5                         # m/s^2: the first iteration also tries speeding up toward
+                                                      # the cruise speed at this rate (0 = not)
     eval_windows: int = 4                             # evaluate --plan-config: windows planned, factual and branch
                                                       # each (seeded choice over the evaluated scenes); 0 = all
     agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
@@ -650,7 +652,8 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         for key in ("frame_seconds", "ego_length", "ego_width", "command_threshold", "command_seconds"):
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")
         _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows",
-                  "headway_seconds", "reference_seconds", "headway_static_steps", "headway_static_seconds")
+                  "headway_seconds", "reference_seconds", "headway_static_steps", "headway_static_seconds",
+                  "resume_accel")
         _at_least(cfg, "", source, 1, "headway_static_frames")
         _require(cfg.headway_min_gap > 0, source, "headway_min_gap", cfg.headway_min_gap, "must be positive")
         _at_least(o, "optimizer.", source, 1, "candidates", "iterations", "elites")

@@ -206,6 +206,26 @@ def test_planner_with_an_oracle_cost_avoids_a_stopped_car_that_constant_velocity
     assert end[0] > 5.0                                                        # and it still drives on
 
 
+def test_a_decision_reports_the_cost_and_terms_of_its_own_plan():
+    """The decision keeps the terms of its best candidate from the search (no extra rollout): they are what
+    evaluating the returned plan gives, for each of several problems planned together."""
+    from drivejepa.planning.costs import OracleCost, Situation
+    from drivejepa.planning.planner import Planner
+    from drivejepa.planning.route import command_index
+
+    cfg = PlanConfig(device="cpu")
+    stopped = torch.tensor([25.0, 0.0, 0.0, 4.5, 1.9]).expand(2, cfg.horizon, 1, 5)
+    planner = Planner(cfg=cfg, scene_cost=OracleCost(stopped, torch.ones(2, cfg.horizon, 1, dtype=torch.bool), cfg))
+    situation = Situation(torch.tensor([10.0, 4.0]), torch.tensor([command_index("straight"), command_index("left")]),
+                          cruise_speed=torch.tensor([10.0, 8.0]))
+    decision = planner.decide(situation)
+    cost, terms = planner.evaluate(situation, decision.controls[:, None])
+    torch.testing.assert_close(decision.cost, cost[:, 0])
+    assert set(decision.terms) == set(terms)
+    for name, value in terms.items():
+        torch.testing.assert_close(decision.terms[name], value[:, 0])
+
+
 def test_planner_takes_its_cruise_speed_back_once_the_lane_is_clear():
     """An ego that cruised at 10 m/s and slowed to 2 m/s behind traffic (now gone) plans to speed up again; the
     cruise speed is the highest of the last ``reference_seconds`` (with 0, only the current speed counts)."""
@@ -219,6 +239,25 @@ def test_planner_takes_its_cruise_speed_back_once_the_lane_is_clear():
         planner = Planner(cfg=cfg, scene_cost=OracleCost(torch.zeros(1, 6, 1, 5), torch.zeros(1, 6, 1), cfg))
         ends[seconds] = planner.plan(None, history, "straight").controls[-1, 0]
     assert ends[10.0] > 4.0 and ends[0.0] < 2.5
+
+
+@pytest.mark.parametrize("resume", [1.5, 0.0])
+def test_a_narrow_search_regains_its_cruise_speed_through_the_resume_anchor(resume):
+    """CEM 8 x 1 (one iteration of 8 candidates around a slow plan) from 2 m/s with a cruise speed of 10 and the lane
+    clear: with ``resume_accel`` the first iteration tries speeding up at the IDM's pace and the ego speeds up by
+    about that much each decision; without it the random candidates' comfort cost keeps it near its speed."""
+    from drivejepa.planning.costs import OracleCost
+    from drivejepa.planning.planner import Planner
+
+    history = controls_to_actions(np.array([[10.0, 0.0]] * 10 + [[6.0, 0.0], [2.0, 0.0]]), 0.5)
+    cfg = PlanConfig(device="cpu", resume_accel=resume,
+                     optimizer=OptimizerConfig(candidates=8, iterations=1, elites=2))
+    planner = Planner(cfg=cfg, scene_cost=OracleCost(torch.zeros(1, 6, 1, 5), torch.zeros(1, 6, 1), cfg))
+    for _ in range(4):
+        plan = planner.plan(None, history, "straight")
+        history = np.concatenate([history, plan.actions[:1]])
+    speed = float(history[-1, 3])
+    assert speed > 4.5 if resume else speed < 3.0
 
 
 @pytest.mark.parametrize("native", [True, False])

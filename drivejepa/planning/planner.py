@@ -6,7 +6,9 @@ search 3 s of controls (6 key-frame steps of speed and yaw rate, ``motion.py``) 
 the cost heads read collision and drivable area off the predicted states, and the route command, progress and
 comfort are read off the plan itself (``costs.py``). Only the route command comes from the future, as in the nuScenes
 planning protocol. Receding horizon: the next decision starts from this plan shifted by the steps executed since
-(and the first iteration also tries constant velocity and a full stop). Batched: ``decide`` plans ``B`` problems at
+(and the first iteration also tries constant velocity, a full stop and, with ``resume_accel``, speeding up toward
+the cruise speed at the IDM's pace: a search of a few candidates around a slow plan rarely draws that on its own).
+Batched: ``decide`` plans ``B`` problems at
 once (open-loop evaluation plans many windows together), on the CPU or a GPU (``PlanConfig.device``).
 
 The API the closed-loop driver and evaluation call::
@@ -196,11 +198,49 @@ class Planner:
 
         cv = constant_velocity_controls(speed, horizon)
         stop = feasible(torch.zeros_like(cv)[:, None], speed[:, None], cfg.limits, dt)[:, 0]
+        anchors = [cv, stop]
+        if cfg.resume_accel > 0:
+            anchors.append(resume_controls(speed, situation.cruise.to(speed), cfg.resume_accel, horizon, dt))
         mean = cv if warm_start is None else warm_start.to(cv)
-        result = self.optimizer.minimize(lambda c: self.evaluate(situation, c)[0], mean, project=project,
-                                         anchors=torch.stack([cv, stop], dim=1))
-        cost, terms = self.evaluate(situation, result.best[:, None])
+        best = _BestTerms()
+
+        def cost(controls):
+            total, terms = self.evaluate(situation, controls)
+            best.update(torch.nan_to_num(total, nan=float("inf")), terms)
+            return total
+
+        result = self.optimizer.minimize(cost, mean, project=project, anchors=torch.stack(anchors, dim=1))
         actions = controls_to_actions(result.best, dt)
-        return Decisions(controls=result.best, actions=actions, poses=integrate(actions), cost=cost[:, 0],
-                         terms={k: v[:, 0] for k, v in terms.items()},
-                         candidates=integrate(controls_to_actions(result.samples, dt)), candidate_costs=result.costs)
+        return Decisions(controls=result.best, actions=actions, poses=integrate(actions), cost=result.best_cost,
+                         terms=best.terms, candidates=integrate(controls_to_actions(result.samples, dt)),
+                         candidate_costs=result.costs)
+
+
+def resume_controls(speed: torch.Tensor, cruise: torch.Tensor, accel: float, horizon: int, dt: float) -> torch.Tensor:
+    """Controls ``[B, H, 2]`` that speed up from ``speed`` ``[B]`` toward ``cruise`` ``[B]`` at ``accel`` m/s^2 and
+    hold it there, straight ahead (the IDM's free-road acceleration; an ego at or above its cruise speed keeps its
+    speed)."""
+    t = torch.arange(1, horizon + 1, device=speed.device, dtype=speed.dtype) * dt
+    v = torch.minimum(speed[:, None] + accel * t, torch.maximum(cruise, speed)[:, None])
+    return torch.stack([v, torch.zeros_like(v)], dim=-1)
+
+
+class _BestTerms:
+    """The cost terms ``[B]`` of the lowest-cost candidate seen so far, picked by the optimiser's own rule (the
+    first of a call's lowest, replacing the kept one only when strictly lower), so that the decision reports its
+    plan's terms without rolling the plan out once more."""
+
+    def __init__(self):
+        self.cost: Optional[torch.Tensor] = None
+        self.terms: dict = {}
+
+    def update(self, costs: torch.Tensor, terms: dict) -> None:
+        i = costs.argmin(dim=1)[:, None]
+        lowest = costs.gather(1, i)[:, 0]
+        picked = {name: value.gather(1, i)[:, 0] for name, value in terms.items()}
+        if self.cost is None:
+            self.cost, self.terms = lowest, picked
+            return
+        better = lowest < self.cost
+        self.cost = torch.where(better, lowest, self.cost)
+        self.terms = {name: torch.where(better, value, self.terms[name]) for name, value in picked.items()}
