@@ -107,6 +107,17 @@ def constant_velocity_controls(speed, horizon: int):
     return np.stack([v, np.zeros_like(v)], axis=-1)
 
 
+def resume_controls(speed, cruise, accel: float, horizon: int, dt: float):
+    """Controls ``[B, horizon, 2]`` (torch) that speed up from ``speed`` ``[B]`` toward ``cruise`` ``[B]`` at
+    ``accel`` m/s^2 and hold it, straight ahead (the IDM's free-road acceleration; an ego at or above its cruise
+    speed keeps its speed)."""
+    import torch
+
+    t = torch.arange(1, horizon + 1, device=speed.device, dtype=speed.dtype) * dt
+    v = torch.minimum(speed[:, None] + accel * t, torch.maximum(cruise, speed)[:, None])
+    return torch.stack([v, torch.zeros_like(v)], dim=-1)
+
+
 def feasible(controls, speed_now, limits, dt: float):
     """Controls ``[..., K, 2]`` (torch) moved into the feasible set, step by step from ``speed_now`` (``[...]``, or a
     number): speed within [0, max_speed] and within [-max_decel, max_accel] * dt of the previous interval's speed;

@@ -87,7 +87,8 @@ class SamplingOptimizer:
         std = init.expand(b, h, d).clone() if std is None else std.clone()
         floor = torch.as_tensor(cfg.min_std, dtype=mean.dtype, device=mean.device)
         mean = self._feasible(mean[:, None], project)[:, 0]
-        best, best_cost = mean.clone(), torch.full((b,), float("inf"), dtype=mean.dtype, device=mean.device)
+        best, best_cost = {"sequence": mean.clone()}, torch.full((b,), float("inf"), dtype=mean.dtype,
+                                                                 device=mean.device)
         evaluations = 0
         samples = costs = None
         for it in range(int(cfg.iterations)):
@@ -102,7 +103,7 @@ class SamplingOptimizer:
             samples = self._feasible(samples, project)
             costs = torch.nan_to_num(cost(samples), nan=float("inf"))
             evaluations += p
-            best, best_cost = _keep_best(best, best_cost, samples, costs)
+            best, best_cost = keep_best(best, best_cost, {"sequence": samples}, costs)
             if cfg.method == "cem":
                 k = min(int(cfg.elites), p)
                 idx = costs.topk(k, dim=1, largest=False).indices
@@ -115,13 +116,21 @@ class SamplingOptimizer:
                 weights = torch.softmax(-(costs - costs.min(dim=1, keepdim=True).values) / cfg.temperature, dim=1)
                 mean = (weights[:, :, None, None] * samples).sum(dim=1)
         final = self._feasible(mean[:, None], project)
-        best, best_cost = _keep_best(best, best_cost, final, torch.nan_to_num(cost(final), nan=float("inf")))
-        return SearchResult(best, best_cost, final[:, 0], samples, costs, evaluations + 1)
+        best, best_cost = keep_best(best, best_cost, {"sequence": final},
+                                    torch.nan_to_num(cost(final), nan=float("inf")))
+        return SearchResult(best["sequence"], best_cost, final[:, 0], samples, costs, evaluations + 1)
 
 
-def _keep_best(best, best_cost, samples, costs):
+def keep_best(kept: Optional[dict], kept_cost: Optional[torch.Tensor], candidates: dict, costs: torch.Tensor):
+    """Each problem's lowest-cost candidate so far: ``candidates`` a dict of ``[B, P, ...]`` tensors with costs
+    ``[B, P]``; the first of a call's lowest replaces the kept one (a dict of ``[B, ...]``, its cost ``[B]``) only
+    where strictly lower (``kept`` None: taken as it is). Returns the new (kept, kept_cost)."""
     i = costs.argmin(dim=1)
-    c = costs.gather(1, i[:, None])[:, 0]
-    better = c < best_cost
-    pick = samples[torch.arange(len(i), device=samples.device), i]
-    return torch.where(better[:, None, None], pick, best), torch.where(better, c, best_cost)
+    rows = torch.arange(len(i), device=costs.device)
+    lowest = costs[rows, i]
+    picked = {name: value[rows, i] for name, value in candidates.items()}
+    if kept is None:
+        return picked, lowest
+    better = lowest < kept_cost
+    return ({name: torch.where(better.view(-1, *[1] * (value.dim() - 1)), value, kept[name])
+             for name, value in picked.items()}, torch.where(better, lowest, kept_cost))

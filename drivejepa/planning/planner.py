@@ -8,8 +8,9 @@ comfort are read off the plan itself (``costs.py``). Only the route command come
 planning protocol. Receding horizon: the next decision starts from this plan shifted by the steps executed since
 (and the first iteration also tries constant velocity, a full stop and, with ``resume_accel``, speeding up toward
 the cruise speed at the IDM's pace: a search of a few candidates around a slow plan rarely draws that on its own).
-Batched: ``decide`` plans ``B`` problems at
-once (open-loop evaluation plans many windows together), on the CPU or a GPU (``PlanConfig.device``).
+A decision keeps its plan's cost terms from the search rather than rolling the plan out again. Batched: ``decide``
+plans ``B`` problems at once (open-loop evaluation plans many windows together), on the CPU or a GPU
+(``PlanConfig.device``).
 
 The API the closed-loop driver and evaluation call::
 
@@ -28,8 +29,9 @@ import numpy as np
 import torch
 
 from drivejepa.planning.costs import Situation, command_violation, comfort, cruise_speed, progress
-from drivejepa.planning.motion import constant_velocity_controls, controls_to_actions, feasible, integrate
-from drivejepa.planning.optimizer import SamplingOptimizer, shift
+from drivejepa.planning.motion import (constant_velocity_controls, controls_to_actions, feasible, integrate,
+                                       resume_controls)
+from drivejepa.planning.optimizer import SamplingOptimizer, keep_best, shift
 from drivejepa.planning.recovery import control_bounds
 from drivejepa.planning.route import COMMANDS, command_index
 
@@ -202,45 +204,16 @@ class Planner:
         if cfg.resume_accel > 0:
             anchors.append(resume_controls(speed, situation.cruise.to(speed), cfg.resume_accel, horizon, dt))
         mean = cv if warm_start is None else warm_start.to(cv)
-        best = _BestTerms()
+        best = {"terms": None, "cost": None}      # the terms of the lowest-cost candidate, by the optimiser's rule
 
         def cost(controls):
             total, terms = self.evaluate(situation, controls)
-            best.update(torch.nan_to_num(total, nan=float("inf")), terms)
+            best["terms"], best["cost"] = keep_best(best["terms"], best["cost"], terms,
+                                                    torch.nan_to_num(total, nan=float("inf")))
             return total
 
         result = self.optimizer.minimize(cost, mean, project=project, anchors=torch.stack(anchors, dim=1))
         actions = controls_to_actions(result.best, dt)
         return Decisions(controls=result.best, actions=actions, poses=integrate(actions), cost=result.best_cost,
-                         terms=best.terms, candidates=integrate(controls_to_actions(result.samples, dt)),
+                         terms=best["terms"], candidates=integrate(controls_to_actions(result.samples, dt)),
                          candidate_costs=result.costs)
-
-
-def resume_controls(speed: torch.Tensor, cruise: torch.Tensor, accel: float, horizon: int, dt: float) -> torch.Tensor:
-    """Controls ``[B, H, 2]`` that speed up from ``speed`` ``[B]`` toward ``cruise`` ``[B]`` at ``accel`` m/s^2 and
-    hold it there, straight ahead (the IDM's free-road acceleration; an ego at or above its cruise speed keeps its
-    speed)."""
-    t = torch.arange(1, horizon + 1, device=speed.device, dtype=speed.dtype) * dt
-    v = torch.minimum(speed[:, None] + accel * t, torch.maximum(cruise, speed)[:, None])
-    return torch.stack([v, torch.zeros_like(v)], dim=-1)
-
-
-class _BestTerms:
-    """The cost terms ``[B]`` of the lowest-cost candidate seen so far, picked by the optimiser's own rule (the
-    first of a call's lowest, replacing the kept one only when strictly lower), so that the decision reports its
-    plan's terms without rolling the plan out once more."""
-
-    def __init__(self):
-        self.cost: Optional[torch.Tensor] = None
-        self.terms: dict = {}
-
-    def update(self, costs: torch.Tensor, terms: dict) -> None:
-        i = costs.argmin(dim=1)[:, None]
-        lowest = costs.gather(1, i)[:, 0]
-        picked = {name: value.gather(1, i)[:, 0] for name, value in terms.items()}
-        if self.cost is None:
-            self.cost, self.terms = lowest, picked
-            return
-        better = lowest < self.cost
-        self.cost = torch.where(better, lowest, self.cost)
-        self.terms = {name: torch.where(better, value, self.terms[name]) for name, value in picked.items()}
