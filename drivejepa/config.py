@@ -407,9 +407,9 @@ class EvalConfig:
 class OptimizerConfig:
     """The sampling optimiser over control sequences (drivejepa/planning/optimizer.py)."""
     method: Literal["cem", "mppi"] = "cem"
-    candidates: int = 64                              # sequences sampled per iteration (the current mean is one)
-    iterations: int = 3
-    elites: int = 8                                   # CEM: best candidates the next distribution is fitted to
+    candidates: int = 8                               # sequences sampled per iteration (the current mean is one)
+    iterations: int = 1
+    elites: int = 2                                   # CEM: best candidates the next distribution is fitted to
     momentum: float = 0.1                             # CEM: share of the old mean and spread kept each iteration
     temperature: float = 0.5                          # MPPI: weights exp(-(cost - min cost) / temperature)
     noise: Literal["walk", "white"] = "walk"          # a candidate's deviation over the steps: a random walk, or
