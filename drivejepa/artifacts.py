@@ -1,7 +1,9 @@
 """What is trained for one checkpoint and kept beside its run: the visualisation decoder, the planner's cost heads,
 the ego-status baseline. ``RUN/<kind>/<checkpoint stem>.pt`` for ``RUN/checkpoints/<stem>.pt`` (else beside the
 checkpoint), written atomically with a JSON of its numbers beside it, and found again only for the exact
-checkpoint it was trained for (its SHA-256 in the saved ``meta``): a retrained checkpoint gets new ones.
+checkpoint it was trained for (its SHA-256 in the saved ``meta``): a retrained checkpoint gets new ones. The planner's
+heads and the ego-status MLP are also refitted when the settings they were fitted with (shards, their config
+section, horizon) are not the ones asked for now (:func:`changed_settings`).
 """
 from __future__ import annotations
 
@@ -58,6 +60,25 @@ def find_artifact(checkpoint: str | Path, kind: str, what: str, fmt: Optional[in
         log.info("%s was trained for another version of %s; retraining", path, checkpoint)
         return None
     return state
+
+
+def changed_settings(meta: dict, wanted: dict) -> Optional[str]:
+    """None when the saved ``meta`` holds every setting of ``wanted`` (name -> value; dicts compared key by key,
+    values as JSON) at the same value, else which differ, ``name: saved -> wanted`` (a missing one counts as
+    changed): what a cached artifact was fitted with against what the caller asks for now."""
+    import json
+
+    def flat(prefix, value):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(f"{prefix}.{key}", item).items()}
+        return {prefix: json.loads(json.dumps(value))}
+
+    saved, now = {}, {}
+    for name, value in wanted.items():
+        now.update(flat(name, value))
+        saved.update(flat(name, meta[name]) if name in meta else {})
+    changed = [f"{k}: {saved.get(k, '(not recorded)')} -> {v}" for k, v in now.items() if saved.get(k) != v]
+    return "; ".join(changed) or None
 
 
 def save_module(path: str | Path, module, spec, meta: dict, fmt: int) -> Path:

@@ -55,6 +55,39 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
         assert plan.latency_ms["encode"] > 0 and plan.latency_ms["optimise"] > 0
 
 
+def test_cost_heads_and_ego_mlp_are_refitted_when_their_settings_change(smoke_run, shard_dir, small_plan_cfg, tmp_path,
+                                                                         caplog):
+    """The heads and the ego-status MLP kept beside a run are reused only with the settings they were fitted with:
+    another ``heads.steps`` or ``ego_mlp.hidden`` refits them (and says why), the same settings reuse them."""
+    import dataclasses
+    import logging
+    import shutil
+
+    from drivejepa.planning.ego_mlp import ensure_ego_mlp
+    from drivejepa.planning.heads import ensure_heads
+    from drivejepa.training.checkpoint import load_world_model
+
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(smoke_run / "checkpoints" / "last.pt", ckpt)
+    model, train_cfg = load_world_model(ckpt)
+    cfg = dataclasses.replace(small_plan_cfg, heads=dataclasses.replace(small_plan_cfg.heads, rollouts=False))
+    _, first, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, cfg, progress=False)
+    _, same, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, cfg, progress=False)
+    assert same["fit_seconds"] == first["fit_seconds"]
+    other = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, steps=cfg.heads.steps + 1))
+    with caplog.at_level(logging.INFO, logger="drivejepa.planning.heads"):
+        _, refit, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, other, progress=False)
+    assert refit["config"]["steps"] == cfg.heads.steps + 1
+    assert any(f"config.steps: {cfg.heads.steps} -> {cfg.heads.steps + 1}" in r.getMessage() for r in caplog.records)
+
+    _, mlp, _ = ensure_ego_mlp(ckpt, train_cfg, shard_dir, cfg, progress=False)
+    assert ensure_ego_mlp(ckpt, train_cfg, shard_dir, cfg, progress=False)[1]["fit_seconds"] == mlp["fit_seconds"]
+    wider = dataclasses.replace(cfg, ego_mlp=dataclasses.replace(cfg.ego_mlp, hidden=cfg.ego_mlp.hidden // 2))
+    model_mlp, refit_mlp, _ = ensure_ego_mlp(ckpt, train_cfg, shard_dir, wider, progress=False)
+    assert refit_mlp["config"]["hidden"] == cfg.ego_mlp.hidden // 2 and model_mlp.spec.hidden == cfg.ego_mlp.hidden // 2
+
+
 def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, branch_shards, small_plan_cfg,
                                                                  tmp_path, capsys):
     """The planning section of ``evaluate`` on the branch world's val split plans factual windows and the branch

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from drivejepa.artifacts import artifact_path, find_artifact, module_from_state, save_module
+from drivejepa.artifacts import artifact_path, changed_settings, find_artifact, module_from_state, save_module
 from drivejepa.errors import UserError
 from drivejepa.planning.motion import controls_to_actions, integrate
 from drivejepa.models.predictor import ACTION_SCALES
@@ -124,13 +124,17 @@ def ensure_ego_mlp(checkpoint: str | Path, train_cfg, shard_dir: str | Path, pla
     from drivejepa.visualization.decoder_training import split_scenes
 
     path = ego_mlp_path(checkpoint)
+    e = plan_cfg.ego_mlp
+    settings = {"shards": str(shard_dir), "config": dataclasses.asdict(e), "horizon": int(plan_cfg.horizon),
+                "frame_seconds": float(plan_cfg.frame_seconds)}
     state = None if retrain else find_artifact(checkpoint, KIND, "ego-status MLP")
     if state is not None:
         model, meta = ego_mlp_from_state(state, path)
-        if meta.get("shards") == str(shard_dir) and model.spec.horizon == plan_cfg.horizon:
+        changed = changed_settings(meta, settings)
+        if changed is None:
             return model, meta, path
+        logging.getLogger(__name__).info("%s was fitted with other settings (%s); refitting", path, changed)
     t0 = time.perf_counter()
-    e = plan_cfg.ego_mlp
     train_scenes, _ = split_scenes(shard_dir, train_cfg)
     ids = agent_ids(plan_cfg.agent_classes)
     parts = []
@@ -151,9 +155,9 @@ def ensure_ego_mlp(checkpoint: str | Path, train_cfg, shard_dir: str | Path, pla
         train_l2 = float(trajectory_loss(model, torch.from_numpy(windows.past[:, -e.past_steps:].astype(np.float32)),
                                          torch.from_numpy(windows.command),
                                          torch.from_numpy(windows.truth[:, 1:, :2].astype(np.float32))))
-    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "shards": str(shard_dir),
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), **settings,
             "train_scenes": train_scenes, "train_windows": len(windows), "train_mean_l2_m": round(train_l2, 4),
-            "config": dataclasses.asdict(e), "fit_seconds": round(time.perf_counter() - t0, 2)}
+            "fit_seconds": round(time.perf_counter() - t0, 2)}
     save_ego_mlp(path, model, meta)
     logging.getLogger(__name__).info("ego-status MLP saved to %s (%.1f s)", path, meta["fit_seconds"])
     return model, meta, path

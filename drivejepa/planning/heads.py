@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from drivejepa.artifacts import artifact_path, find_artifact, module_from_state, save_module
+from drivejepa.artifacts import artifact_path, changed_settings, find_artifact, module_from_state, save_module
 from drivejepa.errors import UserError
 from drivejepa.evaluation.probes import token_head
 
@@ -329,15 +329,20 @@ def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path
     from drivejepa.visualization.decoder_training import split_scenes
 
     path = heads_path(checkpoint)
+    h = plan_cfg.heads
+    settings = {"shards": str(shard_dir), "config": dataclasses.asdict(h), "horizon": int(plan_cfg.horizon),
+                "agent_classes": list(plan_cfg.agent_classes)}
     state = None if retrain else find_artifact(checkpoint, KIND, "cost heads", FORMAT)
     if state is not None:
         heads, meta = heads_from_state(state, path)
-        return heads, meta, path
+        changed = changed_settings(meta, settings)
+        if changed is None:
+            return heads, meta, path
+        log.info("%s was fitted with other settings (%s); refitting", path, changed)
     t0 = time.perf_counter()
     pre = load_manifest(shard_dir).get("config", {})
     if "drivable_range" not in pre:
         raise UserError(f"{shard_dir}: shards without a drivable grid (schema < 3); preprocess again")
-    h = plan_cfg.heads
     spec = HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size), bev_range=float(model.bev_range),
                     subcells=h.subcells, hidden=h.hidden, kind=h.kind)
     ids = agent_ids(plan_cfg.agent_classes)
@@ -351,10 +356,9 @@ def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path
     rollouts = fit_heads(*train["rollouts"], spec, h, progress=progress, steps=h.rollout_steps) \
         if "rollouts" in train else None
     heads = PlanningHeads.of(states, rollouts)
-    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), "shards": str(shard_dir),
+    meta = {"checkpoint": str(checkpoint), "checkpoint_sha256": file_sha256(checkpoint), **settings,
             "train_scenes": with_branches, "held_out_scenes": held_scenes,
             "train_frames": {k: int(len(v[0])) for k, v in train.items()},
-            "agent_classes": list(plan_cfg.agent_classes), "config": dataclasses.asdict(h),
             "train_scores": score_planning_heads(heads, train, train)}
     if held_scenes:
         held = collect(model, shard_dir, held_scenes, spec, float(pre["drivable_range"]), ids,
