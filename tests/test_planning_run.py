@@ -127,7 +127,7 @@ def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard
     assert cli.main(["bench", "plan", "--checkpoint", str(ckpt), "--repeats", "1", "--warmup", "0", "--threads", "1",
                      "--out", str(out), "optimizer.candidates=8", "optimizer.iterations=1"]) == 0
     bench = json.loads(out.read_text())
-    assert bench["decision_ms"] > 0 and bench["encode_ms"] > 0 and bench["rollouts_per_decision"] == 10
+    assert bench["decision_ms"] > 0 and bench["encode_ms"] > 0 and bench["rollouts_per_decision"] == 9
     assert ("fp32" in bench) == (bench["precision"]["dtype"] != "float32")    # fp32 timed beside any other choice
 
 
