@@ -13,6 +13,7 @@ import torch
 from drivejepa import latent_space
 from drivejepa.evaluation import counterfactual as CF
 from drivejepa.evaluation import metrics as M
+from drivejepa.evaluation import report as report_module
 from drivejepa.evaluation.plan import departing_windows
 
 
@@ -55,6 +56,28 @@ def test_top1_of_the_true_future_is_one_and_copy_last_and_action_blind_are_at_ch
     # A model that swaps the futures' actions predicts each future's neighbour: never its own.
     swapped = [dict(r, model=np.roll(r["truth"], 1, axis=0)) for r in results]
     assert CF.score_branch_points(swapped, [0.5] * h)["overall"]["top1"]["model"] == [0.0] * h
+
+
+def test_rollout_differences_measure_how_far_and_which_way_the_rollouts_of_a_point_part():
+    """Rollouts that differ exactly as the futures do score energy 1 and cosine 1; rollouts shrunk halfway towards
+    the futures' mean keep the directions (cosine 1) at a quarter of the energy; differences unrelated to the
+    futures' have a cosine near 0; warp-last is scored the same way and one-prediction methods are left out."""
+    rng = np.random.default_rng(1)
+    h, state = 3, state_shape()
+    truth = rng.normal(size=(4, h, *state))
+    blind, last = rng.normal(size=(h, *state)), rng.normal(size=state)
+    exact = CF.score_branch_points([_point_result(truth, truth.copy(), blind, last)], [0.5, 1.0, 1.5])
+    d = exact["differences"]
+    assert set(d) == {"model", "warp_last"}
+    assert d["model"]["energy"] == pytest.approx([1.0] * h) and d["model"]["cosine"] == pytest.approx([1.0] * h)
+    shrunk = 0.5 * truth + 0.5 * truth.mean(axis=0, keepdims=True) + 3.0      # plus an error shared by every rollout
+    d = CF.rollout_differences([_point_result(truth, shrunk, blind, last)])["model"]
+    assert d["energy"] == pytest.approx([0.25] * h) and d["cosine"] == pytest.approx([1.0] * h)
+    big = rng.normal(size=(4, h, 64, 16))                                      # enough dimensions for a cosine
+    unrelated = CF.rollout_differences([_point_result(big, rng.normal(size=big.shape), big[0], big[0, 0])])["model"]
+    assert max(abs(c) for c in unrelated["cosine"]) < 0.1
+    report = "\n".join(report_module._counterfactual_section({"counterfactual": exact, "settings": {"headline_seconds": [1.0]}}))
+    assert "How the rollouts of a point differ" in report
 
 
 def test_a_tie_for_the_nearest_future_counts_as_its_expected_value_not_a_win():

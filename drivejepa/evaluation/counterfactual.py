@@ -17,7 +17,14 @@ Beside it:
   the nearest among n futures counts 1/n (the expected score of a random tie-break), never a win;
 - warp-last (drivejepa/baselines.py): frame b carried along future k's ego motion, the predictor's geometric path
   alone. It does follow the action, so it is the baseline a learned rollout must beat at telling futures apart;
-- the latent error of each on the branch futures, where the action-blind rollout is not at chance by construction.
+- the latent error of each on the branch futures, where the action-blind rollout is not at chance by construction;
+- how the rollouts of a point differ (``differences``): over every pair of futures i, j of every point, the energy
+  of the rollouts' differences against the futures' (``sum ||p_i - p_j||^2 / sum ||f_i - f_j||^2``) and their
+  cosine (``sum <p_i - p_j, f_i - f_j> / sqrt(...)``), per horizon. Top-1 on a few dozen futures moves in steps of
+  a few hundredths; these two are sums over every pair, and they say whether rollouts that fail to pick their
+  future differ too little (energy near 0: the action barely moves them) or in the wrong directions (cosine near
+  0). A prediction given the true futures scores 1 and 1; one prediction for all futures (copy-last, the
+  action-blind rollout) has energy 0 and no cosine, left out.
 
 Only the synthetic world has branch points; on real nuScenes the section says there are none.
 """
@@ -199,6 +206,30 @@ def point_scores(result: dict) -> dict:
     return out
 
 
+DIFFERING = ("model", "warp_last")     # the methods whose predictions differ between the futures of a point
+
+
+def rollout_differences(results: list[dict]) -> dict:
+    """``{method: {"energy": [H], "cosine": [H]}}`` over every pair of futures of every branch point (module
+    docstring); None where the futures' differences have no energy."""
+    sums = {}
+    for r in results:
+        truth = np.asarray(r["truth"], dtype=np.float64)
+        i, j = np.triu_indices(len(truth), k=1)
+        df = (truth[i] - truth[j]).reshape(len(i), truth.shape[1], -1)                      # [pairs, H, D]
+        for m in DIFFERING:
+            pred = np.asarray(r[m], dtype=np.float64)
+            dp = (pred[i] - pred[j]).reshape(df.shape)
+            acc = sums.setdefault(m, np.zeros((3, truth.shape[1])))
+            acc += [(dp * dp).sum(axis=(0, 2)), (dp * df).sum(axis=(0, 2)), (df * df).sum(axis=(0, 2))]
+    out = {}
+    for m, (pp, pf, ff) in sums.items():
+        ok = ff > 0
+        out[m] = {"energy": [float(a / b) if k else None for a, b, k in zip(pp, ff, ok)],
+                  "cosine": [float(c / np.sqrt(a * b)) if k and a > 0 else None for a, b, c, k in zip(pp, ff, pf, ok)]}
+    return out
+
+
 def score_branch_points(results: list[dict], seconds: list[float]) -> dict:
     """The ``counterfactual`` section of metrics.json: top-1 and latent error per horizon over every future of every
     branch point, and per behaviour, beside chance; the per-point scores under ``points``."""
@@ -228,4 +259,5 @@ def score_branch_points(results: list[dict], seconds: list[float]) -> dict:
             "futures_per_point": {str(k): sizes.count(k) for k in sorted(set(sizes))},
             "ties": "a tie for the nearest true future among n futures counts 1/n",
             "overall": block(rows), "behaviours": {b: block([r for r in rows if r[0] == b]) for b in behaviours},
+            "differences": rollout_differences(results),
             "points": points}

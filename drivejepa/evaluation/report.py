@@ -220,6 +220,15 @@ def _counterfactual_section(metrics: dict) -> list[str]:
     rows = [[f"{sec:.1f} s"] + [_f(o["top1"][m][i], 3) for m in cf["methods"]] + [_f(o["chance"], 3)]
             + [_f(o["latent_mse"][m][i]) for m in cf["methods"]] for i, sec in enumerate(seconds)]
     out += _table(header, rows)
+    diff = cf.get("differences") or {}
+    if diff:
+        out += ["", "How the rollouts of a point differ, over every pair of its futures: the energy of the "
+                "rollouts' differences against the futures' (1 = as far apart as the futures, 0 = the action does "
+                "not move them) and the cosine between the two (1 = the same directions, 0 = unrelated).", ""]
+        header = ["horizon"] + [f"{kind} {LABELS[m]}" for kind in ("energy", "cosine") for m in diff]
+        rows = [[f"{sec:.1f} s"] + [_f(diff[m][kind][i], 3) for kind in ("energy", "cosine") for m in diff]
+                for i, sec in enumerate(seconds)]
+        out += _table(header, rows)
     idx = [i for i, sec in enumerate(seconds) if any(abs(sec - h) < 1e-6
                                                       for h in metrics["settings"].get("headline_seconds", []))]
     idx = idx or [len(seconds) - 1]
