@@ -76,7 +76,8 @@ def test_rollout_differences_measure_how_far_and_which_way_the_rollouts_of_a_poi
     big = rng.normal(size=(4, h, 64, 16))                                      # enough dimensions for a cosine
     unrelated = CF.rollout_differences([_point_result(big, rng.normal(size=big.shape), big[0], big[0, 0])])["model"]
     assert max(abs(c) for c in unrelated["cosine"]) < 0.1
-    report = "\n".join(report_module._counterfactual_section({"counterfactual": exact, "settings": {"headline_seconds": [1.0]}}))
+    metrics = {"counterfactual": exact, "settings": {"headline_seconds": [1.0]}}
+    report = "\n".join(report_module._counterfactual_section(metrics))
     assert "How the rollouts of a point differ" in report
 
 

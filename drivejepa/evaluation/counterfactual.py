@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 KEEP = "keep intent"            # the behaviour of the parent scene's own future
 METHODS = ("model", "warp_last", "action_blind", "copy_last")
+DIFFERING = ("model", "warp_last")     # the methods whose predictions differ between the futures of a point
 
 
 @dataclasses.dataclass
@@ -206,9 +207,6 @@ def point_scores(result: dict) -> dict:
     return out
 
 
-DIFFERING = ("model", "warp_last")     # the methods whose predictions differ between the futures of a point
-
-
 def rollout_differences(results: list[dict]) -> dict:
     """``{method: {"energy": [H], "cosine": [H]}}`` over every pair of futures of every branch point (module
     docstring); None where the futures' differences have no energy."""
@@ -226,7 +224,8 @@ def rollout_differences(results: list[dict]) -> dict:
     for m, (pp, pf, ff) in sums.items():
         ok = ff > 0
         out[m] = {"energy": [float(a / b) if k else None for a, b, k in zip(pp, ff, ok)],
-                  "cosine": [float(c / np.sqrt(a * b)) if k and a > 0 else None for a, b, c, k in zip(pp, ff, pf, ok)]}
+                  "cosine": [float(c / np.sqrt(a * b)) if k and a > 0 else None
+                             for a, b, c, k in zip(pp, ff, pf, ok)]}
     return out
 
 
