@@ -157,7 +157,7 @@ def run(args) -> dict:
            "optimise_ms": round(ms["chosen/optimise"], 2), "decision_ms": round(ms["chosen/decision"], 2),
            "precision": precision.as_dict(), "method": o.method,
            "candidates": o.candidates, "iterations": o.iterations, "horizon_steps": cfg.horizon,
-           "rollouts_per_decision": o.candidates * o.iterations + 1,      # the candidates and CEM's final mean
+           "rollouts_per_decision": plans["chosen"].evaluations,
            "state": [int(model.bev_size), int(model.bev_size), int(model.latent_dim)], "context_frames": context}
     if "fp32" in planners:
         row["fp32"] = {k: round(ms[f"fp32/{k}"], 2) for k in ("encode", "optimise", "decision")}

@@ -210,19 +210,22 @@ def point_scores(result: dict) -> dict:
 def rollout_differences(results: list[dict]) -> dict:
     """``{method: {"energy": [H], "cosine": [H]}}`` over every pair of futures of every branch point (module
     docstring); None where the futures' differences have no energy."""
-    sums = {}
+    if not results:
+        return {}
+    ff = 0.0                                       # [H] the futures' difference energy, shared by every method
+    sums = {m: 0.0 for m in DIFFERING}             # [2, H] the rollouts' energy and their product with the futures'
     for r in results:
         truth = np.asarray(r["truth"], dtype=np.float64)
         i, j = np.triu_indices(len(truth), k=1)
         df = (truth[i] - truth[j]).reshape(len(i), truth.shape[1], -1)                      # [pairs, H, D]
+        ff = ff + (df * df).sum(axis=(0, 2))
         for m in DIFFERING:
             pred = np.asarray(r[m], dtype=np.float64)
             dp = (pred[i] - pred[j]).reshape(df.shape)
-            acc = sums.setdefault(m, np.zeros((3, truth.shape[1])))
-            acc += [(dp * dp).sum(axis=(0, 2)), (dp * df).sum(axis=(0, 2)), (df * df).sum(axis=(0, 2))]
+            sums[m] = sums[m] + np.stack([(dp * dp).sum(axis=(0, 2)), (dp * df).sum(axis=(0, 2))])
+    ok = ff > 0
     out = {}
-    for m, (pp, pf, ff) in sums.items():
-        ok = ff > 0
+    for m, (pp, pf) in sums.items():
         out[m] = {"energy": [float(a / b) if k else None for a, b, k in zip(pp, ff, ok)],
                   "cosine": [float(c / np.sqrt(a * b)) if k and a > 0 else None
                              for a, b, c, k in zip(pp, ff, pf, ok)]}

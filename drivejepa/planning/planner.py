@@ -50,6 +50,7 @@ class Plan:
     terms: dict                        # unweighted cost terms of the plan
     command: str
     latency_ms: dict                   # encode, optimise, total
+    evaluations: int                   # control sequences the search rolled out and scored
 
 
 @dataclasses.dataclass
@@ -62,6 +63,7 @@ class Decisions:
     terms: dict                        # name -> [B]
     candidates: torch.Tensor           # [B, P, H + 1, 3]
     candidate_costs: torch.Tensor      # [B, P]
+    evaluations: int                   # control sequences the search scored per problem
 
 
 def observation_history(arrays: Mapping, frames, camera_index=None) -> dict:
@@ -168,7 +170,8 @@ class Planner:
                     trajectory=decision.poses[0].cpu().numpy(), candidates=decision.candidates[0].cpu().numpy(),
                     candidate_costs=decision.candidate_costs[0].cpu().numpy(), cost=float(decision.cost[0]),
                     terms={k: float(v[0]) for k, v in decision.terms.items()}, command=COMMANDS[index],
-                    latency_ms={"encode": 0.0, "optimise": optimise, "total": optimise})
+                    latency_ms={"encode": 0.0, "optimise": optimise, "total": optimise},
+                    evaluations=decision.evaluations)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -216,4 +219,4 @@ class Planner:
         actions = controls_to_actions(result.best, dt)
         return Decisions(controls=result.best, actions=actions, poses=integrate(actions), cost=result.best_cost,
                          terms=best["terms"], candidates=integrate(controls_to_actions(result.samples, dt)),
-                         candidate_costs=result.costs)
+                         candidate_costs=result.costs, evaluations=result.evaluations)
