@@ -2,8 +2,10 @@
 the ego-status baseline. ``RUN/<kind>/<checkpoint stem>.pt`` for ``RUN/checkpoints/<stem>.pt`` (else beside the
 checkpoint), written atomically with a JSON of its numbers beside it, and found again only for the exact
 checkpoint it was trained for (its SHA-256 in the saved ``meta``): a retrained checkpoint gets new ones. The planner's
-heads and the ego-status MLP are also refitted when the settings they were fitted with (shards, their config
-section, horizon) are not the ones asked for now (:func:`changed_settings`).
+heads and the ego-status MLP also depend on the settings they are fitted with (shards, their config section,
+horizon), so each set of settings has its own file, ``RUN/<kind>/<stem>-<settings digest>.pt``: two drivers or
+evaluations that ask for different settings of one checkpoint each fit once and keep their own, instead of
+refitting the one file in turn (:func:`settings_digest`; :func:`changed_settings` still guards what a file holds).
 """
 from __future__ import annotations
 
@@ -18,11 +20,21 @@ from drivejepa.io import atomic_path, atomic_write_json, file_sha256
 log = logging.getLogger(__name__)
 
 
-def artifact_path(checkpoint: str | Path, kind: str) -> Path:
-    """RUN/<kind>/<checkpoint stem>.pt for RUN/checkpoints/<stem>.pt (else <checkpoint dir>/<kind>/<stem>.pt)."""
+def settings_digest(settings: dict) -> str:
+    """12 hex digits of the SHA-256 of ``settings`` as canonical JSON (sorted keys): the name of a set of settings."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def artifact_path(checkpoint: str | Path, kind: str, settings: Optional[dict] = None) -> Path:
+    """RUN/<kind>/<checkpoint stem>.pt for RUN/checkpoints/<stem>.pt (else <checkpoint dir>/<kind>/<stem>.pt);
+    with ``settings``, RUN/<kind>/<stem>-<settings digest>.pt."""
     checkpoint = Path(checkpoint)
     run = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-    return run / kind / f"{checkpoint.stem}.pt"
+    suffix = "" if settings is None else f"-{settings_digest(settings)}"
+    return run / kind / f"{checkpoint.stem}{suffix}.pt"
 
 
 def save_artifact(path: str | Path, state: dict, summary: dict) -> Path:
@@ -46,10 +58,12 @@ def load_artifact(path: str | Path, what: str) -> dict:
         raise UserError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc}); delete it to retrain") from exc
 
 
-def find_artifact(checkpoint: str | Path, kind: str, what: str, fmt: Optional[int] = None) -> Optional[dict]:
-    """The saved state of ``kind`` for this exact checkpoint (same SHA-256 in its ``meta``) and, when ``fmt`` is
-    given, of this code's format; else None (the caller fits a new one)."""
-    path = artifact_path(checkpoint, kind)
+def find_artifact(checkpoint: str | Path, kind: str, what: str, fmt: Optional[int] = None,
+                  settings: Optional[dict] = None) -> Optional[dict]:
+    """The saved state of ``kind`` for this exact checkpoint (same SHA-256 in its ``meta``), for ``settings`` when
+    given (:func:`artifact_path`) and, when ``fmt`` is given, of this code's format; else None (the caller fits a new
+    one)."""
+    path = artifact_path(checkpoint, kind, settings)
     if not path.is_file():
         return None
     state = load_artifact(path, what)

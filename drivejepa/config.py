@@ -313,6 +313,8 @@ class LossConfig:
     rollout_steps: int = 3                            # K for the autoregressive rollout loss
     rollout_weight: float = 0.5
     idm_weight: float = 0.0                           # inverse-dynamics regulariser (models/inverse_dynamics.py)
+    equivariance_weight: float = 0.0                  # online state carried by the ego motion against the next
+                                                      # target state, over copying it (losses.equivariance_ratio)
     sibling_weight: float = 0.0                       # sibling-contrastive term (losses.sibling_contrast_loss)
     sibling_temperature: float = 0.02                 # its temperature, in units of latent_space.distance
     ema_start: float = 0.99
@@ -632,7 +634,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
                  "must be positive")
         _at_least(loss, "loss.", source, 1, "rollout_steps")
         _at_least(loss, "loss.", source, 0, "vicreg_weight", "vicreg_var_weight", "vicreg_cov_weight",
-                  "rollout_weight", "idm_weight", "sibling_weight")
+                  "rollout_weight", "idm_weight", "equivariance_weight", "sibling_weight")
         _require(0 <= loss.ema_start <= loss.ema_end <= 1, source, "loss.ema_start", loss.ema_start,
                  f"and loss.ema_end = {loss.ema_end} must satisfy 0 <= ema_start <= ema_end <= 1")
         _require(o.lr > 0, source, "optim.lr", o.lr, "must be positive")

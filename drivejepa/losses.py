@@ -1,5 +1,6 @@
 """Training objectives of the world model: JEPA regression, InfoNCE, a VICReg-style variance/covariance term, the
-inverse-dynamics regulariser (see drivejepa/models/inverse_dynamics.py) and the sibling-contrastive term."""
+inverse-dynamics regulariser (see drivejepa/models/inverse_dynamics.py), the equivariance ratio and the
+sibling-contrastive term."""
 from __future__ import annotations
 
 import torch
@@ -78,6 +79,19 @@ def inverse_dynamics_loss(pred_motion: torch.Tensor, motion: torch.Tensor, valid
     err = F.smooth_l1_loss(pred_motion.float(), motion.float(), reduction="none").mean(dim=-1)
     valid = valid.to(err.dtype)
     return (err * valid).sum() / valid.sum().clamp(min=1.0)
+
+
+def equivariance_ratio(source: torch.Tensor, warped: torch.Tensor, target: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """How much better the states ``source [..., N, C]`` predict ``target`` carried by the ego's motion (``warped``,
+    ``bev.warp`` of ``source``) than left where they are: ``sum ||warped - target||^2 / sum ||source - target||^2``
+    over the cells of ``mask [..., N]``. A grid that is flat in space scores 1 (warping it changes nothing), one whose
+    content moves with the world scores below 1, and shrinking how much the state changes from frame to frame
+    lowers both sums alike (the failure of a plain warp-error term, which did so rather than move the state)."""
+    mask = mask.to(source.dtype)
+    num = (((warped - target) ** 2).mean(dim=-1) * mask).sum()
+    den = (((source - target) ** 2).mean(dim=-1) * mask).sum()
+    return num / den.clamp(min=1e-8)
 
 
 def sibling_contrast_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor, parted_after: torch.Tensor,

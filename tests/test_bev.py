@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from drivejepa.models.bev import BevGrid, motion_matrix, warp
@@ -166,3 +167,33 @@ def test_bf16_autocast_leaves_the_warp_geometry_in_float32():
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert halved.dtype == torch.bfloat16
     torch.testing.assert_close(halved, warp(tokens.bfloat16().float(), steps, grid)[0].bfloat16())
+
+
+def test_the_equivariance_ratio_rewards_a_state_that_moves_with_the_world_and_not_a_smaller_change():
+    """``losses.equivariance_ratio`` (the training term that asks the state to move with the world): states that
+    are a static world seen from each pose score far below 1, a pattern fixed to the ego above 1, and shrinking how
+    much the states change from frame to frame does not lower it."""
+    from drivejepa.losses import equivariance_ratio
+
+    grid = BevGrid(16, 32.0)                                                  # the demo grid: 4 m cells
+    g = torch.Generator().manual_seed(4)
+    world = (torch.rand(40, 2, generator=g) - 0.5) * 90
+    motion = (3.1, 0.3, 0.06)                                                 # each step: frame t+1 in frame t
+    poses = [(0.0, 0.0, 0.0)]
+    for _ in range(3):
+        x, y, yaw = poses[-1]
+        c, s = math.cos(yaw), math.sin(yaw)
+        poses.append((x + c * motion[0] - s * motion[1], y + s * motion[0] + c * motion[1], yaw + motion[2]))
+    moving = torch.stack([_field(_to_frame(world, p), grid, sigma=4.0) for p in poses])          # [4, N, 1]
+    fixed = _field((torch.rand(40, 2, generator=g) - 0.5) * 64, grid, sigma=4.0)[None].expand(4, -1, -1)
+    fixed = fixed + 0.05 * torch.randn(4, grid.tokens, 1, generator=g)                           # sensor noise
+    transform = motion_matrix(torch.tensor([motion])).expand(3, 3, 3)
+    inner = (grid.centres().abs() < 20).all(dim=1)                            # bicubic stencils inside the grid
+
+    def ratio(states):
+        warped, seen = warp(states[:-1], transform, grid)
+        return float(equivariance_ratio(states[:-1], warped, states[1:], seen & inner))
+
+    mean = moving.mean()
+    assert ratio(moving) < 0.3 < 1.0 < ratio(fixed), (ratio(moving), ratio(fixed))
+    assert ratio(mean + 0.1 * (moving - mean)) == pytest.approx(ratio(moving), rel=1e-4)

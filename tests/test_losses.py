@@ -61,6 +61,21 @@ def test_objective_decreases_on_a_fixed_batch(name):
     assert last < 0.7 * first, (name, losses)
 
 
+def test_the_equivariance_term_adds_its_ratio_and_trains_the_online_encoder_only():
+    torch.manual_seed(0)
+    cfg = ModelConfig(size="tiny", modality_dropout=0.0, action_dropout=0.0, drop_path=0.0)
+    model = WorldModel(cfg, ["CAM_FRONT"]).train()
+    batch = fixed_batch(length=4)
+    plain, _ = model.loss(batch, LossConfig(rollout_steps=2), context=2)
+    total, metrics = model.loss(batch, LossConfig(rollout_steps=2, equivariance_weight=2.0), context=2)
+    assert 0.0 < metrics["loss_equivariance"] and math.isfinite(metrics["loss_equivariance"])
+    assert float(total - plain) == pytest.approx(2.0 * metrics["loss_equivariance"], rel=1e-4)
+    (total - plain).backward()
+    online = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert online and any(float(g.abs().sum()) > 0 for g in online)
+    assert all(p.grad is None for p in model.target_encoder.parameters())
+
+
 def test_infonce_prefers_matching_pairs():
     g = torch.Generator().manual_seed(0)
     target = torch.randn(16, 4, 8, generator=g)                               # 16 states of 4 tokens

@@ -2,6 +2,8 @@
 open-loop metrics' protocols, with a stand-in world model whose state is a lidar bird's-eye grid ([..., N, C])."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -84,7 +86,7 @@ def test_route_command_follows_the_lateral_offset_at_3_s():
 def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_distance):
     from drivejepa.config import TrainConfig
     from drivejepa.planning.evaluation import format_planning, planning_metrics
-    from drivejepa.planning.heads import heads_path
+    from drivejepa.planning.heads import heads_path, heads_settings
 
     ckpt = tmp_path / "run" / "checkpoints" / "best.pt"
     ckpt.parent.mkdir(parents=True)
@@ -112,7 +114,8 @@ def test_planning_section_on_the_synthetic_shards(shard_dir, tmp_path, grid_dist
     # the model's rollouts (copy-last) are read better by the set fitted on them than by the state set
     for task in ("occupancy", "drivable"):
         assert heads["rollouts"][task]["log_loss"] < heads["state_heads_on_rollouts"][task]["log_loss"], task
-    assert heads_path(ckpt).is_file() and heads_path(ckpt).with_suffix(".json").is_file()
+    saved = heads_path(ckpt, heads_settings(shard_dir, cfg))
+    assert saved.is_file() and saved.with_suffix(".json").is_file()
     rec = section["action_recovery"]
     assert rec["factual"]["windows"] == 3 and len(rec["factual"]["endpoint_error_m"]) == 3
     assert (tmp_path / "eval" / section["landscape"]["png"]).is_file()
@@ -149,6 +152,8 @@ def test_plan_command_replays_a_logged_scene(shard_dir, tmp_path, monkeypatch, g
     for d in summary["decisions"]:
         assert len(d["trajectory"]) == 7 and len(d["l2_m"]) == 6 and d["command"] in ("left", "straight", "right")
         assert (tmp_path / "plan" / d["figure"]).stat().st_size > 0
-    assert "2 decisions" in printed and (tmp_path / "run" / "planning_heads" / "best.pt").is_file()
+    heads = Path(summary["heads"]["path"])                  # RUN/planning_heads/<stem>-<settings digest>.pt
+    assert "2 decisions" in printed and heads.is_file() and heads.parent == tmp_path / "run" / "planning_heads"
+    assert heads.name.startswith("best-")
     assert cli.main(args[:-4] + ["--command", "u-turn", "device=cpu"]) == 2            # one clear line
     assert "--command u-turn" in capsys.readouterr().err

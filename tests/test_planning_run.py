@@ -22,7 +22,7 @@ def small_plan_cfg():
 
 def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cfg):
     from drivejepa.data.shards import read_shard, shard_path
-    from drivejepa.planning.heads import ensure_heads, heads_path
+    from drivejepa.planning.heads import ensure_heads, heads_path, heads_settings
     from drivejepa.planning.motion import controls_to_actions, integrate
     from drivejepa.planning.planner import Planner, observation_history
     from drivejepa.training.checkpoint import load_world_model
@@ -31,7 +31,7 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
     ckpt = smoke_run / "checkpoints" / "last.pt"
     model, train_cfg = load_world_model(ckpt)
     heads, meta, path = ensure_heads(ckpt, model, train_cfg, shard_dir, small_plan_cfg, progress=False)
-    assert path == heads_path(ckpt) and path.is_file() and min(meta["train_frames"].values()) > 0
+    assert path == heads_path(ckpt, heads_settings(shard_dir, small_plan_cfg)) and path.is_file() and min(meta["train_frames"].values()) > 0
     assert set(meta["train_frames"]) == {"states", "rollouts"}             # a set fitted on the model's own rollouts
     assert heads.spec.bev_size == model.bev_size
     again, _, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, small_plan_cfg, progress=False)
@@ -58,7 +58,9 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
 def test_cost_heads_and_ego_mlp_are_refitted_when_their_settings_change(smoke_run, shard_dir, small_plan_cfg, tmp_path,
                                                                          caplog):
     """The heads and the ego-status MLP kept beside a run are reused only with the settings they were fitted with:
-    another ``heads.steps`` or ``ego_mlp.hidden`` refits them (and says why), the same settings reuse them."""
+    another ``heads.steps`` or ``ego_mlp.hidden`` fits its own (kept beside the first, so two drivers with different
+    settings do not refit one file in turn), the same settings reuse theirs, and a file whose content does not match
+    its settings is refitted, saying why."""
     import dataclasses
     import logging
     import shutil
@@ -76,16 +78,22 @@ def test_cost_heads_and_ego_mlp_are_refitted_when_their_settings_change(smoke_ru
     _, same, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, cfg, progress=False)
     assert same["fit_seconds"] == first["fit_seconds"]
     other = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, steps=cfg.heads.steps + 1))
-    with caplog.at_level(logging.INFO, logger="drivejepa.planning.heads"):
-        _, refit, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, other, progress=False)
+    _, refit, other_path = ensure_heads(ckpt, model, train_cfg, shard_dir, other, progress=False)
     assert refit["config"]["steps"] == cfg.heads.steps + 1
-    assert any(f"config.steps: {cfg.heads.steps} -> {cfg.heads.steps + 1}" in r.getMessage() for r in caplog.records)
+    _, again, path = ensure_heads(ckpt, model, train_cfg, shard_dir, cfg, progress=False)   # the first is kept
+    assert again["fit_seconds"] == first["fit_seconds"] and path != other_path and other_path.is_file()
+    shutil.copy(other_path, path)              # a file that does not hold what its settings ask for is refitted
+    with caplog.at_level(logging.INFO, logger="drivejepa.planning.heads"):
+        _, fixed, _ = ensure_heads(ckpt, model, train_cfg, shard_dir, cfg, progress=False)
+    assert fixed["config"]["steps"] == cfg.heads.steps
+    assert any(f"config.steps: {cfg.heads.steps + 1} -> {cfg.heads.steps}" in r.getMessage() for r in caplog.records)
 
     _, mlp, _ = ensure_ego_mlp(ckpt, train_cfg, shard_dir, cfg, progress=False)
     assert ensure_ego_mlp(ckpt, train_cfg, shard_dir, cfg, progress=False)[1]["fit_seconds"] == mlp["fit_seconds"]
     wider = dataclasses.replace(cfg, ego_mlp=dataclasses.replace(cfg.ego_mlp, hidden=cfg.ego_mlp.hidden // 2))
     model_mlp, refit_mlp, _ = ensure_ego_mlp(ckpt, train_cfg, shard_dir, wider, progress=False)
     assert refit_mlp["config"]["hidden"] == cfg.ego_mlp.hidden // 2 and model_mlp.spec.hidden == cfg.ego_mlp.hidden // 2
+    assert ensure_ego_mlp(ckpt, train_cfg, shard_dir, cfg, progress=False)[1]["fit_seconds"] == mlp["fit_seconds"]
 
 
 def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, branch_shards, small_plan_cfg,
@@ -124,9 +132,11 @@ def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard
     summary = json.loads((tmp_path / "plan" / "plan.json").read_text())
     assert len(summary["decisions"]) == 1 and "1 decisions" in capsys.readouterr().out
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "plan", "--checkpoint", str(ckpt), "--repeats", "1", "--warmup", "0", "--threads", "1",
-                     "--out", str(out), "optimizer.candidates=8", "optimizer.iterations=1"]) == 0
+    assert cli.main(["bench", "plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--repeats", "1",
+                     "--warmup", "0", "--threads", "1", "--out", str(out), "optimizer.candidates=8",
+                     "optimizer.iterations=1"]) == 0
     bench = json.loads(out.read_text())
+    assert bench["heads"] == "fitted beside the checkpoint"          # the ones `plan` fitted for these settings
     assert bench["decision_ms"] > 0 and bench["encode_ms"] > 0 and bench["rollouts_per_decision"] == 9
     assert ("fp32" in bench) == (bench["precision"]["dtype"] != "float32")    # fp32 timed beside any other choice
 

@@ -1,7 +1,7 @@
 """``drivejepa bench plan``: the latency of one planning decision of the world-model planner, beside an encode.
 
 The demo model (``pipelines/train_demo.yaml``; random weights unless ``--checkpoint``), its cost heads (random unless
-found beside the checkpoint) and the planner settings of ``pipelines/plan.yaml`` (candidates, iterations, horizon).
+fitted beside the checkpoint for ``--shards`` and these planner settings: ``heads`` in the JSON says which) and the planner settings of ``pipelines/plan.yaml`` (candidates, iterations, horizon).
 Observations are the demo workload of ``bench latency`` (front camera 128x224, 4096 lidar and 128 radar points),
 random, or real key frames with ``--shards``. Timed, batch 1, median of ``--repeats`` calls taken in turn:
 
@@ -90,9 +90,8 @@ def run(args) -> dict:
 
     from drivejepa.benchmarks.latency import interleaved_medians
     from drivejepa.config import PlanConfig, TrainConfig, load_config
-    from drivejepa.artifacts import find_artifact
     from drivejepa.data.shards import PER_CAMERA
-    from drivejepa.planning.heads import FORMAT, KIND, HeadSpec, PlanningHeads, heads_from_state, heads_path
+    from drivejepa.planning.heads import HeadSpec, PlanningHeads, find_heads, heads_settings
     from drivejepa.planning.planner import Planner
     from drivejepa.runtime import select_device
 
@@ -100,13 +99,14 @@ def run(args) -> dict:
     device = select_device(args.device)
     cfg = load_config(PlanConfig, args.plan_config, args.overrides)
     cfg = dataclasses.replace(cfg, device=str(device))
-    heads = None
+    heads, heads_source = None, "random weights"
     if args.checkpoint:
         from drivejepa.training.checkpoint import load_world_model
 
         model, train_cfg = load_world_model(args.checkpoint, device)
-        state = find_artifact(args.checkpoint, KIND, "cost heads", FORMAT)
-        heads = heads_from_state(state, heads_path(args.checkpoint))[0] if state is not None else None
+        found = find_heads(args.checkpoint, heads_settings(args.shards, cfg)) if args.shards else None
+        heads = found[0] if found is not None else None
+        heads_source = "fitted beside the checkpoint" if found is not None else heads_source
         source = args.checkpoint
     else:
         from drivejepa.models.world_model import build_world_model
@@ -164,8 +164,9 @@ def run(args) -> dict:
         row["decision_speedup_vs_fp32"] = round(ms["fp32/decision"] / ms["chosen/decision"], 3)
         row["plan_end_point_gap_m"] = round(float(np.linalg.norm(
             plans["chosen"].trajectory[-1, :2] - plans["fp32"].trajectory[-1, :2])), 3)
-    result = {"benchmark": "plan", "model": source, "observations": obs_source, "device": str(device),
-              "threads": args.threads, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    result = {"benchmark": "plan", "model": source, "heads": heads_source, "observations": obs_source,
+              "device": str(device), "threads": args.threads, "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine(),
               "target_decision_ms": TARGET_DECISION_MS, "meets_target": row["decision_ms"] <= TARGET_DECISION_MS,
               "repeats": args.repeats, **row}
     print(f"precision: {precision.name} ({precision.reason})")

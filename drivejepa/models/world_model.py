@@ -11,7 +11,9 @@ the stop-gradient target latents under the configured objective (those predictor
 which the predictor stage, drivejepa/training/predictor_stage.py, calls on cached target latents alone). Two
 regularisers act on the online states: the VICReg variance/covariance term against collapse, and the
 inverse-dynamics term (the ego motion between consecutive states must be recoverable) against latents that ignore
-what the action changes.
+what the action changes. A third, the equivariance ratio (``losses.equivariance_ratio``), asks the online state of a
+frame, carried by the ego's motion, to predict the next frame's target state better than the same state left where
+it is: a state that moves with the world is what the predictor's warp carries and what the action can move.
 
 Rollouts outside training (validation, evaluation, visualisation) start from the EMA target encoder's latents
 (``context_states``): it is the encoder JEPA models deploy, and it is the source of the targets and of the copy-last
@@ -32,7 +34,9 @@ from drivejepa.config import LossConfig, ModelConfig, TrainConfig, resolve_model
 from drivejepa.data.shards import PER_CAMERA, SENSOR_KEYS
 from drivejepa.diagnostics import collapse_diagnostics
 from drivejepa import latent_space
-from drivejepa.losses import inverse_dynamics_loss, prediction_loss, sibling_contrast_loss, vicreg_terms
+from drivejepa.losses import (equivariance_ratio, inverse_dynamics_loss, prediction_loss, sibling_contrast_loss,
+                              vicreg_terms)
+from drivejepa.models.bev import warp
 from drivejepa.models.fusion import MultimodalEncoder, grid_of
 from drivejepa.models.inverse_dynamics import MOTION_DIMS, InverseDynamicsHead
 from drivejepa.models.predictor import Predictor
@@ -146,6 +150,11 @@ class WorldModel(nn.Module):
         total, metrics, one_step_pred = self.predictor_terms(states, target_states, targets, batch, valid, loss_cfg,
                                                              context)
 
+        if loss_cfg.equivariance_weight > 0:
+            eq = self.equivariance(states, targets, actions, valid)
+            total = total + loss_cfg.equivariance_weight * eq
+            metrics["loss_equivariance"] = float(eq.detach())
+
         if loss_cfg.idm_weight > 0:
             scales = self.predictor.action_scales[:MOTION_DIMS]
             motion = self.inverse_dynamics(states[:, :-1].float(), states[:, 1:].float())
@@ -200,6 +209,19 @@ class WorldModel(nn.Module):
                     total = total + loss_cfg.sibling_weight * sibling
                     metrics["loss_sibling"] = float(sibling.detach())
         return total, metrics, one_step_pred
+
+    def equivariance(self, states: torch.Tensor, targets: torch.Tensor, actions: torch.Tensor,
+                     valid: torch.Tensor) -> torch.Tensor:
+        """``losses.equivariance_ratio`` of the online states of frames t ``[B, L, N, C]`` carried into frame t+1 by
+        the ego's motion a_t (the predictor's warp, every channel) against the target states of t+1 (``targets``,
+        in the model's space), over the cells frame t saw and the steps whose action is known."""
+        b, length, n, c = states.shape
+        moved = self.predictor.motion(actions[:, :-1], valid[:, :-1]).reshape(-1, 3, 3)
+        source = latent_space.targets(states[:, :-1].float(), self.space).reshape(b * (length - 1), n, c)
+        warped, seen = warp(source, moved, self.grid)
+        mask = seen.view(b, length - 1, n) & valid[:, :-1, None]
+        return equivariance_ratio(source.view(b, length - 1, n, c), warped.view(b, length - 1, n, c),
+                                  targets[:, 1:].float(), mask)
 
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:

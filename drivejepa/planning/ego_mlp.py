@@ -6,7 +6,7 @@ speed, yaw rate of each 0.5 s interval, scaled by the predictor's ``ACTION_SCALE
 output: the controls of the next ``horizon`` steps, driven the planner's way (``motion.py``) into a trajectory, so
 its plans are feasible actions a closed-loop driver can execute. Trained with the mean L2 distance of the
 trajectory's positions on the train split's windows, the same data the world model trained on; saved beside the run
-like the cost heads (``artifacts.py``: ``RUN/ego_mlp/<stem>.pt``).
+like the cost heads (``artifacts.py``: ``RUN/ego_mlp/<stem>-<settings digest>.pt``).
 """
 from __future__ import annotations
 
@@ -99,8 +99,15 @@ def fit_ego_mlp(windows, spec: EgoSpec, cfg, progress: bool = True) -> EgoMLP:
     return model.eval()
 
 
-def ego_mlp_path(checkpoint: str | Path) -> Path:
-    return artifact_path(checkpoint, KIND)
+def ego_mlp_settings(shard_dir: str | Path, plan_cfg) -> dict:
+    """What the MLP depends on besides its checkpoint: the shards it is fitted on (resolved), the ``ego_mlp``
+    section, the horizon and the step length."""
+    return {"shards": str(Path(shard_dir).resolve()), "config": dataclasses.asdict(plan_cfg.ego_mlp),
+            "horizon": int(plan_cfg.horizon), "frame_seconds": float(plan_cfg.frame_seconds)}
+
+
+def ego_mlp_path(checkpoint: str | Path, settings: dict) -> Path:
+    return artifact_path(checkpoint, KIND, settings)
 
 
 def save_ego_mlp(path, model: EgoMLP, meta: dict) -> Path:
@@ -113,7 +120,8 @@ def ego_mlp_from_state(state: dict, path) -> tuple[EgoMLP, dict]:
 
 def ensure_ego_mlp(checkpoint: str | Path, train_cfg, shard_dir: str | Path, plan_cfg, *, retrain: bool = False,
                    progress: bool = True) -> tuple[EgoMLP, dict, Path]:
-    """The ego-status MLP saved beside this checkpoint's run (unless ``retrain``), or one fitted on the run's train
+    """The ego-status MLP saved beside this checkpoint's run for these settings (:func:`ego_mlp_settings`; unless
+    ``retrain``), or one fitted on the run's train
     split (every window of its factual scenes, ``decoder_training.split_scenes``: the counterfactual branches the
     world model also trained on are left out) and saved there."""
     from drivejepa.data.shards import read_shard, shard_path
@@ -123,11 +131,10 @@ def ensure_ego_mlp(checkpoint: str | Path, train_cfg, shard_dir: str | Path, pla
     from drivejepa.planning.windows import concatenate, scene_windows
     from drivejepa.visualization.decoder_training import split_scenes
 
-    path = ego_mlp_path(checkpoint)
     e = plan_cfg.ego_mlp
-    settings = {"shards": str(shard_dir), "config": dataclasses.asdict(e), "horizon": int(plan_cfg.horizon),
-                "frame_seconds": float(plan_cfg.frame_seconds)}
-    state = None if retrain else find_artifact(checkpoint, KIND, "ego-status MLP")
+    settings = ego_mlp_settings(shard_dir, plan_cfg)
+    path = ego_mlp_path(checkpoint, settings)
+    state = None if retrain else find_artifact(checkpoint, KIND, "ego-status MLP", settings=settings)
     if state is not None:
         model, meta = ego_mlp_from_state(state, path)
         changed = changed_settings(meta, settings)

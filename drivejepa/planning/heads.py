@@ -18,8 +18,8 @@ road, heads fitted on rollouts read it as the probability that the cell is occup
 Labels: occupancy is the evaluation's agent-footprint grid (``evaluation.probes.occupancy_grid``), the drivable area
 the shards' drivable grid (``data/drivable.py``) read at the heads' cell centres. Fitted with AdamW on the train
 split, scored on the held-out split (IoU at the threshold that is best on train beside the prior grid that ignores
-the tokens, and log loss), saved beside the run for the exact checkpoint (``artifacts.py``:
-``RUN/planning_heads/<stem>.pt``).
+the tokens, and log loss), saved beside the run for the exact checkpoint and settings (``artifacts.py``:
+``RUN/planning_heads/<stem>-<settings digest>.pt``).
 """
 from __future__ import annotations
 
@@ -307,8 +307,21 @@ def score_planning_heads(heads: PlanningHeads, data: dict, train: dict) -> dict:
     return out
 
 
-def heads_path(checkpoint: str | Path) -> Path:
-    return artifact_path(checkpoint, KIND)
+def heads_settings(shard_dir: str | Path, plan_cfg) -> dict:
+    """What a set of heads depends on besides its checkpoint: the shards it is fitted on (resolved), the ``heads``
+    section, the horizon of the rollouts and the agent classes."""
+    return {"shards": str(Path(shard_dir).resolve()), "config": dataclasses.asdict(plan_cfg.heads),
+            "horizon": int(plan_cfg.horizon), "agent_classes": list(plan_cfg.agent_classes)}
+
+
+def heads_path(checkpoint: str | Path, settings: dict) -> Path:
+    return artifact_path(checkpoint, KIND, settings)
+
+
+def find_heads(checkpoint: str | Path, settings: dict) -> Optional[tuple["PlanningHeads", dict]]:
+    """(heads, meta) saved for this checkpoint and these settings (:func:`heads_settings`), else None."""
+    state = find_artifact(checkpoint, KIND, "cost heads", FORMAT, settings)
+    return None if state is None else heads_from_state(state, heads_path(checkpoint, settings))
 
 
 def save_heads(path: str | Path, heads: PlanningHeads, meta: dict) -> Path:
@@ -321,20 +334,20 @@ def heads_from_state(state: dict, path) -> tuple[PlanningHeads, dict]:
 
 def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path, plan_cfg, *,
                  retrain: bool = False, progress: bool = True) -> tuple[PlanningHeads, dict, Path]:
-    """The heads saved for this checkpoint (unless ``retrain``), or new ones fitted on the run's train split (the
+    """The heads saved for this checkpoint and these settings (:func:`heads_settings`; unless ``retrain``), or new
+    ones fitted on the run's train split (the
     rollout set also on the train scenes' branches), scored on its held-out split and saved beside the run.
     Returns (heads, meta, path)."""
     from drivejepa.data.shards import load_manifest
     from drivejepa.io import file_sha256
     from drivejepa.visualization.decoder_training import split_scenes
 
-    path = heads_path(checkpoint)
     h = plan_cfg.heads
-    settings = {"shards": str(shard_dir), "config": dataclasses.asdict(h), "horizon": int(plan_cfg.horizon),
-                "agent_classes": list(plan_cfg.agent_classes)}
-    state = None if retrain else find_artifact(checkpoint, KIND, "cost heads", FORMAT)
-    if state is not None:
-        heads, meta = heads_from_state(state, path)
+    settings = heads_settings(shard_dir, plan_cfg)
+    path = heads_path(checkpoint, settings)
+    found = None if retrain else find_heads(checkpoint, settings)
+    if found is not None:
+        heads, meta = found
         changed = changed_settings(meta, settings)
         if changed is None:
             return heads, meta, path
