@@ -1,7 +1,8 @@
 """``drivejepa bench plan``: the latency of one planning decision of the world-model planner, beside an encode.
 
 The demo model (``pipelines/train_demo.yaml``; random weights unless ``--checkpoint``), its cost heads (random unless
-fitted beside the checkpoint for ``--shards`` and these planner settings: ``heads`` in the JSON says which) and the planner settings of ``pipelines/plan.yaml`` (candidates, iterations, horizon).
+fitted beside the checkpoint for ``--shards`` and these planner settings: ``heads`` in the JSON says which) and the
+planner settings of ``pipelines/plan.yaml`` (candidates, iterations, horizon).
 Observations are the demo workload of ``bench latency`` (front camera 128x224, 4096 lidar and 128 radar points),
 random, or real key frames with ``--shards``. Timed, batch 1, median of ``--repeats`` calls taken in turn:
 
