@@ -121,9 +121,9 @@ def ego_mlp_from_state(state: dict, path) -> tuple[EgoMLP, dict]:
 def ensure_ego_mlp(checkpoint: str | Path, train_cfg, shard_dir: str | Path, plan_cfg, *, retrain: bool = False,
                    progress: bool = True) -> tuple[EgoMLP, dict, Path]:
     """The ego-status MLP saved beside this checkpoint's run for these settings (:func:`ego_mlp_settings`; unless
-    ``retrain``), or one fitted on the run's train
-    split (every window of its factual scenes, ``decoder_training.split_scenes``: the counterfactual branches the
-    world model also trained on are left out) and saved there."""
+    ``retrain``), or one fitted on the run's train split (every window of its factual scenes,
+    ``decoder_training.split_scenes``: the counterfactual branches the world model also trained on are left out)
+    and saved there."""
     from drivejepa.data.shards import read_shard, shard_path
     from drivejepa.evaluation.latents import window_starts
     from drivejepa.io import file_sha256

@@ -335,9 +335,8 @@ def heads_from_state(state: dict, path) -> tuple[PlanningHeads, dict]:
 def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path, plan_cfg, *,
                  retrain: bool = False, progress: bool = True) -> tuple[PlanningHeads, dict, Path]:
     """The heads saved for this checkpoint and these settings (:func:`heads_settings`; unless ``retrain``), or new
-    ones fitted on the run's train split (the
-    rollout set also on the train scenes' branches), scored on its held-out split and saved beside the run.
-    Returns (heads, meta, path)."""
+    ones fitted on the run's train split (the rollout set also on the train scenes' branches), scored on its
+    held-out split and saved beside the run. Returns (heads, meta, path)."""
     from drivejepa.data.shards import load_manifest
     from drivejepa.io import file_sha256
     from drivejepa.visualization.decoder_training import split_scenes
