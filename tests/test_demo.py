@@ -30,6 +30,9 @@ def test_demo_chain_runs_end_to_end_and_its_summary_matches_metrics(tmp_path, re
     assert (out / "eval" / "report.md").is_file()
     assert (out / "run" / "checkpoints" / "best.pt").is_file()
     assert list((out / "vis").glob("*.png")), "the demo renders a predicted scene"
+    # The world renders, and the shards keep, only the cameras the model reads (train_smoke: the front camera).
+    assert json.loads((out / "world" / ".drivejepa-synth.json").read_text())["params"]["cameras"] == ["CAM_FRONT"]
+    assert json.loads((out / "shards" / "manifest.json").read_text())["config"]["cameras"] == ["CAM_FRONT"]
 
     # A rerun resumes: the world is kept, nothing is retrained from scratch, and the numbers do not change.
     assert main(argv) == 0

