@@ -169,6 +169,39 @@ def test_drive_command_compares_drivers_on_the_same_scenarios_and_resumes(tmp_pa
     assert again["provenance"]["runs_now"] == 0 and again["runs"] == m["runs"]
 
 
+BUILT: list[int] = []
+
+
+def counting_driver(**options):
+    """A factory driver (constant velocity) that records, each time it is built, how many times it was built."""
+    from drivejepa.driving.drivers import ConstantVelocity
+
+    BUILT.append(len(BUILT))
+    return ConstantVelocity()
+
+
+def test_drive_builds_each_factory_driver_once_before_its_workers(tmp_path, monkeypatch):
+    """A factory driver is built once in the drive process before any worker gets a run, so what it fits on first
+    use (the planner's cost heads) is fitted once, not by two workers at the same time."""
+    from drivejepa.config import DriveConfig, DriverSpec, load_config
+    from drivejepa.driving import runner
+
+    built_before = []
+
+    def in_process(todo, cfg, render, num_workers, address, finish):
+        built_before.append(len(BUILT))
+        for sc, spec, rid, h in todo:
+            finish(rid, h, runner.run_one(sc, spec, cfg.observation, cfg.ttc_horizon, render))
+
+    monkeypatch.setattr(runner, "_run_ray", in_process)
+    BUILT.clear()
+    cfg = load_config(DriveConfig, REPO / "eval/drive.yaml", [*TINY, "steps=1", "scenes=[scene-0004, scene-0005]"])
+    cfg.drivers = [DriverSpec("mine", "factory", "test_driving:counting_driver", {})]
+    metrics = runner.drive(cfg, tmp_path / "d", num_workers=2, progress=False)
+    assert [r["driver"] for r in metrics["runs"]] == ["mine", "mine"]
+    assert built_before == [1] and len(BUILT) == 3          # once before the two runs, then once per run
+
+
 def test_drive_refuses_an_unknown_driver_in_one_line(tmp_path, capsys):
     from drivejepa.cli import main
 

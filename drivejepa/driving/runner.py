@@ -131,6 +131,7 @@ def drive(cfg: DriveConfig, out: str | Path, *, render: bool = False, num_worker
         for sc, spec, rid, h in todo:
             finish(rid, h, run_one(sc, spec, cfg.observation, cfg.ttc_horizon, render))
     elif todo:
+        _prepare_factories(todo)
         _run_ray(todo, cfg, render, num_workers, address, finish)
     bar.close()
 
@@ -148,6 +149,21 @@ def drive(cfg: DriveConfig, out: str | Path, *, render: bool = False, num_worker
     if render:
         metrics["rendered"] = _render(cfg, out, jobs, layers)
     return metrics
+
+
+def _prepare_factories(todo: list) -> None:
+    """Build each factory driver of the pending runs once here, before the workers start, and drop it: what a
+    driver fits and keeps on its first use (the world-model planner's cost heads, the ego-status MLP, beside the
+    checkpoint) is then fitted once instead of by every worker that gets one of its runs at the same time."""
+    from drivejepa.driving.drivers import build_driver
+
+    done = set()
+    for _, spec, _, _ in todo:
+        key = config_hash(config_to_dict(spec))
+        if spec.kind == "factory" and key not in done:
+            done.add(key)
+            log.info("preparing driver %s before the workers start", spec.name)
+            build_driver(spec)
 
 
 def _run_ray(todo: list, cfg: DriveConfig, render: bool, num_workers: Optional[int], address: Optional[str],

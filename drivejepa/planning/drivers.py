@@ -6,7 +6,8 @@
        options: {checkpoint: RUN/checkpoints/best.pt, shards: SHARDS}}
 
 ``shards`` are the shards the checkpoint was trained on: the cost heads and the ego-status MLP are fitted on their
-train split the first time (and kept beside the run, ``artifacts.py``), exactly as ``drivejepa plan`` and the
+train split the first time (``drivejepa drive`` builds each factory driver once before its workers start, so they
+are fitted once; kept beside the run, ``artifacts.py``), exactly as ``drivejepa plan`` and the
 evaluation's planning section use them. Each key frame the world-model planner encodes the last ``context`` frames
 the simulator rendered (through the preprocessing code, like a shard) and plans 3 s by MPC in latent space,
 warm-started from its previous plan; the ego-status MLP maps the realised past actions and the route command to its
