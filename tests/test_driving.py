@@ -80,6 +80,8 @@ def test_constant_velocity_rear_ends_a_braking_leader_the_expert_follows(tiny_cf
     assert w.agent_speed[k, other] < w.agent_speed[k, 0]                    # and slower
     m_cv, m_expert = scenario_metrics(cv), scenario_metrics(expert)
     assert expert.end_reason == "end" and not m_expert["collision"] and m_cv["collision"]
+    assert m_cv["collision_type"] in ("active front", "stopped agent") and m_cv["at_fault"]
+    assert m_expert["collision_type"] is None and not m_expert["at_fault"]
     assert m_cv["min_ttc_s"] == 0.0 and m_expert["min_ttc_s"] > 1.0
 
 
@@ -133,13 +135,37 @@ def test_metrics_of_a_hand_made_trajectory():
     assert safety.time_to_collision(world, 0, lw, 2.0) == float("inf")
     world.agent_xy[0, 1] = (3.9, 1.9)                              # corners touching: a collision now
     assert safety.time_to_collision(world, 0, lw, 3.0) == 0.0
-    runs = [dict(driver="a", distance_m=1500.0, collision=True, end="collision", progress=0.5, off_drivable_s=0.0,
-                 off_road=False, min_ttc_s=0.0, jerk_mean=1.0, driver_ms=2.0, observe_ms=10.0),
-            dict(driver="a", distance_m=500.0, collision=False, end="end", progress=1.0, off_drivable_s=1.0,
-                 off_road=False, min_ttc_s=None, jerk_mean=3.0, driver_ms=4.0, observe_ms=10.0)]
+    runs = [dict(driver="a", distance_m=1500.0, collision=True, at_fault=True, end="collision", progress=0.5,
+                 off_drivable_s=0.0, off_road=False, min_ttc_s=0.0, jerk_mean=1.0, driver_ms=2.0, observe_ms=10.0),
+            dict(driver="a", distance_m=500.0, collision=False, at_fault=False, end="end", progress=1.0,
+                 off_drivable_s=1.0, off_road=False, min_ttc_s=None, jerk_mean=3.0, driver_ms=4.0, observe_ms=10.0)]
     s = summarise(runs)["a"]
     assert (s["runs"], s["collisions"], s["collision_rate"], s["collisions_per_km"]) == (2, 1, 0.5, 0.5)
+    assert (s["at_fault_collisions"], s["at_fault_per_km"]) == (1, 0.5)
     assert (s["progress_mean"], s["jerk_mean"], s["min_ttc_s"], s["completed"]) == (0.75, 2.0, 0.0, 1)
+
+
+def test_collision_types_follow_nuplans_at_fault_rules():
+    """The ego (4 x 2 m, heading +x) touched by a car of its size at its back and front, by a cyclist (2 x 1 m) at
+    its side, moving or standing."""
+    from drivejepa.data.synth.materials import GRASS, ROAD
+    from drivejepa.driving.safety import collision_type
+
+    def kind(agent_xy, ego_speed=5.0, agent_speed=5.0, lateral_offset=0.0, road=True, agent_lw=(4.0, 2.0)):
+        grid = np.full((2000, 2000), ROAD if road else GRASS, dtype=np.uint8)     # 200 m of asphalt or grass
+        world = types.SimpleNamespace(ego_index=0, agent_xy=np.array([[[100.0, 100.0], np.add(agent_xy, 100.0)]]),
+                                      agent_yaw=np.zeros((1, 2)), agent_speed=np.array([[ego_speed, agent_speed]]),
+                                      agent_active=np.ones((1, 2), bool), material_grid=grid)
+        return collision_type(world, 0, 1, np.array([[4.0, 2.0], agent_lw]), lateral_offset)
+
+    assert kind((-3.9, 0.0), ego_speed=0.0) == ("stopped ego", False)         # hit from behind while standing
+    assert kind((3.9, 0.0), agent_speed=0.0) == ("stopped agent", True)       # ran into a standing car
+    assert kind((-3.9, 0.3)) == ("active rear", False)                         # the follower drove into the ego
+    assert kind((3.9, -0.5)) == ("active front", True)                         # the ego drove into the leader
+    side = dict(agent_xy=(0.2, 1.4), agent_lw=(2.0, 1.0))
+    assert kind(**side) == ("active lateral", False)                           # side swipe, the ego in its lane
+    assert kind(**side, lateral_offset=1.2) == ("active lateral", True)        # ... the ego over its lane's edge
+    assert kind(**side, road=False) == ("active lateral", True)                # ... the ego off the asphalt
 
 
 TINY = ["samples_per_scene=12", "image_size=[320,180]", "scenes=[scene-0004]", "observation.cameras=[CAM_FRONT]",

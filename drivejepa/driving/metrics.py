@@ -2,7 +2,8 @@
 
 Per run, from the driver's take-over to the end of the run (all at the simulation's 20 Hz unless said otherwise):
 - ``collision``: the run ended with the ego's box overlapping another agent's (safety.collision; a run ends at its
-  first collision, so a run has 0 or 1), and with whom;
+  first collision, so a run has 0 or 1), and with whom; ``collision_type`` and ``at_fault``: nuPlan's classification
+  of it (safety.collision_type: being driven into from behind or while standing is not the ego's fault);
 - ``distance_m``: the path length the ego drove; ``collisions_per_km`` over a driver's runs divides by its sum;
 - ``progress``: how far along the logged ego's route the ego got (its projections onto the route at the start and
   at the end) over how far the logged ego (the expert) got in the whole scenario; a run that ends early keeps its
@@ -24,6 +25,8 @@ from drivejepa.data.synth.traffic import DT
 from drivejepa.driving import safety
 from drivejepa.driving.simulator import KEY_PERIOD_S
 
+SCORES = 2                            # what scenario_metrics reports; part of a saved run's hash, so a run scored
+                                      # before a change is driven again rather than resumed without the new scores
 TTC_HORIZON_S = 3.0
 TTC_EVERY = 2                         # simulation steps between time-to-collision samples (0.1 s)
 
@@ -68,12 +71,15 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
     speeds = actions[max(sc.start - 1, 0):, 3]
     jerk_mean, jerk_max = jerk(speeds, KEY_PERIOD_S)
     hit = loop.collision_agent
+    kind, at_fault = (None, False) if hit is None else safety.collision_type(
+        world, loop.end_step, hit, loop.lw, loop.route.project(loop.ego_local[loop.end_step, :2])[1])
     seconds = [d.seconds for d in loop.decisions]
     return {
         "scenario": sc.name, "seed": sc.seed, "start": sc.start, "last_frame": sc.last_frame,
         "end": loop.end_reason, "end_time_s": round((k1 - k0) * DT, 3),
         "collision": loop.end_reason == "collision",
         "collision_with": None if hit is None else loop.world.agents[hit]["kind"],
+        "collision_type": kind, "at_fault": at_fault,
         "distance_m": path_length(ego[:, :2]),
         "progress_m": progress, "expert_progress_m": expert,
         "progress": progress / expert if expert > 0.5 else None,
@@ -99,11 +105,13 @@ def summarise(runs: list[dict]) -> dict:
         mine = [r for r in runs if r["driver"] == driver]
         metres = sum(r["distance_m"] for r in mine)
         collisions = sum(bool(r["collision"]) for r in mine)
+        at_fault = sum(bool(r["at_fault"]) for r in mine)
         ttcs = [r["min_ttc_s"] for r in mine if r["min_ttc_s"] is not None]
         out[driver] = {
             "runs": len(mine), "completed": sum(r["end"] == "end" for r in mine),
             "collisions": collisions, "collision_rate": collisions / len(mine),
             "km": metres / 1000.0, "collisions_per_km": per_km(collisions, metres),
+            "at_fault_collisions": at_fault, "at_fault_per_km": per_km(at_fault, metres),
             "progress_mean": _mean(r["progress"] for r in mine),
             "off_drivable_s_mean": _mean(r["off_drivable_s"] for r in mine),
             "off_road_runs": sum(bool(r["off_road"]) for r in mine),

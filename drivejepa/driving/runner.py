@@ -24,7 +24,8 @@ from drivejepa.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-PLOTTED = (("collision", "collisions per run"), ("progress", "progress (x expert)"),
+PLOTTED = (("collision", "collisions per run"), ("at_fault", "at-fault collisions per run"),
+           ("progress", "progress (x expert)"),
            ("min_ttc_s", "minimum time to collision (s)"), ("jerk_mean", "mean |jerk| (m/s^3)"))
 
 
@@ -74,8 +75,11 @@ def _run_id(scenario: Scenario, spec: DriverSpec) -> str:
 
 def _run_hash(cfg: DriveConfig, scenario: Scenario, spec: DriverSpec) -> str:
     """What a run's result depends on: its scenario, its driver and the observation and scoring settings."""
+    from drivejepa.driving.metrics import SCORES
+
     return config_hash({"scenario": dataclasses.asdict(scenario), "driver": config_to_dict(spec),
-                        "observation": config_to_dict(cfg.observation), "ttc_horizon": cfg.ttc_horizon})
+                        "observation": config_to_dict(cfg.observation), "ttc_horizon": cfg.ttc_horizon,
+                        "scores": SCORES})
 
 
 def drive(cfg: DriveConfig, out: str | Path, *, render: bool = False, num_workers: Optional[int] = None,
@@ -265,18 +269,19 @@ def format_summary(metrics: dict, out: Path) -> str:
     names = metrics["scenarios"]
     lines = [f"drive -> {out}: {len(names)} scenarios ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), "
              f"world seed {cfg['seed']}, driver from key frame {cfg['start_frame']}"]
-    head = (f"{'driver':<20} {'runs':>4} {'done':>4} {'coll.':>5} {'coll/km':>7} {'km':>6} {'progress':>8} "
-            f"{'off-drv s':>9} {'TTC min':>7} {'TTC med':>7} {'jerk':>6} {'ms/act':>7}")
+    head = (f"{'driver':<20} {'runs':>4} {'done':>4} {'coll.':>5} {'fault':>5} {'coll/km':>7} {'km':>6} "
+            f"{'progress':>8} {'off-drv s':>9} {'TTC min':>7} {'TTC med':>7} {'jerk':>6} {'ms/act':>7}")
     lines += [head, "-" * len(head)]
     for name, d in metrics["drivers"].items():
         lines.append(f"{name:<20} {d['runs']:>4} {d['completed']:>4} {d['collisions']:>5} "
-                     f"{f(d['collisions_per_km']):>7} {f(d['km']):>6} {f(d['progress_mean']):>8} "
-                     f"{f(d['off_drivable_s_mean']):>9} {f(d['min_ttc_s'], 1):>7} {f(d['min_ttc_s_median'], 1):>7} "
-                     f"{f(d['jerk_mean']):>6} {f(d['driver_ms'], 1):>7}")
+                     f"{d['at_fault_collisions']:>5} {f(d['collisions_per_km']):>7} {f(d['km']):>6} "
+                     f"{f(d['progress_mean']):>8} {f(d['off_drivable_s_mean']):>9} {f(d['min_ttc_s'], 1):>7} "
+                     f"{f(d['min_ttc_s_median'], 1):>7} {f(d['jerk_mean']):>6} {f(d['driver_ms'], 1):>7}")
     obs = [d["observe_ms"] for d in metrics["drivers"].values() if d["observe_ms"] is not None]
     if obs:
         lines.append(f"simulator: {np.mean(obs):.0f} ms a key frame to render the sensors and build the observation")
-    collided = [f"{r['scenario']} {r['driver']} ({r['collision_with']}, {r['end_time_s']:.1f} s)"
+    collided = [f"{r['scenario']} {r['driver']} ({r['collision_with']}, {r['collision_type']}"
+                f"{', at fault' if r['at_fault'] else ''}, {r['end_time_s']:.1f} s)"
                 for r in metrics["runs"] if r["collision"]]
     if collided:
         lines.append("collisions: " + "; ".join(collided[:8]) + (" ..." if len(collided) > 8 else ""))

@@ -1,5 +1,5 @@
 """What the closed loop checks about the ego at a simulation step: box overlap with another agent, the drivable area,
-and the time to collision.
+the time to collision, and who is at fault for a collision.
 
 Boxes are the agents' annotation boxes (length and width of ``World.agents[i]["size"]``, centred on the agent's
 position, along its heading). The overlap test is the project's one (``drivejepa/boxes.py``), which the branches,
@@ -12,12 +12,15 @@ from typing import Optional
 import numpy as np
 
 from drivejepa import boxes
+from drivejepa.data.synth.layouts import LANE_WIDTH
 from drivejepa.data.synth.materials import MARKING, ROAD
 from drivejepa.data.synth.world import MAP_RESOLUTION
 
 DRIVABLE = (ROAD, MARKING)          # asphalt: lanes, shoulders, parking lots and their markings
 NEAR = 12.0                         # metres: agents farther than this from the ego cannot touch it this step
 TTC_STEP = 0.1                      # seconds between the constant-velocity look-ahead samples
+STOPPED_SPEED = 0.05                # m/s: at or below, an ego or agent counts as stopped (nuPlan's threshold)
+AT_FAULT = {"stopped ego": False, "stopped agent": True, "active rear": False, "active front": True}
 
 
 def agent_lw(world) -> np.ndarray:
@@ -95,3 +98,33 @@ def time_to_collision(world, k: int, lw: np.ndarray, horizon: float) -> float:
             if boxes_overlap(pe, yaw[e], lw[e], xy[i] + vel[i] * taus[t], yaw[i], lw[i]):
                 return float(taus[t])
     return float("inf")
+
+
+def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: float) -> tuple[str, bool]:
+    """(type, ego at fault) of the ego's collision with agent ``other`` at step ``k``, classified the way nuPlan's
+    ``no_ego_at_fault_collisions`` metric does, in its order:
+
+    - ``stopped ego``: the ego stood (speed <= STOPPED_SPEED): not at fault;
+    - ``stopped agent``: the agent stood: at fault;
+    - ``active rear``: the agent's centre is behind the ego's (along the ego's heading): it drove into the ego, not
+      at fault (nuPlan measures from the rear axle; the synthetic world's ego pose is its box centre);
+    - ``active front``: the front edge of the ego's box touches the agent's box: at fault;
+    - ``active lateral``: any other contact: at fault when the ego's box crossed the boundary of the lane it should
+      drive (``lateral_offset``, metres from its route's centre line; nuPlan: the ego in several lanes) or left the
+      drivable area, else not.
+    """
+    e = world.ego_index
+    xy, yaw, speed = world.agent_xy[k], world.agent_yaw[k], world.agent_speed[k]
+    heading = np.array([np.cos(yaw[e]), np.sin(yaw[e])])
+    if speed[e] <= STOPPED_SPEED:
+        kind = "stopped ego"
+    elif speed[other] <= STOPPED_SPEED:
+        kind = "stopped agent"
+    elif float(np.dot(xy[other] - xy[e], heading)) < 0.0:
+        kind = "active rear"
+    elif boxes_overlap(xy[e] + heading * lw[e, 0] / 2, yaw[e], (1e-3, lw[e, 1]), xy[other], yaw[other], lw[other]):
+        kind = "active front"
+    else:
+        crossed = abs(lateral_offset) + lw[e, 1] / 2 > LANE_WIDTH / 2
+        return "active lateral", bool(crossed or road_state(world, k, lw)[0])
+    return kind, AT_FAULT[kind]

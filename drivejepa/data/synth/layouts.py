@@ -57,9 +57,12 @@ class Junction:
         return join(a, self.s_int - self.cross.half - 0.5, tgt, sb, 200)
 
 
+LANE_WIDTH = 3.5                    # metres: every lane of the synthetic world
+
+
 def urban(b: Builder, spec: dict, intersection: bool):
     rng, D = b.rng, b.D
-    lane_w, lanes, edge_w, sw = 3.5, 2, 2.5, 3.0
+    lane_w, lanes, edge_w, sw = LANE_WIDTH, 2, 2.5, 3.0
     maneuver = spec["maneuver"]
     congestion = spec.get("congestion", False)
     v_ego = 6.0 if congestion else float(rng.uniform(9.5, 12.0))
