@@ -448,6 +448,7 @@ class HeadsConfig:
     """The planner's cost heads: per-cell logits read from frozen target-encoder tokens (planning/heads.py)."""
     kind: Literal["linear", "mlp"] = "mlp"
     subcells: int = 4                                 # each state token predicts subcells x subcells cells
+    neighbourhood: int = 0                            # ... reading the (2r+1) x (2r+1) tokens centred on it
     hidden: int = 64
     steps: int = 400                                  # AdamW steps on the train split's frozen tokens
     batch_size: int = 64
@@ -671,6 +672,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _at_least(cfg.weights, "weights.", source, 0, key)
         _at_least(h, "heads.", source, 1, "subcells", "hidden", "steps", "batch_size", "max_train_frames",
                   "rollout_steps", "rollout_stride", "max_rollout_frames")
+        _at_least(h, "heads.", source, 0, "neighbourhood")
         _at_least(e, "ego_mlp.", source, 1, "past_steps", "hidden", "steps", "batch_size")
         for key, value in (("heads.lr", h.lr), ("ego_mlp.lr", e.lr)):
             _require(value > 0, source, key, value, "must be positive")

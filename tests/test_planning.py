@@ -441,6 +441,29 @@ def test_cost_heads_map_tokens_to_their_cells():
     assert changed.nonzero().tolist() == [[2, 4], [2, 5], [3, 4], [3, 5]]
 
 
+def test_cost_heads_with_a_neighbourhood_read_the_tokens_around():
+    """With neighbourhood 1 a token's cells also read the 8 tokens around it (none beyond the grid's edge), and
+    reading a few cells still gives the full map's values."""
+    from drivejepa.planning.heads import CostHeads, HeadSpec
+
+    torch.manual_seed(0)
+    heads = CostHeads(HeadSpec(channels=3, bev_size=4, bev_range=8.0, subcells=2, hidden=8, kind="linear",
+                               neighbourhood=1))
+    states = torch.randn(5, 16, 3)
+    cells = torch.tensor([0, 9, 27, 36, 63])
+    np.testing.assert_allclose(heads.logits_at(states, cells).detach().numpy(),
+                               heads(states).flatten(-2)[..., cells].detach().numpy(), atol=1e-6)
+    one = torch.zeros(1, 16, 3)
+    one[0, 6] = 1.0                                                            # token of x bin 1, y bin 2
+    changed = (heads(one) - heads(torch.zeros(1, 16, 3))).abs().sum(1)[0] > 0
+    tokens = sorted({(int(i) // 2, int(j) // 2) for i, j in changed.nonzero()})
+    assert tokens == [(i, j) for i in (0, 1, 2) for j in (1, 2, 3)]           # the 3 x 3 block around (1, 2)
+    corner = torch.zeros(1, 16, 3)
+    corner[0, 0] = 1.0                                                         # x bin 0, y bin 0: at the edge
+    changed = (heads(corner) - heads(torch.zeros(1, 16, 3))).abs().sum(1)[0] > 0
+    assert sorted({(int(i) // 2, int(j) // 2) for i, j in changed.nonzero()}) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
 def test_ego_mlp_learns_the_future_from_past_motion_and_the_command():
     """The ego-status baseline: from the past speed and the route command it learns to hold the speed and turn the
     way the command says (toy windows: speeds 2-15 m/s, left / straight / right at +-0.25 rad/s)."""

@@ -120,7 +120,8 @@ def run(args) -> dict:
         torch.manual_seed(0)
         heads = PlanningHeads(HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size),
                                        bev_range=float(model.bev_range), subcells=cfg.heads.subcells,
-                                       hidden=cfg.heads.hidden, kind=cfg.heads.kind))
+                                       hidden=cfg.heads.hidden, kind=cfg.heads.kind,
+                                       neighbourhood=cfg.heads.neighbourhood))
     context = int(train_cfg.data.context)
     planners = {"chosen": Planner(model, heads, cfg, device=device)}
     precision = planners["chosen"].precision
