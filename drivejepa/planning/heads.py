@@ -88,10 +88,13 @@ class CostHeads(nn.Module):
     def read(self, states: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """What the head reads ``[..., K, inputs]`` for the tokens ``tokens`` ``[K]`` (default: all) of states
         ``[..., N, C]``: each standardised, with its neighbourhood (outside the grid: 0, the training mean)."""
-        z = (states.float() - self.mean) / self.std
+        x = states.float()
+        if self.spec.neighbourhood == 0:                                                 # the token alone
+            return ((x if tokens is None else x.index_select(-2, tokens)) - self.mean) / self.std
         around = self.around if tokens is None else self.around[tokens]                   # [K, (2r+1)^2]
-        z = torch.cat([z, z.new_zeros(*z.shape[:-2], 1, z.shape[-1])], dim=-2)           # index N: outside
-        return z.index_select(-2, around.flatten()).flatten(-2).unflatten(-1, (len(around), -1))
+        x = torch.cat([x, self.mean.expand(*x.shape[:-2], 1, -1)], dim=-2)                # index N: outside
+        x = (x.index_select(-2, around.flatten()) - self.mean) / self.std
+        return x.flatten(-2).unflatten(-1, (len(around), -1))
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         g, s, t = self.spec.bev_size, self.spec.subcells, len(TASKS)
