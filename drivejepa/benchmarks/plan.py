@@ -118,10 +118,7 @@ def run(args) -> dict:
         source = f"{args.config} (random weights)"
     if heads is None:
         torch.manual_seed(0)
-        heads = PlanningHeads(HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size),
-                                       bev_range=float(model.bev_range), subcells=cfg.heads.subcells,
-                                       hidden=cfg.heads.hidden, kind=cfg.heads.kind,
-                                       neighbourhood=cfg.heads.neighbourhood))
+        heads = PlanningHeads(HeadSpec.of(model, cfg.heads))
     context = int(train_cfg.data.context)
     planners = {"chosen": Planner(model, heads, cfg, device=device)}
     precision = planners["chosen"].precision

@@ -65,6 +65,13 @@ class HeadSpec:
     def grid(self) -> int:
         return self.bev_size * self.subcells
 
+    @classmethod
+    def of(cls, model, heads_cfg) -> "HeadSpec":
+        """The spec of a model's grid and a ``config.HeadsConfig``."""
+        return cls(channels=int(model.latent_dim), bev_size=int(model.bev_size), bev_range=float(model.bev_range),
+                   subcells=heads_cfg.subcells, hidden=heads_cfg.hidden, kind=heads_cfg.kind,
+                   neighbourhood=heads_cfg.neighbourhood)
+
     @property
     def inputs(self) -> int:
         """Width of what the shared head reads for one token."""
@@ -388,8 +395,7 @@ def ensure_heads(checkpoint: str | Path, model, train_cfg, shard_dir: str | Path
     pre = load_manifest(shard_dir).get("config", {})
     if "drivable_range" not in pre:
         raise UserError(f"{shard_dir}: shards without a drivable grid (schema < 3); preprocess again")
-    spec = HeadSpec(channels=int(model.latent_dim), bev_size=int(model.bev_size), bev_range=float(model.bev_range),
-                    subcells=h.subcells, hidden=h.hidden, kind=h.kind, neighbourhood=h.neighbourhood)
+    spec = HeadSpec.of(model, h)
     ids = agent_ids(plan_cfg.agent_classes)
     train_scenes, held_scenes = split_scenes(shard_dir, train_cfg)
     with_branches = sorted(set(train_scenes) | set(_split_or_none(shard_dir, train_cfg.data.train_split)))
