@@ -114,16 +114,37 @@ def test_a_commanded_action_is_what_the_ego_does(tiny_cfg):
     assert np.allclose(realised[:, :3], np.array(commanded)[:, :3], atol=1e-4)
 
 
+def test_an_ego_that_steers_off_its_route_is_scored_out_of_its_lane(tiny_cfg):
+    """The expert keeps to the logged route's centre line; a driver that holds its speed and turns at 0.4 rad/s
+    leaves it, and the metrics say by how far and for how long its box was past the lane's edge."""
+    import torch
+
+    from drivejepa.driving.drivers import CallableDriver, Expert
+    from drivejepa.driving.metrics import scenario_metrics
+    from drivejepa.planning.motion import controls_to_actions
+
+    def swerve(history, status, command):
+        speed = max(float(status.past_actions[-1, 3]), 5.0)
+        return controls_to_actions(torch.tensor([[[speed, 0.4]]]), 0.5)[0, 0].numpy()
+
+    kept = scenario_metrics(_run(2, Expert(), tiny_cfg, start=2, steps=4))
+    left = scenario_metrics(_run(2, CallableDriver("swerve", swerve), tiny_cfg, start=2, steps=4))
+    assert kept["route_offset_max_m"] < 0.05 and kept["out_of_lane_s"] == 0.0
+    assert left["route_offset_max_m"] > 1.0 and left["out_of_lane_s"] > 0.0
+    assert left["route_offset_mean_m"] < left["route_offset_max_m"]
+
+
 def test_metrics_of_a_hand_made_trajectory():
     from drivejepa.data.synth.geometry import Path as RoutePath
     from drivejepa.driving import safety
-    from drivejepa.driving.metrics import jerk, path_length, per_km, route_progress, summarise
+    from drivejepa.driving.metrics import jerk, path_length, per_km, route_offsets, route_progress, summarise
 
     assert jerk([0.0, 1.0, 3.0, 6.0], 0.5) == (4.0, 4.0)          # accel 2, 4, 6 m/s^2: jerk 4 m/s^3
     assert jerk([5.0, 5.0], 0.5) == (None, None)
     route = RoutePath(np.array([[0.0, 0.0], [50.0, 0.0], [50.0, 50.0]]))
     assert route_progress(route, (10.0, 1.0), (40.0, -2.0)) == pytest.approx(30.0)
     assert route_progress(route, (10.0, 0.0), (52.0, 20.0)) == pytest.approx(60.0)   # round the corner
+    assert route_offsets(route, np.array([[10.0, 1.0], [52.0, 20.0]])) == pytest.approx([1.0, -2.0])  # left +
     assert path_length(np.array([[0.0, 0.0], [3.0, 4.0], [3.0, 10.0]])) == pytest.approx(11.0)
     assert per_km(3, 1500.0) == pytest.approx(2.0) and per_km(0, 0.0) is None
     # time to collision: the ego at 10 m/s towards a car standing 30 m ahead (both 4 m long): 26 m of gap, 2.6 s

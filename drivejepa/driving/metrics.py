@@ -8,6 +8,10 @@ Per run, from the driver's take-over to the end of the run (all at the simulatio
 - ``progress``: how far along the logged ego's route the ego got (its projections onto the route at the start and
   at the end) over how far the logged ego (the expert) got in the whole scenario; a run that ends early keeps its
   shortfall;
+- ``route_offset_mean_m`` / ``route_offset_max_m``: the ego's distance from the logged route's centre line (the
+  lane the expert drove; the planner is told only the route command, so this is how well it keeps its lane), and
+  ``out_of_lane_s``: time with the ego's box past that lane's edge (``|offset| + width / 2 > LANE_WIDTH / 2``; a
+  wider box than the lane would count at every step);
 - ``off_drivable_s``: time with a corner of the ego's box off the drivable area; ``off_road``: the run ended with
   the ego's centre off it;
 - ``min_ttc_s``: the smallest time to collision (safety.time_to_collision: both boxes keep their velocity) over
@@ -21,11 +25,12 @@ from typing import Optional
 
 import numpy as np
 
+from drivejepa.data.synth.layouts import LANE_WIDTH
 from drivejepa.data.synth.traffic import DT
 from drivejepa.driving import safety
 from drivejepa.driving.simulator import KEY_PERIOD_S
 
-SCORES = 2                            # what scenario_metrics reports; part of a saved run's hash, so a run scored
+SCORES = 3                            # what scenario_metrics reports; part of a saved run's hash, so a run scored
                                       # before a change is driven again rather than resumed without the new scores
 TTC_HORIZON_S = 3.0
 TTC_EVERY = 2                         # simulation steps between time-to-collision samples (0.1 s)
@@ -47,6 +52,11 @@ def route_progress(route, start_xy, end_xy) -> float:
                  - route.project(np.asarray(start_xy, dtype=np.float64))[0])
 
 
+def route_offsets(route, xy: np.ndarray) -> np.ndarray:
+    """``[N]`` signed lateral offsets (m, left positive) of points ``xy`` ``[N, 2]`` from ``route`` (a Path)."""
+    return np.array([route.project(np.asarray(p, dtype=np.float64))[1] for p in xy])
+
+
 def per_km(count: float, metres: float) -> Optional[float]:
     return None if metres <= 0 else float(count) / (metres / 1000.0)
 
@@ -65,6 +75,7 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
     expert = float(S[min(loop.key_step(sc.last_frame) + 1, len(S) - 1)] - S[k0])
     progress = route_progress(loop.route, ego[0, :2], ego[-1, :2])
     off = [safety.road_state(world, k, loop.lw)[0] for k in range(k0, k1 + 1)]
+    offset = np.abs(route_offsets(loop.route, ego[:, :2]))
     ttc = min((safety.time_to_collision(world, k, loop.lw, ttc_horizon) for k in range(k0, k1 + 1, TTC_EVERY)),
               default=float("inf"))
     actions = loop.realised_actions()
@@ -83,6 +94,8 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
         "distance_m": path_length(ego[:, :2]),
         "progress_m": progress, "expert_progress_m": expert,
         "progress": progress / expert if expert > 0.5 else None,
+        "route_offset_mean_m": float(offset.mean()), "route_offset_max_m": float(offset.max()),
+        "out_of_lane_s": float(np.sum(offset + loop.lw[world.ego_index, 1] / 2 > LANE_WIDTH / 2) * DT),
         "off_drivable_s": float(np.sum(off) * DT), "off_road": loop.end_reason == "off road",
         "min_ttc_s": None if not np.isfinite(ttc) else round(ttc, 3),
         "jerk_mean": jerk_mean, "jerk_max": jerk_max,
@@ -113,6 +126,8 @@ def summarise(runs: list[dict]) -> dict:
             "km": metres / 1000.0, "collisions_per_km": per_km(collisions, metres),
             "at_fault_collisions": at_fault, "at_fault_per_km": per_km(at_fault, metres),
             "progress_mean": _mean(r["progress"] for r in mine),
+            "route_offset_mean_m": _mean(r.get("route_offset_mean_m") for r in mine),
+            "out_of_lane_s_mean": _mean(r.get("out_of_lane_s") for r in mine),
             "off_drivable_s_mean": _mean(r["off_drivable_s"] for r in mine),
             "off_road_runs": sum(bool(r["off_road"]) for r in mine),
             "min_ttc_s": min(ttcs) if ttcs else None,

@@ -25,7 +25,7 @@ from drivejepa.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 PLOTTED = (("collision", "collisions per run"), ("at_fault", "at-fault collisions per run"),
-           ("progress", "progress (x expert)"),
+           ("progress", "progress (x expert)"), ("out_of_lane_s", "time out of its lane (s)"),
            ("min_ttc_s", "minimum time to collision (s)"), ("jerk_mean", "mean |jerk| (m/s^3)"))
 
 
@@ -270,12 +270,13 @@ def format_summary(metrics: dict, out: Path) -> str:
     lines = [f"drive -> {out}: {len(names)} scenarios ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), "
              f"world seed {cfg['seed']}, driver from key frame {cfg['start_frame']}"]
     head = (f"{'driver':<20} {'runs':>4} {'done':>4} {'coll.':>5} {'fault':>5} {'coll/km':>7} {'km':>6} "
-            f"{'progress':>8} {'off-drv s':>9} {'TTC min':>7} {'TTC med':>7} {'jerk':>6} {'ms/act':>7}")
+            f"{'progress':>8} {'lane m':>6} {'out-lane s':>10} {'off-drv s':>9} {'TTC min':>7} {'TTC med':>7} {'jerk':>6} {'ms/act':>7}")
     lines += [head, "-" * len(head)]
     for name, d in metrics["drivers"].items():
         lines.append(f"{name:<20} {d['runs']:>4} {d['completed']:>4} {d['collisions']:>5} "
                      f"{d['at_fault_collisions']:>5} {f(d['collisions_per_km']):>7} {f(d['km']):>6} "
-                     f"{f(d['progress_mean']):>8} {f(d['off_drivable_s_mean']):>9} {f(d['min_ttc_s'], 1):>7} "
+                     f"{f(d['progress_mean']):>8} {f(d['route_offset_mean_m']):>6} {f(d['out_of_lane_s_mean']):>10} "
+                     f"{f(d['off_drivable_s_mean']):>9} {f(d['min_ttc_s'], 1):>7} "
                      f"{f(d['min_ttc_s_median'], 1):>7} {f(d['jerk_mean']):>6} {f(d['driver_ms'], 1):>7}")
     obs = [d["observe_ms"] for d in metrics["drivers"].values() if d["observe_ms"] is not None]
     if obs:
