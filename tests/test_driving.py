@@ -157,13 +157,16 @@ def test_metrics_of_a_hand_made_trajectory():
     world.agent_xy[0, 1] = (3.9, 1.9)                              # corners touching: a collision now
     assert safety.time_to_collision(world, 0, lw, 3.0) == 0.0
     runs = [dict(driver="a", distance_m=1500.0, collision=True, at_fault=True, end="collision", progress=0.5,
-                 off_drivable_s=0.0, off_road=False, min_ttc_s=0.0, jerk_mean=1.0, driver_ms=2.0, observe_ms=10.0),
+                 off_drivable_s=0.0, off_road=False, min_ttc_s=0.0, jerk_mean=1.0, driver_ms=2.0, observe_ms=10.0,
+                 route_offset_mean_m=0.2, out_of_lane_s=0.0),
             dict(driver="a", distance_m=500.0, collision=False, at_fault=False, end="end", progress=1.0,
-                 off_drivable_s=1.0, off_road=False, min_ttc_s=None, jerk_mean=3.0, driver_ms=4.0, observe_ms=10.0)]
+                 off_drivable_s=1.0, off_road=False, min_ttc_s=None, jerk_mean=3.0, driver_ms=4.0, observe_ms=10.0,
+                 route_offset_mean_m=0.6, out_of_lane_s=2.0)]
     s = summarise(runs)["a"]
     assert (s["runs"], s["collisions"], s["collision_rate"], s["collisions_per_km"]) == (2, 1, 0.5, 0.5)
     assert (s["at_fault_collisions"], s["at_fault_per_km"]) == (1, 0.5)
     assert (s["progress_mean"], s["jerk_mean"], s["min_ttc_s"], s["completed"]) == (0.75, 2.0, 0.0, 1)
+    assert (s["route_offset_mean_m"], s["out_of_lane_s_mean"]) == (pytest.approx(0.4), 1.0)
 
 
 def test_collision_types_follow_nuplans_at_fault_rules():

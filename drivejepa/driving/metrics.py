@@ -10,8 +10,7 @@ Per run, from the driver's take-over to the end of the run (all at the simulatio
   shortfall;
 - ``route_offset_mean_m`` / ``route_offset_max_m``: the ego's distance from the logged route's centre line (the
   lane the expert drove; the planner is told only the route command, so this is how well it keeps its lane), and
-  ``out_of_lane_s``: time with the ego's box past that lane's edge (``|offset| + width / 2 > LANE_WIDTH / 2``; a
-  wider box than the lane would count at every step);
+  ``out_of_lane_s``: time with the ego's box past that lane's edge (``|offset| + width / 2 > LANE_WIDTH / 2``);
 - ``off_drivable_s``: time with a corner of the ego's box off the drivable area; ``off_road``: the run ended with
   the ego's centre off it;
 - ``min_ttc_s``: the smallest time to collision (safety.time_to_collision: both boxes keep their velocity) over
@@ -126,8 +125,8 @@ def summarise(runs: list[dict]) -> dict:
             "km": metres / 1000.0, "collisions_per_km": per_km(collisions, metres),
             "at_fault_collisions": at_fault, "at_fault_per_km": per_km(at_fault, metres),
             "progress_mean": _mean(r["progress"] for r in mine),
-            "route_offset_mean_m": _mean(r.get("route_offset_mean_m") for r in mine),
-            "out_of_lane_s_mean": _mean(r.get("out_of_lane_s") for r in mine),
+            "route_offset_mean_m": _mean(r["route_offset_mean_m"] for r in mine),
+            "out_of_lane_s_mean": _mean(r["out_of_lane_s"] for r in mine),
             "off_drivable_s_mean": _mean(r["off_drivable_s"] for r in mine),
             "off_road_runs": sum(bool(r["off_road"]) for r in mine),
             "min_ttc_s": min(ttcs) if ttcs else None,

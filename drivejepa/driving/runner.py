@@ -270,7 +270,8 @@ def format_summary(metrics: dict, out: Path) -> str:
     lines = [f"drive -> {out}: {len(names)} scenarios ({', '.join(names[:6])}{' ...' if len(names) > 6 else ''}), "
              f"world seed {cfg['seed']}, driver from key frame {cfg['start_frame']}"]
     head = (f"{'driver':<20} {'runs':>4} {'done':>4} {'coll.':>5} {'fault':>5} {'coll/km':>7} {'km':>6} "
-            f"{'progress':>8} {'lane m':>6} {'out-lane s':>10} {'off-drv s':>9} {'TTC min':>7} {'TTC med':>7} {'jerk':>6} {'ms/act':>7}")
+            f"{'progress':>8} {'lane m':>6} {'out-lane s':>10} {'off-drv s':>9} {'TTC min':>7} {'TTC med':>7} "
+            f"{'jerk':>6} {'ms/act':>7}")
     lines += [head, "-" * len(head)]
     for name, d in metrics["drivers"].items():
         lines.append(f"{name:<20} {d['runs']:>4} {d['completed']:>4} {d['collisions']:>5} "
