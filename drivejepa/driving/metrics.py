@@ -10,7 +10,7 @@ Per run, from the driver's take-over to the end of the run (all at the simulatio
   shortfall;
 - ``route_offset_mean_m`` / ``route_offset_max_m``: the ego's distance from the logged route's centre line (the
   lane the expert drove; the planner is told only the route command, so this is how well it keeps its lane), and
-  ``out_of_lane_s``: time with the ego's box past that lane's edge (``|offset| + width / 2 > LANE_WIDTH / 2``);
+  ``out_of_lane_s``: time with the ego's box past that lane's edge (``safety.out_of_lane``);
 - ``off_drivable_s``: time with a corner of the ego's box off the drivable area; ``off_road``: the run ended with
   the ego's centre off it;
 - ``min_ttc_s``: the smallest time to collision (safety.time_to_collision: both boxes keep their velocity) over
@@ -24,7 +24,6 @@ from typing import Optional
 
 import numpy as np
 
-from drivejepa.data.synth.layouts import LANE_WIDTH
 from drivejepa.data.synth.traffic import DT
 from drivejepa.driving import safety
 from drivejepa.driving.simulator import KEY_PERIOD_S
@@ -74,7 +73,7 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
     expert = float(S[min(loop.key_step(sc.last_frame) + 1, len(S) - 1)] - S[k0])
     progress = route_progress(loop.route, ego[0, :2], ego[-1, :2])
     off = [safety.road_state(world, k, loop.lw)[0] for k in range(k0, k1 + 1)]
-    offset = np.abs(route_offsets(loop.route, ego[:, :2]))
+    lateral = route_offsets(loop.route, ego[:, :2])                   # signed, at every step of the run
     ttc = min((safety.time_to_collision(world, k, loop.lw, ttc_horizon) for k in range(k0, k1 + 1, TTC_EVERY)),
               default=float("inf"))
     actions = loop.realised_actions()
@@ -82,7 +81,7 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
     jerk_mean, jerk_max = jerk(speeds, KEY_PERIOD_S)
     hit = loop.collision_agent
     kind, at_fault = (None, False) if hit is None else safety.collision_type(
-        world, loop.end_step, hit, loop.lw, loop.route.project(loop.ego_local[loop.end_step, :2])[1])
+        world, loop.end_step, hit, loop.lw, lateral[loop.end_step - k0])
     seconds = [d.seconds for d in loop.decisions]
     return {
         "scenario": sc.name, "seed": sc.seed, "start": sc.start, "last_frame": sc.last_frame,
@@ -93,8 +92,8 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
         "distance_m": path_length(ego[:, :2]),
         "progress_m": progress, "expert_progress_m": expert,
         "progress": progress / expert if expert > 0.5 else None,
-        "route_offset_mean_m": float(offset.mean()), "route_offset_max_m": float(offset.max()),
-        "out_of_lane_s": float(np.sum(offset + loop.lw[world.ego_index, 1] / 2 > LANE_WIDTH / 2) * DT),
+        "route_offset_mean_m": float(np.abs(lateral).mean()), "route_offset_max_m": float(np.abs(lateral).max()),
+        "out_of_lane_s": float(np.sum(safety.out_of_lane(lateral, loop.lw[world.ego_index, 1])) * DT),
         "off_drivable_s": float(np.sum(off) * DT), "off_road": loop.end_reason == "off road",
         "min_ttc_s": None if not np.isfinite(ttc) else round(ttc, 3),
         "jerk_mean": jerk_mean, "jerk_max": jerk_max,

@@ -100,6 +100,12 @@ def time_to_collision(world, k: int, lw: np.ndarray, horizon: float) -> float:
     return float("inf")
 
 
+def out_of_lane(lateral_offset, width: float):
+    """Whether the ego's box (``width`` metres wide) is past the edge of its lane at a signed ``lateral_offset``
+    (metres from the lane's centre line; an array gives an array): ``|offset| + width / 2 > LANE_WIDTH / 2``."""
+    return np.abs(lateral_offset) + width / 2 > LANE_WIDTH / 2
+
+
 def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: float) -> tuple[str, bool]:
     """(type, ego at fault) of the ego's collision with agent ``other`` at step ``k``, classified the way nuPlan's
     ``no_ego_at_fault_collisions`` metric does, in its order:
@@ -125,6 +131,5 @@ def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: fl
     elif boxes_overlap(xy[e] + heading * lw[e, 0] / 2, yaw[e], (1e-3, lw[e, 1]), xy[other], yaw[other], lw[other]):
         kind = "active front"
     else:
-        crossed = abs(lateral_offset) + lw[e, 1] / 2 > LANE_WIDTH / 2
-        return "active lateral", bool(crossed or road_state(world, k, lw)[0])
+        return "active lateral", bool(out_of_lane(lateral_offset, lw[e, 1]) or road_state(world, k, lw)[0])
     return kind, AT_FAULT[kind]
