@@ -416,7 +416,7 @@ class OptimizerConfig:
     temperature: float = 0.5                          # MPPI: weights exp(-(cost - min cost) / temperature)
     noise: Literal["walk", "white"] = "walk"          # a candidate's deviation over the steps: a random walk, or
                                                       # independent per step (see planning/optimizer.py)
-    init_std: tuple[float, float] = (1.5, 0.1)        # sampling spread of speed (m/s) and yaw rate (rad/s)
+    init_std: tuple[float, float] = (1.5, 0.05)       # sampling spread of speed (m/s) and yaw rate (rad/s)
     min_std: tuple[float, float] = (0.05, 0.005)      # CEM: the spread never shrinks below this
     seed: int = 0
 
@@ -499,7 +499,7 @@ class PlanConfig:
     ego_width: float = 1.85
     ego_center_ahead: float = 0.0                     # box centre ahead of the ego pose (0: synthetic world)
     collision_margin: float = 0.3                     # metres added around the ego box in the latent costs
-    headway_seconds: float = 1.2                      # the gap ahead the headway cost wants: min_gap + seconds * v
+    headway_seconds: float = 1.8                      # the gap ahead the headway cost wants: min_gap + seconds * v
     headway_min_gap: float = 2.5                      # (the synthetic world's IDM: 1.2 s and 2.5 m)
     headway_static_steps: int = 6                     # steps whose headway also reads the observed scene held still
     headway_static_frames: int = 1                    # ... what stood still over this many context frames

@@ -432,3 +432,24 @@ def test_short_sequence_attention_matches_the_fused_kernel(monkeypatch):
         g_short = torch.autograd.grad(short.square().sum(), x)[0]
         g_fused = torch.autograd.grad(fused.square().sum(), x)[0]
         torch.testing.assert_close(g_short, g_fused)
+
+
+def test_the_demo_grid_holds_the_ego_lane_in_one_token_column():
+    """The demo state's middle token column is centred on the ego and holds its whole lane, while a car centred in
+    the next lane lies wholly in the next column: the cost heads can tell a car in the ego's lane from one beside it
+    (with the ego on a token corner, each token under the ego's lane held half of the next lane)."""
+    from pathlib import Path
+
+    from drivejepa.config import load_config, resolve_model_config
+    from drivejepa.data.synth.layouts import LANE_WIDTH
+    from drivejepa.evaluation.probes import grid_centers
+
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "pipelines/train_demo.yaml")
+    arch = resolve_model_config(cfg.model)
+    cell = 2.0 * arch.bev_range / arch.bev_size
+    lateral = np.unique(grid_centers(arch.bev_size, arch.bev_range)[:, 1])
+    assert np.min(np.abs(lateral)) == pytest.approx(0.0, abs=1e-9)
+    car_half_width = 0.95
+    for lane in (LANE_WIDTH, 3.7):                                   # urban and highway lanes of the synthetic world
+        assert lane / 2 <= cell / 2                                   # the ego's lane within the middle column
+        assert lane - car_half_width >= cell / 2                      # a car in the next lane outside it
