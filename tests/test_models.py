@@ -441,7 +441,7 @@ def test_the_demo_grid_holds_the_ego_lane_in_one_token_column():
     from pathlib import Path
 
     from drivejepa.config import load_config, resolve_model_config
-    from drivejepa.data.synth.layouts import LANE_WIDTH
+    from drivejepa.data.synth.layouts import HIGHWAY_LANE_WIDTH, LANE_WIDTH
     from drivejepa.evaluation.probes import grid_centers
 
     cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "pipelines/train_demo.yaml")
@@ -450,6 +450,6 @@ def test_the_demo_grid_holds_the_ego_lane_in_one_token_column():
     lateral = np.unique(grid_centers(arch.bev_size, arch.bev_range)[:, 1])
     assert np.min(np.abs(lateral)) == pytest.approx(0.0, abs=1e-9)
     car_half_width = 0.95
-    for lane in (LANE_WIDTH, 3.7):                                   # urban and highway lanes of the synthetic world
+    for lane in (LANE_WIDTH, HIGHWAY_LANE_WIDTH):
         assert lane / 2 <= cell / 2                                   # the ego's lane within the middle column
         assert lane - car_half_width >= cell / 2                      # a car in the next lane outside it

@@ -57,7 +57,8 @@ class Junction:
         return join(a, self.s_int - self.cross.half - 0.5, tgt, sb, 200)
 
 
-LANE_WIDTH = 3.5                    # metres: every lane of the synthetic world
+LANE_WIDTH = 3.5                    # metres: every lane of the town layouts (urban, urban_straight)
+HIGHWAY_LANE_WIDTH = 3.7            # metres: the highway's lanes
 
 
 def urban(b: Builder, spec: dict, intersection: bool):
@@ -223,7 +224,7 @@ def urban(b: Builder, spec: dict, intersection: bool):
 
 def highway(b: Builder, spec: dict):
     rng, D = b.rng, b.D
-    lane_w, lanes, edge_w = 3.7, 3, 3.0
+    lane_w, lanes, edge_w = HIGHWAY_LANE_WIDTH, 3, 3.0
     v_ego = float(rng.uniform(24, 28))
     s_e0 = 120.0
     length = s_e0 + v_ego * D * 1.2 + 350
