@@ -169,18 +169,41 @@ def test_metrics_of_a_hand_made_trajectory():
     assert (s["route_offset_mean_m"], s["out_of_lane_s_mean"]) == (pytest.approx(0.4), 1.0)
 
 
+@pytest.mark.parametrize("number", range(1, 8), ids=lambda n: f"scene-{n:04d}")
+def test_the_egos_lane_is_as_wide_as_its_road_lanes(number):
+    """What out-of-lane time and a side swipe's fault read (``ClosedLoop.lane_width``): the ego's lane width is the
+    spacing of its road's lanes in every layout (town 3.5 m, highway 3.7 m, a parking aisle's two directions 3.0 m):
+    some vehicle's path runs parallel to the ego's that far to its side where the ego starts, and none nearer than
+    that beyond 1 m (a turning path crosses near it)."""
+    from drivejepa.data.synth.world import simulate_scene
+
+    movers = simulate_scene(number, 0, 1.0, margin=0.05).builder.movers
+    ego = movers[0]
+    x, y, heading = ego.path.at(ego.s0)
+    offsets = []
+    for m in movers[1:]:
+        s, offset = m.path.project(np.array([x, y]))
+        if not m.walker and 0.0 < s < m.path.length and abs(np.cos(m.path.at(s)[2] - heading)) > 0.99:
+            offsets.append(abs(offset))
+    offsets = np.array(offsets)
+    assert ego.ego and ego.lane_width is not None
+    assert np.abs(offsets - ego.lane_width).min() < 0.01, (ego.lane_width, np.round(offsets, 2))
+    assert not ((offsets > 1.0) & (offsets < ego.lane_width - 0.01)).any(), np.round(offsets, 2)
+
+
 def test_collision_types_follow_nuplans_at_fault_rules():
     """The ego (4 x 2 m, heading +x) touched by a car of its size at its back and front, by a cyclist (2 x 1 m) at
     its side, moving or standing."""
     from drivejepa.data.synth.materials import GRASS, ROAD
     from drivejepa.driving.safety import collision_type
 
-    def kind(agent_xy, ego_speed=5.0, agent_speed=5.0, lateral_offset=0.0, road=True, agent_lw=(4.0, 2.0)):
+    def kind(agent_xy, ego_speed=5.0, agent_speed=5.0, lateral_offset=0.0, road=True, agent_lw=(4.0, 2.0),
+             lane_width=3.5):
         grid = np.full((2000, 2000), ROAD if road else GRASS, dtype=np.uint8)     # 200 m of asphalt or grass
         world = types.SimpleNamespace(ego_index=0, agent_xy=np.array([[[100.0, 100.0], np.add(agent_xy, 100.0)]]),
                                       agent_yaw=np.zeros((1, 2)), agent_speed=np.array([[ego_speed, agent_speed]]),
                                       agent_active=np.ones((1, 2), bool), material_grid=grid)
-        return collision_type(world, 0, 1, np.array([[4.0, 2.0], agent_lw]), lateral_offset)
+        return collision_type(world, 0, 1, np.array([[4.0, 2.0], agent_lw]), lateral_offset, lane_width)
 
     assert kind((-3.9, 0.0), ego_speed=0.0) == ("stopped ego", False)         # hit from behind while standing
     assert kind((3.9, 0.0), agent_speed=0.0) == ("stopped agent", True)       # ran into a standing car
@@ -189,6 +212,8 @@ def test_collision_types_follow_nuplans_at_fault_rules():
     side = dict(agent_xy=(0.2, 1.4), agent_lw=(2.0, 1.0))
     assert kind(**side) == ("active lateral", False)                           # side swipe, the ego in its lane
     assert kind(**side, lateral_offset=1.2) == ("active lateral", True)        # ... the ego over its lane's edge
+    assert kind(**side, lateral_offset=0.8, lane_width=3.7) == ("active lateral", False)  # 1.8 m < 1.85 m: inside
+    assert kind(**side, lateral_offset=0.8, lane_width=3.5) == ("active lateral", True)   # 1.8 m > 1.75 m: over
     assert kind(**side, road=False) == ("active lateral", True)                # ... the ego off the asphalt
 
 

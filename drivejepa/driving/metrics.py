@@ -10,7 +10,8 @@ Per run, from the driver's take-over to the end of the run (all at the simulatio
   shortfall;
 - ``route_offset_mean_m`` / ``route_offset_max_m``: the ego's distance from the logged route's centre line (the
   lane the expert drove; the planner is told only the route command, so this is how well it keeps its lane), and
-  ``out_of_lane_s``: time with the ego's box past that lane's edge (``safety.out_of_lane``);
+  ``out_of_lane_s``: time with the ego's box past that lane's edge (``safety.out_of_lane``; the lane as wide as
+  the road's, ``ClosedLoop.lane_width``);
 - ``off_drivable_s``: time with a corner of the ego's box off the drivable area; ``off_road``: the run ended with
   the ego's centre off it;
 - ``min_ttc_s``: the smallest time to collision (safety.time_to_collision: both boxes keep their velocity) over
@@ -28,7 +29,7 @@ from drivejepa.data.synth.traffic import DT
 from drivejepa.driving import safety
 from drivejepa.driving.simulator import KEY_PERIOD_S
 
-SCORES = 3                            # what scenario_metrics reports; part of a saved run's hash, so a run scored
+SCORES = 4                            # what scenario_metrics reports; part of a saved run's hash, so a run scored
                                       # before a change is driven again rather than resumed without the new scores
 TTC_HORIZON_S = 3.0
 TTC_EVERY = 2                         # simulation steps between time-to-collision samples (0.1 s)
@@ -81,7 +82,7 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
     jerk_mean, jerk_max = jerk(speeds, KEY_PERIOD_S)
     hit = loop.collision_agent
     kind, at_fault = (None, False) if hit is None else safety.collision_type(
-        world, loop.end_step, hit, loop.lw, lateral[loop.end_step - k0])
+        world, loop.end_step, hit, loop.lw, lateral[loop.end_step - k0], loop.lane_width)
     seconds = [d.seconds for d in loop.decisions]
     return {
         "scenario": sc.name, "seed": sc.seed, "start": sc.start, "last_frame": sc.last_frame,
@@ -93,7 +94,8 @@ def scenario_metrics(loop, ttc_horizon: float = TTC_HORIZON_S) -> dict:
         "progress_m": progress, "expert_progress_m": expert,
         "progress": progress / expert if expert > 0.5 else None,
         "route_offset_mean_m": float(np.abs(lateral).mean()), "route_offset_max_m": float(np.abs(lateral).max()),
-        "out_of_lane_s": float(np.sum(safety.out_of_lane(lateral, loop.lw[world.ego_index, 1])) * DT),
+        "out_of_lane_s": float(np.sum(safety.out_of_lane(lateral, loop.lw[world.ego_index, 1], loop.lane_width))
+                               * DT),
         "off_drivable_s": float(np.sum(off) * DT), "off_road": loop.end_reason == "off road",
         "min_ttc_s": None if not np.isfinite(ttc) else round(ttc, 3),
         "jerk_mean": jerk_mean, "jerk_max": jerk_max,

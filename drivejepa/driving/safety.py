@@ -12,7 +12,6 @@ from typing import Optional
 import numpy as np
 
 from drivejepa import boxes
-from drivejepa.data.synth.layouts import LANE_WIDTH
 from drivejepa.data.synth.materials import MARKING, ROAD
 from drivejepa.data.synth.world import MAP_RESOLUTION
 
@@ -100,13 +99,15 @@ def time_to_collision(world, k: int, lw: np.ndarray, horizon: float) -> float:
     return float("inf")
 
 
-def out_of_lane(lateral_offset, width: float):
-    """Whether the ego's box (``width`` metres wide) is past the edge of its lane at a signed ``lateral_offset``
-    (metres from the lane's centre line; an array gives an array): ``|offset| + width / 2 > LANE_WIDTH / 2``."""
-    return np.abs(lateral_offset) + width / 2 > LANE_WIDTH / 2
+def out_of_lane(lateral_offset, width: float, lane_width: float):
+    """Whether the ego's box (``width`` metres wide) is past the edge of its lane (``lane_width`` metres: the road's,
+    ``ClosedLoop.lane_width``) at a signed ``lateral_offset`` (metres from the lane's centre line; an array gives an
+    array): ``|offset| + width / 2 > lane_width / 2``."""
+    return np.abs(lateral_offset) + width / 2 > lane_width / 2
 
 
-def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: float) -> tuple[str, bool]:
+def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: float,
+                   lane_width: float) -> tuple[str, bool]:
     """(type, ego at fault) of the ego's collision with agent ``other`` at step ``k``, classified the way nuPlan's
     ``no_ego_at_fault_collisions`` metric does, in its order:
 
@@ -116,7 +117,8 @@ def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: fl
       at fault (nuPlan measures from the rear axle; the synthetic world's ego pose is its box centre);
     - ``active front``: the front edge of the ego's box touches the agent's box: at fault;
     - ``active lateral``: any other contact: at fault when the ego's box crossed the boundary of the lane it should
-      drive (``lateral_offset``, metres from its route's centre line; nuPlan: the ego in several lanes) or left the
+      drive (``lateral_offset``, metres from its route's centre line, in a lane ``lane_width`` wide; nuPlan: the ego
+      in several lanes) or left the
       drivable area, else not.
     """
     e = world.ego_index
@@ -131,5 +133,5 @@ def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: fl
     elif boxes_overlap(xy[e] + heading * lw[e, 0] / 2, yaw[e], (1e-3, lw[e, 1]), xy[other], yaw[other], lw[other]):
         kind = "active front"
     else:
-        return "active lateral", bool(out_of_lane(lateral_offset, lw[e, 1]) or road_state(world, k, lw)[0])
+        return "active lateral", bool(out_of_lane(lateral_offset, lw[e, 1], lane_width) or road_state(world, k, lw)[0])
     return kind, AT_FAULT[kind]

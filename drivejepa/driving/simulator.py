@@ -127,6 +127,7 @@ class ClosedLoop:
         self.sim = sim = simulate_scene(scenario.number, scenario.seed, duration, margin=SENSOR_MARGIN_S)
         self.movers = movers = sim.builder.movers
         self.route = movers[0].path
+        self.lane_width = movers[0].lane_width       # metres: the route's lane (safety.out_of_lane)
         _, tracks, paths = family(sim, scenario.samples, scenario.seed, scenario.branches, scenario.branch_points,
                                   scenario.branch_frames)
         self.logged = place(sim, tracks, paths)[0]

@@ -26,6 +26,8 @@ class Mover:
     schedule: list = dataclasses.field(default_factory=list)      # (t0, t1, v_desired) overrides
     accel: float = 1.5
     ego: bool = False
+    lane_width: Optional[float] = None  # metres: the width of the lane the path runs in (the ego's: what the closed
+                                        # loop's out-of-lane time and lateral fault read; None for the others)
 
 
 @dataclasses.dataclass

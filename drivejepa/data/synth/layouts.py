@@ -59,6 +59,7 @@ class Junction:
 
 LANE_WIDTH = 3.5                    # metres: every lane of the town layouts (urban, urban_straight)
 HIGHWAY_LANE_WIDTH = 3.7            # metres: the highway's lanes
+AISLE_LANE_WIDTH = 3.0              # metres: the parking aisle's two unmarked directions, 1.5 m each side of its middle
 
 
 def urban(b: Builder, spec: dict, intersection: bool):
@@ -149,7 +150,7 @@ def urban(b: Builder, spec: dict, intersection: bool):
         ego_path = main.lane(+1, 1 if not intersection else 0)
         ego_stops = [(main_stop_f, "main")] if intersection else []
     ego = Mover("car", (1.85, 4.08, 1.6), (255, 255, 255), ego_path, s_e0, v_ego * 0.8 if not congestion else 2.0,
-                v_ego, stop_lines=ego_stops, accel=2.0, ego=True)
+                v_ego, stop_lines=ego_stops, accel=2.0, ego=True, lane_width=lane_w)
     b.movers.insert(0, ego)
 
     # ---- traffic ----
@@ -261,7 +262,7 @@ def highway(b: Builder, spec: dict):
     tr = np.clip((center.s - s_lc) / 70.0, 0, 1)
     off = -(1.5 - 0.5 * (1 - np.cos(np.pi * tr))) * lane_w
     ego = Mover("car", (1.85, 4.08, 1.6), (255, 255, 255), center.offset(off), s_e0, v_ego * 0.75, v_ego,
-                accel=1.8, ego=True)
+                accel=1.8, ego=True, lane_width=lane_w)
     b.movers.insert(0, ego)
     b.vehicle(road.lane(+1, 1), s_lc + 35, 17.0, "truck")
     for i in range(lanes):
@@ -307,13 +308,15 @@ def parking(b: Builder, spec: dict):
     for xs in np.arange(x0, lot_len, 25.0):
         b.add_box(xs + 10, -32 - 10, 20, 12, rng.uniform(5, 9), 0.0, BUILDING)
     # ego drives down the middle aisle, right-hand side
-    ego_path = Path(np.array([[x0 + 2, -1.5], [lot_len + 60, -1.5]]))
+    half = AISLE_LANE_WIDTH / 2
+    ego_path = Path(np.array([[x0 + 2, -half], [lot_len + 60, -half]]))
     s_e0 = 8.0
-    ego = Mover("car", (1.85, 4.08, 1.6), (255, 255, 255), ego_path, s_e0, v_ego * 0.6, v_ego, accel=1.2, ego=True)
+    ego = Mover("car", (1.85, 4.08, 1.6), (255, 255, 255), ego_path, s_e0, v_ego * 0.6, v_ego, accel=1.2, ego=True,
+                lane_width=AISLE_LANE_WIDTH)
     b.movers.insert(0, ego)
     # other cars: one ahead, some oncoming, one in a side aisle
     b.vehicle(ego_path, s_e0 + float(rng.uniform(25, 40)), v_ego * 0.8, "car")
-    onc = Path(np.array([[lot_len + 60, 1.5], [x0 - 60, 1.5]]))
+    onc = Path(np.array([[lot_len + 60, half], [x0 - 60, half]]))
     b.traffic(onc, 30, onc.length - 30, v_ego, (25, 45), kinds="car")
     for y in (-19.0, 19.0):
         p = Path(np.array([[x0 - 20, y - 1.5], [lot_len + 40, y - 1.5]]))
