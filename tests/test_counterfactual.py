@@ -81,6 +81,25 @@ def test_rollout_differences_measure_how_far_and_which_way_the_rollouts_of_a_poi
     assert "How the rollouts of a point differ" in report
 
 
+def test_top1_intervals_resample_branch_points_and_pair_the_model_with_warp_last():
+    """A model right at every point has the interval [1, 1] and leads warp-last (wrong at every point) by exactly 1;
+    a model as good as warp-last at every point leads it by exactly 0 however the points are drawn (paired); one
+    right at half the points gets an interval around its 0.5 that is wider with 4 points than with 40."""
+    h = 2
+
+    def point(model: float, warp: float, k: int = 4) -> dict:
+        return {"scenes": [f"s{i}" for i in range(k)],
+                "top1": {"model": np.full((k, h), model).tolist(), "warp_last": np.full((k, h), warp).tolist()}}
+
+    sure = CF.point_bootstrap([point(1.0, 0.0) for _ in range(5)])
+    assert sure["model"] == {"low": [1.0] * h, "high": [1.0] * h}
+    assert sure["model_minus_warp_last"] == {"low": [1.0] * h, "high": [1.0] * h}
+    mixed = [point(1.0, 1.0), point(0.0, 0.0), point(0.5, 0.5, k=2)]
+    assert CF.point_bootstrap(mixed)["model_minus_warp_last"] == {"low": [0.0] * h, "high": [0.0] * h}
+    few, many = (CF.point_bootstrap([point(float(i % 2), 0.0) for i in range(n)])["model"] for n in (4, 40))
+    assert few["low"][0] < many["low"][0] < 0.5 < many["high"][0] < few["high"][0]
+
+
 def test_a_tie_for_the_nearest_future_counts_as_its_expected_value_not_a_win():
     d = np.array([[[1.0], [1.0], [3.0]],            # prediction 0: its own future ties with future 1
                   [[2.0], [0.5], [0.5]],            # prediction 1: ties with future 2
@@ -207,6 +226,8 @@ def test_headline_prints_the_counterfactual_numbers_beside_the_factual_ones(bran
     row = metrics["headline"][0]
     assert row["counterfactual_top1_model"] == metrics["counterfactual"]["overall"]["top1"]["model"][0]
     assert f"{row['counterfactual_chance']:.3f}" in text
+    low, high = row["counterfactual_top1_model_95"]
+    assert low <= row["counterfactual_top1_model"] <= high and f"{low:.2f} .. {high:.2f}" in text
 
 
 def test_action_blind_checkpoint_is_a_baseline_only_when_trained_with_every_action_masked(

@@ -24,7 +24,10 @@ Beside it:
   a few hundredths; these two are sums over every pair, and they say whether rollouts that fail to pick their
   future differ too little (energy near 0: the action barely moves them) or in the wrong directions (cosine near
   0). A prediction given the true futures scores 1 and 1; one prediction for all futures (copy-last, the
-  action-blind rollout) has energy 0 and no cosine, left out.
+  action-blind rollout) has energy 0 and no cosine, left out;
+- how sure top-1 is (``interval95``): a split holds a few branch points (the demo's test split 7), so top-1 moves
+  in steps of a few hundredths and by chance; 95% intervals from resampling the points, for the model, warp-last
+  and the model's lead over warp-last.
 
 Only the synthetic world has branch points; on real nuScenes the section says there are none.
 """
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 KEEP = "keep intent"            # the behaviour of the parent scene's own future
 METHODS = ("model", "warp_last", "action_blind", "copy_last")
 DIFFERING = ("model", "warp_last")     # the methods whose predictions differ between the futures of a point
+BOOTSTRAP_DRAWS = 2000                 # resamplings of the branch points behind top-1's interval (point_bootstrap)
 
 
 @dataclasses.dataclass
@@ -232,6 +236,29 @@ def rollout_differences(results: list[dict]) -> dict:
     return out
 
 
+def point_bootstrap(points: list[dict], draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> dict:
+    """95% percentile intervals of the overall top-1 per horizon, from ``draws`` resamplings of the branch points
+    with replacement (``points``: ``score_branch_points``'s per-point scores). The point is the unit: its futures
+    share one context and one scene, so they are not independent draws, and an interval over futures would be too
+    narrow. Per method, and for the model minus warp-last on the same resampled points (paired): an interval of
+    that difference that holds 0 says the model is not told apart from the warp alone."""
+    if not points:
+        return {}
+    rng = np.random.default_rng(seed)
+    sums = {m: np.stack([np.asarray(p["top1"][m], dtype=np.float64).sum(axis=0) for p in points])
+            for m in ("model", "warp_last")}                                                  # [P, H]
+    counts = np.array([len(p["scenes"]) for p in points], dtype=np.float64)
+    idx = rng.integers(0, len(points), size=(draws, len(points)))
+    n = counts[idx].sum(axis=1)[:, None]                                                      # [draws, 1]
+    means = {m: v[idx].sum(axis=1) / n for m, v in sums.items()}                               # [draws, H]
+    means["model_minus_warp_last"] = means["model"] - means["warp_last"]
+
+    def interval(x):
+        return {"low": np.percentile(x, 2.5, axis=0).tolist(), "high": np.percentile(x, 97.5, axis=0).tolist()}
+
+    return {"draws": draws, "unit": "branch point", **{m: interval(v) for m, v in means.items()}}
+
+
 def score_branch_points(results: list[dict], seconds: list[float]) -> dict:
     """The ``counterfactual`` section of metrics.json: top-1 and latent error per horizon over every future of every
     branch point, and per behaviour, beside chance; the per-point scores under ``points``."""
@@ -262,4 +289,5 @@ def score_branch_points(results: list[dict], seconds: list[float]) -> dict:
             "ties": "a tie for the nearest true future among n futures counts 1/n",
             "overall": block(rows), "behaviours": {b: block([r for r in rows if r[0] == b]) for b in behaviours},
             "differences": rollout_differences(results),
+            "interval95": point_bootstrap(points),
             "points": points}

@@ -62,6 +62,7 @@ def headline_rows(metrics: dict, seconds=(0.5, 1.5, 3.0)) -> list[dict]:
     mse, top1 = overall["latent_mse"], overall.get("retrieval_top1", {})
     departing = overall.get("action_sensitivity_departing", {})
     cf = (metrics.get("counterfactual") or {}).get("overall", {})
+    ci = (metrics.get("counterfactual") or {}).get("interval95") or {}
     for sec in seconds:
         i = _step(metrics, sec)
         if i is None:
@@ -78,6 +79,8 @@ def headline_rows(metrics: dict, seconds=(0.5, 1.5, 3.0)) -> list[dict]:
             **{f"counterfactual_top1_{m}": cf["top1"][m][i] if cf.get("futures") else None
                for m in ("model", "warp_last", "action_blind", "copy_last")},
             "counterfactual_chance": cf.get("chance"),
+            **{f"counterfactual_{name}_95": [ci[key]["low"][i], ci[key]["high"][i]] if key in ci else None
+               for name, key in (("top1_model", "model"), ("model_lead", "model_minus_warp_last"))},
         })
     return rows
 
@@ -111,14 +114,22 @@ def format_headline(metrics: dict) -> str:
     lines.append(f"Counterfactual top-1 over {cf['branch_points']} branch points ({cf['futures']} futures): rollout k "
                  f"with future k's actions is nearest future k's true latent (chance "
                  f"{_f(cf['overall']['chance'], 3)}; copy-last and action-blind are at chance by construction; "
-                 f"warp-last carries frame b along each future's ego motion)")
-    head = f"{'horizon':>8} | {'model':>8} {'warp-last':>9} {'act.blind':>9} {'copy-last':>9} {'chance':>8}"
+                 f"warp-last carries frame b along each future's ego motion; 95% intervals from resampling the "
+                 f"branch points, of the model's top-1 and of its lead over warp-last)")
+    head = (f"{'horizon':>8} | {'model':>8} {'warp-last':>9} {'act.blind':>9} {'copy-last':>9} {'chance':>8} | "
+            f"{'model 95%':>13} {'lead 95%':>14}")
     lines += [head, "-" * len(head)]
+
+    def interval(v):
+        return "n/a" if v is None else f"{v[0]:.2f} .. {v[1]:.2f}"
+
     for r in rows:
         lines.append(f"{r['seconds']:>7.1f}s | {_f(r['counterfactual_top1_model'], 3):>8} "
                      f"{_f(r.get('counterfactual_top1_warp_last'), 3):>9} "
                      f"{_f(r['counterfactual_top1_action_blind'], 3):>9} "
-                     f"{_f(r['counterfactual_top1_copy_last'], 3):>9} {_f(r['counterfactual_chance'], 3):>8}")
+                     f"{_f(r['counterfactual_top1_copy_last'], 3):>9} {_f(r['counterfactual_chance'], 3):>8} | "
+                     f"{interval(r.get('counterfactual_top1_model_95')):>13} "
+                     f"{interval(r.get('counterfactual_model_lead_95')):>14}")
     return "\n".join(lines)
 
 
