@@ -118,8 +118,7 @@ def collision_type(world, k: int, other: int, lw: np.ndarray, lateral_offset: fl
     - ``active front``: the front edge of the ego's box touches the agent's box: at fault;
     - ``active lateral``: any other contact: at fault when the ego's box crossed the boundary of the lane it should
       drive (``lateral_offset``, metres from its route's centre line, in a lane ``lane_width`` wide; nuPlan: the ego
-      in several lanes) or left the
-      drivable area, else not.
+      in several lanes) or left the drivable area, else not.
     """
     e = world.ego_index
     xy, yaw, speed = world.agent_xy[k], world.agent_yaw[k], world.agent_speed[k]
