@@ -246,7 +246,7 @@ def point_bootstrap(points: list[dict], draws: int = BOOTSTRAP_DRAWS, seed: int 
         return {}
     rng = np.random.default_rng(seed)
     sums = {m: np.stack([np.asarray(p["top1"][m], dtype=np.float64).sum(axis=0) for p in points])
-            for m in ("model", "warp_last")}                                                  # [P, H]
+            for m in DIFFERING}                                                              # [P, H]
     counts = np.array([len(p["scenes"]) for p in points], dtype=np.float64)
     idx = rng.integers(0, len(points), size=(draws, len(points)))
     n = counts[idx].sum(axis=1)[:, None]                                                      # [draws, 1]
