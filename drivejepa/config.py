@@ -440,7 +440,8 @@ class CostWeights:
     headway: float = 10.0                             # predicted occupancy in the gap ahead the planned speed needs
     progress: float = 1.0                             # distance short of the reference speed's
     command: float = 2.0                              # end point on the wrong side of the route command
-    comfort: float = 0.2                              # acceleration, jerk and yaw acceleration
+    comfort: float = 0.2                              # acceleration and yaw acceleration
+    jerk: float = 0.2                                 # longitudinal jerk, from the ego's acceleration now
 
 
 @dataclasses.dataclass
@@ -511,6 +512,9 @@ class PlanConfig:
     min_reference_speed: float = 2.0                  # ... but at least this (a stopped ego moves on)
     resume_accel: float = 1.5                         # m/s^2: the first iteration also tries speeding up toward
                                                       # the cruise speed at this rate (0 = not)
+    accel_decay: float = 0.0                          # > 0: the first iteration also tries keeping the ego's
+                                                      # acceleration now, fading by this factor a step, and the
+                                                      # jerk term counts the plan's first step from it (0 = neither)
     eval_windows: int = 4                             # evaluate --plan-config: windows planned, factual and branch
                                                       # each (seeded choice over the evaluated scenes); 0 = all
     agent_classes: list[str] = dataclasses.field(default_factory=lambda: [
@@ -657,6 +661,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
         _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows",
                   "headway_seconds", "reference_seconds", "headway_static_steps", "headway_static_seconds",
                   "resume_accel")
+        _require(0 <= cfg.accel_decay <= 1, source, "accel_decay", cfg.accel_decay, "must be in [0, 1]")
         _at_least(cfg, "", source, 1, "headway_static_frames")
         _require(cfg.headway_min_gap > 0, source, "headway_min_gap", cfg.headway_min_gap, "must be positive")
         _at_least(o, "optimizer.", source, 1, "candidates", "iterations", "elites")
@@ -668,7 +673,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
                  "must be positive (and optimizer.min_std not negative)")
         for key in ("max_speed", "max_accel", "max_decel", "max_yaw_rate", "max_curvature", "max_lateral_accel"):
             _require(getattr(lim, key) > 0, source, f"limits.{key}", getattr(lim, key), "must be positive")
-        for key in ("collision", "drivable", "headway", "progress", "command", "comfort"):
+        for key in ("collision", "drivable", "headway", "progress", "command", "comfort", "jerk"):
             _at_least(cfg.weights, "weights.", source, 0, key)
         _at_least(h, "heads.", source, 1, "subcells", "hidden", "steps", "batch_size", "max_train_frames",
                   "rollout_steps", "rollout_stride", "max_rollout_frames")

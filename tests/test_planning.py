@@ -226,6 +226,81 @@ def test_a_decision_reports_the_cost_and_terms_of_its_own_plan():
         torch.testing.assert_close(decision.terms[name], value[:, 0])
 
 
+def test_jerk_counts_the_first_step_against_the_acceleration_now():
+    """An ego braking at 2 m/s^2: a plan that keeps braking has no jerk, with or without the acceleration now, and
+    pays its deceleration in comfort (1, in units of 2 m/s^2); constant speed pays no comfort and, without the
+    acceleration now, no jerk; with it, the jolt of letting go of the brake at once (4 m/s^3, one unit, over the
+    first of its 6 jerk steps: 1/6)."""
+    from drivejepa.planning.costs import Situation, comfort, jerk
+    from drivejepa.planning.motion import trend_controls
+
+    speed, dt = torch.tensor([10.0]), 0.5
+    situation = Situation(speed, torch.tensor([0]), previous_speed=torch.tensor([11.0]))
+    accel = situation.accel_now(dt)
+    torch.testing.assert_close(accel, torch.tensor([-2.0]))
+    assert Situation(speed, torch.tensor([0])).accel_now(dt) is None
+    braking = trend_controls(speed, accel, 1.0, 6, dt)[:, None]
+    torch.testing.assert_close(braking[0, 0, :, 0], torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0, 4.0]))
+    cruising = constant_velocity_controls(speed, 6)[:, None]
+    torch.testing.assert_close(comfort(braking, speed, dt), torch.tensor([[1.0]]))
+    torch.testing.assert_close(comfort(cruising, speed, dt), torch.tensor([[0.0]]))
+    for accel_now in (None, accel):
+        torch.testing.assert_close(jerk(braking, speed, dt, accel_now), torch.tensor([[0.0]]))
+    torch.testing.assert_close(jerk(cruising, speed, dt), torch.tensor([[0.0]]))
+    torch.testing.assert_close(jerk(cruising, speed, dt, accel), torch.tensor([[1.0 / 6.0]]))
+
+
+def test_the_trend_anchor_keeps_the_acceleration_now_fading_and_never_reverses():
+    """``accel_decay``: the first iteration tries the ego's acceleration now, fading by that factor a step; a
+    braking ego's trend stops at 0 m/s rather than driving backwards. Off (0), or with the acceleration unknown,
+    no candidate is that plan."""
+    from drivejepa.planning.costs import OracleCost, Situation
+    from drivejepa.planning.motion import trend_controls
+    from drivejepa.planning.planner import Planner
+
+    fading = trend_controls(torch.tensor([10.0]), torch.tensor([2.0]), 0.5, 4, 0.5)[0, :, 0]
+    torch.testing.assert_close(fading, torch.tensor([11.0, 11.5, 11.75, 11.875]))
+    stopping = trend_controls(torch.tensor([2.0]), torch.tensor([-4.0]), 1.0, 4, 0.5)[0, :, 0]
+    torch.testing.assert_close(stopping, torch.tensor([0.0, 0.0, 0.0, 0.0]))
+    trend = trend_controls(torch.tensor([8.0]), torch.tensor([-1.0]), 0.7, 6, 0.5)
+    tried = {}
+    for decay, previous in ((0.7, torch.tensor([8.5])), (0.0, torch.tensor([8.5])), (0.7, None)):
+        cfg = PlanConfig(device="cpu", accel_decay=decay, optimizer=OptimizerConfig(candidates=8, iterations=1,
+                                                                                      elites=2))
+        planner = Planner(cfg=cfg, scene_cost=OracleCost(torch.zeros(1, 6, 1, 5), torch.zeros(1, 6, 1), cfg))
+        situation = Situation(torch.tensor([8.0]), torch.tensor([0]), previous_speed=previous)
+        poses = planner.decide(situation).candidates[0]
+        expected = integrate(controls_to_actions(trend, 0.5))[0]
+        tried[(decay, previous is None)] = bool(((poses - expected).abs().amax(dim=(-2, -1)) < 1e-4).any())
+    assert tried == {(0.7, False): True, (0.0, False): False, (0.7, True): False}
+
+
+def test_planner_variants_change_the_search_and_costs_only():
+    """A variant of ``evaluate``'s planning section is the default planner with overrides; one that would change the
+    windows, the cost heads or the baselines is refused, naming itself and the setting, and so is a malformed
+    ``--plan-variant``."""
+    from drivejepa.commands.evaluate import plan_variants
+    from drivejepa.config import ConfigError
+    from drivejepa.errors import UserError
+    from drivejepa.planning.evaluation import variant_configs
+
+    base = PlanConfig(device="cpu")
+    spec = plan_variants(["smooth: accel_decay=0.7 weights.jerk=2.0", "same:"], "plan.yaml")
+    assert spec == {"smooth": ["accel_decay=0.7", "weights.jerk=2.0"], "same": []}
+    cfgs = variant_configs(base, spec)
+    assert cfgs["smooth"].weights.jerk == 2.0 and cfgs["smooth"].accel_decay == 0.7 and cfgs["same"] == base
+    assert base.weights.jerk == 0.2                                               # the default is not touched
+    with pytest.raises(ConfigError, match=r"variant 'fine' changes heads"):
+        variant_configs(base, {"fine": ["heads.subcells=2"]})
+    with pytest.raises(ConfigError, match="accel_decay"):
+        variant_configs(base, {"bad": ["accel_decay=2.0"]})
+    for bad in (["smooth accel_decay=0.7"], ["a: x=1", "a: y=2"], ["a: accel_decay"]):
+        with pytest.raises(UserError, match="--plan-variant"):
+            plan_variants(bad, "plan.yaml")
+    with pytest.raises(UserError, match="needs --plan-config"):
+        plan_variants(["a: accel_decay=0.7"], None)
+
+
 def test_planner_takes_its_cruise_speed_back_once_the_lane_is_clear():
     """An ego that cruised at 10 m/s and slowed to 2 m/s behind traffic (now gone) plans to speed up again; the
     cruise speed is the highest of the last ``reference_seconds`` (with 0, only the current speed counts)."""

@@ -52,7 +52,7 @@ def test_planner_api_on_a_trained_checkpoint(smoke_run, shard_dir, small_plan_cf
         np.testing.assert_allclose(plan.trajectory, integrate(plan.actions), atol=1e-4)
         assert plan.candidates.shape == (small_plan_cfg.optimizer.candidates, h + 1, 3)
         assert np.isfinite(plan.cost) and set(plan.terms) == {"collision", "drivable", "headway", "progress",
-                                                              "command", "comfort"}
+                                                              "command", "comfort", "jerk"}
         assert plan.latency_ms["encode"] > 0 and plan.latency_ms["optimise"] > 0
 
 
@@ -100,7 +100,8 @@ def test_cost_heads_and_ego_mlp_are_refitted_when_their_settings_change(smoke_ru
 def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard_dir, branch_shards, small_plan_cfg,
                                                                  tmp_path, capsys):
     """The planning section of ``evaluate`` on the branch world's val split plans factual windows and the branch
-    windows (a branch's window at its branch frame), and recovers actions on both."""
+    windows (a branch's window at its branch frame), and recovers actions on both; planner variants plan the same
+    windows beside the default (one with no change plans exactly what the default does)."""
     import copy
 
     import yaml
@@ -115,10 +116,15 @@ def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard
     plan_yaml.write_text(yaml.safe_dump(config_to_dict(cfg)))
     assert cli.main(["evaluate", "--checkpoint", str(ckpt), "--shards", str(branch_shards), "--split", "val",
                      "--out", str(tmp_path / "eval"), "--num-workers", "0", "--no-progress", "--plan-config",
-                     str(plan_yaml), "--allow-other-shards", "probe_epochs=20", "horizon=3"]) == 0
+                     str(plan_yaml), "--plan-variant", "same:", "--plan-variant",
+                     "smooth: accel_decay=0.7 weights.jerk=2.0", "--allow-other-shards", "probe_epochs=20",
+                     "horizon=3"]) == 0
     section = json.loads((tmp_path / "eval" / "metrics.json").read_text())["planning"]
     methods = section["open_loop"]["factual"]["methods"]
-    assert set(methods) == {"world_model", "constant_velocity", "ego_mlp", "expert"}
+    assert set(methods) == {"world_model", "world_model[same]", "world_model[smooth]", "constant_velocity", "ego_mlp",
+                            "expert"}
+    assert methods["world_model[same]"] == methods["world_model"]
+    assert section["planner"]["variants"] == {"same": [], "smooth": ["accel_decay=0.7", "weights.jerk=2.0"]}
     l2 = methods["world_model"]["l2_m"]["stp3"]                 # at 1, 2 and 3 s; a 2 s plan has none at 3 s
     assert all(v is not None and v >= 0 for v in l2[:2]) and l2[2] is None
     assert 1 <= section["open_loop"]["factual"]["windows"] <= cfg.eval_windows
@@ -127,6 +133,7 @@ def test_planning_section_and_plan_verb_on_a_trained_checkpoint(smoke_run, shard
     assert section["action_recovery"]["branch"]["windows"] >= 1
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Planning (open loop)" in report and "## Action recovery" in report
+    assert "`world_model[smooth]`: the same planner with accel_decay=0.7 weights.jerk=2.0" in report
     args = ["plan", "--checkpoint", str(ckpt), "--shards", str(shard_dir), "--scene", "scene-0003", "--out",
             str(tmp_path / "plan"), "--no-progress", "optimizer.candidates=8", "optimizer.iterations=1", "device=cpu"]
     assert cli.main(args) == 0

@@ -25,6 +25,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--plan-config", default=None,
                         help="planner YAML (e.g. pipelines/plan.yaml): adds open-loop planning metrics and action "
                              "recovery (metrics.json 'planning', report.md)")
+    parser.add_argument("--plan-variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
+                        help="with --plan-config: also plan the same windows with these planner overrides (the "
+                             "search and the costs), reported as world_model[NAME]; repeatable")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("overrides", nargs="*", help="suite overrides key=value (for example horizon=4)")
 
@@ -42,10 +45,16 @@ def run(args) -> int:
     refuse_other_shards(args.checkpoint, args.shards, allow_other=args.allow_other_shards)
     if args.action_blind_checkpoint:
         refuse_other_shards(args.action_blind_checkpoint, args.shards, allow_other=args.allow_other_shards)
+    variants = plan_variants(args.plan_variant, args.plan_config)
+    if variants:                                   # refused now rather than after the factual evaluation
+        from drivejepa.config import PlanConfig, load_config
+        from drivejepa.planning.evaluation import variant_configs
+
+        variant_configs(load_config(PlanConfig, args.plan_config), variants)
     metrics = evaluate(args.checkpoint, args.shards, args.out, split=args.split, suite=args.suite,
                        overrides=args.overrides, address=args.address, num_workers=args.num_workers,
                        progress=not args.no_progress, action_blind_checkpoint=args.action_blind_checkpoint,
-                       plan_config=args.plan_config)
+                       plan_config=args.plan_config, plan_variants=variants)
     print(format_headline(metrics))
     best = {name: b["action_sensitivity"]["mse_ratio"][-1] for name, b in metrics["scenarios"].items()
             if b["windows"]}
@@ -54,3 +63,20 @@ def run(args) -> int:
           + ", ".join(f"{n} {v:.3f}" if v is not None else f"{n} n/a" for n, v in best.items()))
     print(f"wrote {args.out}/metrics.json, report.md and plots")
     return 0
+
+
+def plan_variants(specs: list[str], plan_config) -> dict:
+    """``--plan-variant`` values ``'NAME: KEY=VALUE ...'`` -> ``{NAME: [KEY=VALUE, ...]}``."""
+    from drivejepa.errors import UserError
+
+    if specs and plan_config is None:
+        raise UserError("--plan-variant needs --plan-config: a variant is the planner of that YAML with overrides")
+    out: dict = {}
+    for spec in specs:
+        name, sep, rest = spec.partition(":")
+        name, overrides = name.strip(), rest.split()
+        if not sep or not name or name in out or any("=" not in o for o in overrides):
+            raise UserError(f"--plan-variant {spec!r}: expected 'NAME: KEY=VALUE ...' with a new name (e.g. "
+                            "'smooth: accel_decay=0.7 weights.jerk=2.0')")
+        out[name] = overrides
+    return out

@@ -35,12 +35,14 @@ def default_suite() -> Path:
 def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, split: str = "val",
              suite: Optional[str | Path] = None, overrides=(), address: Optional[str] = None,
              num_workers: Optional[int] = None, progress: bool = True,
-             action_blind_checkpoint: Optional[str | Path] = None, plan_config: Optional[str | Path] = None) -> dict:
+             action_blind_checkpoint: Optional[str | Path] = None, plan_config: Optional[str | Path] = None,
+             plan_variants: Optional[dict] = None) -> dict:
     """Evaluate a checkpoint on the scenes of ``split``; writes OUT/metrics.json, report.md, plots, probes.pt and
     returns the metrics. ``num_workers=0`` runs in this process, otherwise in Ray actors (see :func:`run_jobs`).
     ``action_blind_checkpoint``: a run of the same recipe trained with every action masked
     (``model.action_dropout=1.0``), evaluated on the same windows and branch points as a baseline. With
-    ``plan_config`` (a planner YAML) the planning section is added (drivejepa/planning/evaluation.py)."""
+    ``plan_config`` (a planner YAML) the planning section is added (drivejepa/planning/evaluation.py), with
+    ``plan_variants`` (``{name: [key=value, ...]}``) planned beside the default on the same windows."""
     import datetime
 
     from drivejepa import __version__
@@ -144,7 +146,7 @@ def evaluate(checkpoint: str | Path, shards: str | Path, out: str | Path, *, spl
         # branch frames are the planning section's branch windows.
         plan_scenes = [s for s in listed if s in manifest["scenes"]]
         metrics["planning"] = planning_section(checkpoint, shards, plan_scenes, load_config(PlanConfig, plan_config),
-                                               out, progress=progress)
+                                               out, progress=progress, variants=plan_variants)
     write_outputs(out, metrics, fitted)
     if plan_config is not None:
         from drivejepa.planning.evaluation import append_report

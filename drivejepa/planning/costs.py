@@ -32,7 +32,8 @@
   once the lane clears.
 - ``command``: the route as the nuScenes planning protocol gives it (:mod:`drivejepa.planning.route`): how far the end
   point at ``command_seconds`` lies on the wrong side of the command's lateral threshold, in thresholds.
-- ``comfort``: mean squared acceleration, jerk and yaw acceleration in units of 2 m/s^2, 4 m/s^3 and 0.5 rad/s^2.
+- ``comfort``: mean squared acceleration and yaw acceleration in units of 2 m/s^2 and 0.5 rad/s^2; ``jerk``: mean
+  squared longitudinal jerk in units of 4 m/s^3, the plan's first step counted against the ego's acceleration now.
 
 The planner's total is the ``config.CostWeights``-weighted sum.
 """
@@ -59,6 +60,7 @@ class Situation:
     context: Optional[torch.Tensor] = None         # [B, Tc, *S] target-encoder states, oldest first
     past_actions: Optional[torch.Tensor] = None    # [B, Tc - 1, 5] actions of the earlier context frames
     cruise_speed: Optional[torch.Tensor] = None    # [B] m/s: the highest of the last reference_seconds (or speed_now)
+    previous_speed: Optional[torch.Tensor] = None  # [B] m/s: the interval before's speed (the ego's acceleration now)
 
     @property
     def problems(self) -> int:
@@ -67,6 +69,12 @@ class Situation:
     @property
     def cruise(self) -> torch.Tensor:
         return self.speed_now if self.cruise_speed is None else self.cruise_speed
+
+    def accel_now(self, dt: float) -> Optional[torch.Tensor]:
+        """``[B]`` m/s^2: the ego's acceleration over the last two intervals (None when the one before is unknown)."""
+        if self.previous_speed is None:
+            return None
+        return (self.speed_now - self.previous_speed.to(self.speed_now)) / dt
 
 
 def cruise_speed(speeds, cfg):
@@ -77,17 +85,27 @@ def cruise_speed(speeds, cfg):
 
 
 def comfort(controls: torch.Tensor, speed_now: torch.Tensor, dt: float) -> torch.Tensor:
-    """``[B, P, H, 2]`` controls -> ``[B, P]``: mean squared acceleration, jerk and yaw acceleration (scaled)."""
+    """``[B, P, H, 2]`` controls -> ``[B, P]``: mean squared acceleration and yaw acceleration of the plan (scaled)."""
     v = torch.cat([speed_now[:, None, None].expand(*controls.shape[:2], 1), controls[..., 0]], dim=-1)
-    accel = torch.diff(v, dim=-1) / dt
-    jerk = torch.diff(accel, dim=-1) / dt
+    out = (torch.diff(v, dim=-1) / dt / ACCEL_UNIT).pow(2).mean(-1)
     yaw_accel = torch.diff(controls[..., 1], dim=-1) / dt
-    out = (accel / ACCEL_UNIT).pow(2).mean(-1)
-    if jerk.shape[-1]:
-        out = out + (jerk / JERK_UNIT).pow(2).mean(-1)
     if yaw_accel.shape[-1]:
         out = out + (yaw_accel / YAW_ACCEL_UNIT).pow(2).mean(-1)
     return out
+
+
+def jerk(controls: torch.Tensor, speed_now: torch.Tensor, dt: float,
+         accel_now: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, P, H, 2]`` controls -> ``[B, P]``: mean squared longitudinal jerk of the plan (scaled). With the ego's
+    acceleration now (``accel_now`` ``[B]``) the plan's first step counts too: an ego that brakes and a plan that
+    lets go of the brake at once is a jolt, not a comfortable constant speed."""
+    v = torch.cat([speed_now[:, None, None].expand(*controls.shape[:2], 1), controls[..., 0]], dim=-1)
+    accel = torch.diff(v, dim=-1) / dt
+    if accel_now is not None:
+        accel = torch.cat([accel_now.to(accel)[:, None, None].expand(*accel.shape[:2], 1), accel], dim=-1)
+    if accel.shape[-1] < 2:
+        return torch.zeros(controls.shape[:2], dtype=controls.dtype, device=controls.device)
+    return (torch.diff(accel, dim=-1) / dt / JERK_UNIT).pow(2).mean(-1)
 
 
 def progress(poses: torch.Tensor, cruise: torch.Tensor, cfg) -> torch.Tensor:

@@ -7,13 +7,16 @@ factual and branch windows among the evaluated scenes (the section's cost grows 
 of the scenes they are in once with the target encoder, plans each chosen window with the world-model planner and
 the baselines (``openloop.py``), and recovers actions on ``recovery.max_windows`` of them (``recovery.py``). The
 energy landscape of one window (a branch window when there is one) is drawn beside the metrics
-(``planning_landscape.png`` + ``.json``).
+(``planning_landscape.png`` + ``.json``). Planner variants (``variants``: a name and overrides of the search and the
+costs each, e.g. ``weights.jerk=2.0``) plan the same windows with the same heads beside the default, each its own
+row ``world_model[name]``: settings compared on the same windows in one run.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -21,6 +24,31 @@ import torch
 log = logging.getLogger(__name__)
 
 SUBSETS = ("factual", "branch")
+SHARED = ("horizon", "frame_seconds", "device", "eval_windows", "agent_classes", "heads", "ego_mlp", "recovery")
+
+
+def variant_configs(plan_cfg, variants: dict) -> dict:
+    """``{name: [key=value, ...]}`` -> ``{name: PlanConfig}``: ``plan_cfg`` with each variant's overrides. A variant
+    changes the search and the costs only: the windows, the cost heads and the baselines are the default's (the
+    ``SHARED`` settings), so a variant that changes one of them is refused."""
+    import copy
+
+    from drivejepa.config import ConfigError, apply_override, check_config
+
+    out = {}
+    for name, overrides in variants.items():
+        if not name or any(c in name for c in "[] "):
+            raise ConfigError(f"planner variant {name!r}: a name without spaces or brackets is needed")
+        cfg = copy.deepcopy(plan_cfg)
+        for assignment in overrides:
+            apply_override(cfg, assignment)
+        check_config(cfg, f"planner variant {name!r}")
+        changed = [key for key in SHARED if getattr(cfg, key) != getattr(plan_cfg, key)]
+        if changed:
+            raise ConfigError(f"planner variant {name!r} changes {', '.join(changed)}: a variant plans the default's "
+                              "windows with its cost heads and may change the search and the costs only")
+        out[name] = cfg
+    return out
 
 
 def _mean(values: list) -> float | None:
@@ -29,7 +57,7 @@ def _mean(values: list) -> float | None:
 
 
 def planning_section(checkpoint: str | Path, shard_dir: str | Path, scenes: list[str], plan_cfg, out: str | Path, *,
-                     retrain: bool = False, progress: bool = True) -> dict:
+                     retrain: bool = False, progress: bool = True, variants: Optional[dict] = None) -> dict:
     """Metrics of the planning section of a checkpoint (see the module docstring); writes the landscape figure into
     ``out``."""
     from drivejepa.runtime import select_device
@@ -37,13 +65,14 @@ def planning_section(checkpoint: str | Path, shard_dir: str | Path, scenes: list
 
     model, train_cfg = load_world_model(checkpoint, select_device(plan_cfg.device))
     return planning_metrics(model, train_cfg, checkpoint, shard_dir, scenes, plan_cfg, out, retrain=retrain,
-                            progress=progress)
+                            progress=progress, variants=variants)
 
 
 def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | Path, scenes: list[str], plan_cfg,
-                     out: str | Path, *, retrain: bool = False, progress: bool = True) -> dict:
+                     out: str | Path, *, retrain: bool = False, progress: bool = True,
+                     variants: Optional[dict] = None) -> dict:
     """:func:`planning_section` for a loaded ``model`` and its ``train_cfg`` (``checkpoint`` names the file the cost
-    heads and the ego-status MLP are kept beside)."""
+    heads and the ego-status MLP are kept beside); ``variants`` ``{name: [key=value, ...]}``."""
     from tqdm import tqdm
 
     from drivejepa.data.shards import read_shard, shard_path
@@ -66,7 +95,10 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
                                         progress=progress)
     ego, ego_meta, _ = ensure_ego_mlp(checkpoint, train_cfg, shard_dir, plan_cfg, retrain=retrain,
                                       progress=progress)
-    planner = Planner(model, heads, plan_cfg, device=device)
+    variant_cfgs = variant_configs(plan_cfg, variants or {})
+    planners = {"world_model": Planner(model, heads, plan_cfg, device=device),
+                **{f"world_model[{name}]": Planner(model, heads, cfg, device=device)
+                   for name, cfg in variant_cfgs.items()}}
     ids = agent_ids(plan_cfg.agent_classes)
     past_steps = max(plan_cfg.ego_mlp.past_steps, context - 1, 1)
     rec = plan_cfg.recovery
@@ -82,7 +114,8 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
     chosen = _choice(per_scene, rec.max_windows, plan_cfg.optimizer.seed)
     landscape_at = next(((sc, i) for subset in ("branch", "factual") for sc, i in chosen[subset]), None)
 
-    parts, predictions, recovered, landscape = [], {"world_model": [], "ego_mlp": []}, [], None
+    parts, recovered, landscape = [], [], None
+    predictions = {**{name: [] for name in planners}, "ego_mlp": []}
     plan_seconds = 0.0
     for scene in tqdm(scenes, desc="planning", unit="scene", disable=not progress, leave=False):
         windows = per_scene[scene]
@@ -103,8 +136,10 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
                 np.ascontiguousarray(windows.past[sl, -(context - 1):], dtype=np.float32)).to(device)
             situation = Situation(torch.from_numpy(windows.speed_now[sl]).to(device),
                                   torch.from_numpy(windows.command[sl]).to(device), ctx, past,
-                                  torch.from_numpy(windows.cruise_speed[sl]).to(device))
-            predictions["world_model"].append(planner.decide(situation).poses.cpu().numpy())
+                                  torch.from_numpy(windows.cruise_speed[sl]).to(device),
+                                  torch.from_numpy(windows.past[sl, -2, 3]).to(device) if past_steps >= 2 else None)
+            for name, planner in planners.items():
+                predictions[name].append(planner.decide(situation).poses.cpu().numpy())
         plan_seconds += time.perf_counter() - t1
         mine = [i for subset in SUBSETS for sc, i in chosen[subset] if sc == scene]
         if mine:
@@ -121,7 +156,7 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
                     horizon)
         return {"windows": 0}
     speed = windows.speed_now.astype(np.float64)
-    poses = {"world_model": np.concatenate(predictions["world_model"]),
+    poses = {**{name: np.concatenate(predictions[name]) for name in planners},
              "constant_velocity": integrate(controls_to_actions(constant_velocity_controls(speed, horizon), dt)),
              "ego_mlp": np.concatenate(predictions["ego_mlp"]),
              "expert": windows.truth}
@@ -140,7 +175,8 @@ def planning_metrics(model, train_cfg, checkpoint: str | Path, shard_dir: str | 
         "action_recovery": _recovery_summary(recovered, rec_steps, dt),
         "planner": {"method": plan_cfg.optimizer.method, "candidates": plan_cfg.optimizer.candidates,
                     "iterations": plan_cfg.optimizer.iterations, "horizon_steps": horizon, "device": str(device),
-                    "seconds_per_window_batched": round(plan_seconds / len(windows), 4)},
+                    "seconds_per_window_batched": round(plan_seconds / len(windows) / len(planners), 4),
+                    "variants": {name: list(overrides) for name, overrides in (variants or {}).items()}},
         "cost_heads": heads_meta.get("held_out_scores", heads_meta.get("train_scores")),
         "ego_mlp": {"train_windows": ego_meta.get("train_windows"), "train_mean_l2_m": ego_meta.get("train_mean_l2_m")},
         "landscape": landscape,
@@ -219,7 +255,9 @@ def format_planning(section: dict) -> str:
              f"World-model planner: {pl['method'].upper()}, {pl['candidates']} candidates x {pl['iterations']} "
              f"iterations over {pl['horizon_steps']} steps, on {section['windows']} of the "
              f"{section.get('windows_available', section['windows'])} windows of the evaluated scenes (seeded). L2 "
-             "in metres, collision rate of the planned ego box against the annotated agent boxes.", ""]
+             "in metres, collision rate of the planned ego box against the annotated agent boxes."
+             + "".join(f" `world_model[{name}]`: the same planner with {' '.join(overrides) or 'no change'}."
+                       for name, overrides in pl.get("variants", {}).items()), ""]
     for subset in SUBSETS:
         block = ol.get(subset, {})
         if not block.get("windows"):

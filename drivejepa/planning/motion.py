@@ -118,6 +118,17 @@ def resume_controls(speed, cruise, accel: float, horizon: int, dt: float):
     return torch.stack([v, torch.zeros_like(v)], dim=-1)
 
 
+def trend_controls(speed, accel, decay: float, horizon: int, dt: float):
+    """Controls ``[B, horizon, 2]`` (torch) that keep the ego's acceleration now (``accel`` ``[B]`` m/s^2 from
+    ``speed`` ``[B]``), fading by ``decay`` each step, straight ahead, never below a stop: an ego that is braking
+    goes on braking less and less, one that is speeding up settles (the motion a comfortable driver continues)."""
+    import torch
+
+    fade = decay ** torch.arange(horizon, device=speed.device, dtype=speed.dtype)
+    v = (speed[:, None] + (accel[:, None] * fade * dt).cumsum(-1)).clamp(min=0.0)
+    return torch.stack([v, torch.zeros_like(v)], dim=-1)
+
+
 def feasible(controls, speed_now, limits, dt: float):
     """Controls ``[..., K, 2]`` (torch) moved into the feasible set, step by step from ``speed_now`` (``[...]``, or a
     number): speed within [0, max_speed] and within [-max_decel, max_accel] * dt of the previous interval's speed;

@@ -3,11 +3,12 @@
 One decision: encode the context frames with the target encoder (``WorldModel.encode(obs, target=True)``), then
 search 3 s of controls (6 key-frame steps of speed and yaw rate, ``motion.py``) with the sampling optimiser
 (``optimizer.py``: CEM or MPPI). Every candidate is turned into the model's actions and rolled out from the context;
-the cost heads read collision and drivable area off the predicted states, and the route command, progress and
-comfort are read off the plan itself (``costs.py``). Only the route command comes from the future, as in the nuScenes
+the cost heads read collision and drivable area off the predicted states, and the route command, progress, comfort
+and jerk are read off the plan itself (``costs.py``). Only the route command comes from the future, as in the nuScenes
 planning protocol. Receding horizon: the next decision starts from this plan shifted by the steps executed since
 (and the first iteration also tries constant velocity, a full stop and, with ``resume_accel``, speeding up toward
-the cruise speed at the IDM's pace: a search of a few candidates around a slow plan rarely draws that on its own).
+the cruise speed at the IDM's pace: a search of a few candidates around a slow plan rarely draws that on its own;
+with ``accel_decay``, keeping the ego's acceleration now, fading, whose jerk is then counted from it).
 A decision keeps its plan's cost terms from the search rather than rolling the plan out again. Batched: ``decide``
 plans ``B`` problems at once (open-loop evaluation plans many windows together), on the CPU or a GPU
 (``PlanConfig.device``).
@@ -28,9 +29,9 @@ from typing import Mapping, Optional
 import numpy as np
 import torch
 
-from drivejepa.planning.costs import Situation, command_violation, comfort, cruise_speed, progress
+from drivejepa.planning.costs import Situation, command_violation, comfort, cruise_speed, jerk, progress
 from drivejepa.planning.motion import (constant_velocity_controls, controls_to_actions, feasible, integrate,
-                                       resume_controls)
+                                       resume_controls, trend_controls)
 from drivejepa.planning.optimizer import SamplingOptimizer, keep_best, shift
 from drivejepa.planning.recovery import control_bounds
 from drivejepa.planning.route import COMMANDS, command_index
@@ -158,9 +159,10 @@ class Planner:
             past = history[len(history) - (context.shape[1] - 1):][None]
         speed = history[-1:, 3] if len(history) else torch.zeros(1, device=self.device)
         cruise = cruise_speed(history[None, :, 3], self.cfg) if len(history) else speed
+        previous = history[-2:-1, 3] if len(history) >= 2 else None
         index = command_index(command)
         context = None if context is None else context.to(self.device)
-        situation = Situation(speed, torch.tensor([index], device=self.device), context, past, cruise)
+        situation = Situation(speed, torch.tensor([index], device=self.device), context, past, cruise, previous)
         warm = None if self._previous is None else shift(self._previous, steps_since_last)
         decision = self.decide(situation, warm)
         self._sync()
@@ -188,6 +190,8 @@ class Planner:
         terms["progress"] = progress(poses, situation.cruise.to(poses), cfg)
         terms["command"] = command_violation(poses, situation.command, cfg)
         terms["comfort"] = comfort(controls, situation.speed_now, cfg.frame_seconds)
+        accel_now = situation.accel_now(cfg.frame_seconds) if cfg.accel_decay > 0 else None
+        terms["jerk"] = jerk(controls, situation.speed_now, cfg.frame_seconds, accel_now)
         total = sum(float(getattr(cfg.weights, name)) * value for name, value in terms.items())
         return total, terms
 
@@ -206,6 +210,9 @@ class Planner:
         anchors = [cv, stop]
         if cfg.resume_accel > 0:
             anchors.append(resume_controls(speed, situation.cruise.to(speed), cfg.resume_accel, horizon, dt))
+        accel = situation.accel_now(dt)
+        if cfg.accel_decay > 0 and accel is not None:
+            anchors.append(trend_controls(speed, accel.to(speed), cfg.accel_decay, horizon, dt))
         mean = cv if warm_start is None else warm_start.to(cv)
         best = {"terms": None, "cost": None}      # the terms of the lowest-cost candidate, by the optimiser's rule
 
