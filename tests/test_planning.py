@@ -320,7 +320,7 @@ def test_planner_takes_its_cruise_speed_back_once_the_lane_is_clear():
 def test_a_narrow_search_regains_its_cruise_speed_through_the_resume_anchor(resume):
     """CEM 8 x 1 (one iteration of 8 candidates around a slow plan) from 2 m/s with a cruise speed of 10 and the lane
     clear: with ``resume_accel`` the first iteration tries speeding up at the IDM's pace and the ego speeds up by
-    about that much each decision (5.0 m/s after 4 decisions); without it the random candidates' comfort cost holds
+    about that much each decision (5.0 m/s after 4 decisions); without it the random candidates' comfort and jerk hold
     it back (3.3 m/s at the default spread, 2.0 at a yaw-rate spread of 0.1 rad/s)."""
     from drivejepa.planning.costs import OracleCost
     from drivejepa.planning.planner import Planner

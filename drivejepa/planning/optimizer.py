@@ -12,7 +12,7 @@ so a run is reproducible on CPU and on CUDA, and nothing else's random state is 
 A candidate's deviation from the mean is, by default (``noise: walk``), a random walk over the steps scaled back to
 the spread at each step (time-correlated noise, as iCEM samples it): a candidate speeds up, slows down or turns
 smoothly. With independent noise per step (``white``) almost every candidate that leaves the mean jitters from
-step to step and pays the comfort term's jerk, so the search could not leave constant velocity for a smooth
+step to step and pays the jerk term, so the search could not leave constant velocity for a smooth
 acceleration that costs less (a test checks the planner regains its cruise speed).
 
 Receding horizon: :func:`shift` turns the previous decision's plan into the next one's starting mean (drop the step
