@@ -84,10 +84,16 @@ def cruise_speed(speeds, cfg):
     return speeds[..., -n:].max(-1) if isinstance(speeds, np.ndarray) else speeds[..., -n:].amax(-1)
 
 
+def accelerations(controls: torch.Tensor, speed_now: torch.Tensor, dt: float) -> torch.Tensor:
+    """``[B, P, H, 2]`` controls -> ``[B, P, H]``: the longitudinal acceleration of each planned step, the first from
+    the speed now ``[B]``."""
+    v = torch.cat([speed_now[:, None, None].expand(*controls.shape[:2], 1), controls[..., 0]], dim=-1)
+    return torch.diff(v, dim=-1) / dt
+
+
 def comfort(controls: torch.Tensor, speed_now: torch.Tensor, dt: float) -> torch.Tensor:
     """``[B, P, H, 2]`` controls -> ``[B, P]``: mean squared acceleration and yaw acceleration of the plan (scaled)."""
-    v = torch.cat([speed_now[:, None, None].expand(*controls.shape[:2], 1), controls[..., 0]], dim=-1)
-    out = (torch.diff(v, dim=-1) / dt / ACCEL_UNIT).pow(2).mean(-1)
+    out = (accelerations(controls, speed_now, dt) / ACCEL_UNIT).pow(2).mean(-1)
     yaw_accel = torch.diff(controls[..., 1], dim=-1) / dt
     if yaw_accel.shape[-1]:
         out = out + (yaw_accel / YAW_ACCEL_UNIT).pow(2).mean(-1)
@@ -99,8 +105,7 @@ def jerk(controls: torch.Tensor, speed_now: torch.Tensor, dt: float,
     """``[B, P, H, 2]`` controls -> ``[B, P]``: mean squared longitudinal jerk of the plan (scaled). With the ego's
     acceleration now (``accel_now`` ``[B]``) the plan's first step counts too: an ego that brakes and a plan that
     lets go of the brake at once is a jolt, not a comfortable constant speed."""
-    v = torch.cat([speed_now[:, None, None].expand(*controls.shape[:2], 1), controls[..., 0]], dim=-1)
-    accel = torch.diff(v, dim=-1) / dt
+    accel = accelerations(controls, speed_now, dt)
     if accel_now is not None:
         accel = torch.cat([accel_now.to(accel)[:, None, None].expand(*accel.shape[:2], 1), accel], dim=-1)
     if accel.shape[-1] < 2:
