@@ -505,6 +505,9 @@ class PlanConfig:
     headway_static_steps: int = 6                     # steps whose headway also reads the observed scene held still
     headway_static_frames: int = 1                    # ... what stood still over this many context frames
     headway_static_seconds: float = 1.2               # the gap the floor wants: min_gap + these seconds * v
+    headway_static_motion: Literal["still", "lane"] = "still"   # lane: the floor's lane moves on at the speed its
+                                                      # occupancy moved over the last interval (a car driving ahead)
+    headway_static_brake: float = 4.0                 # m/s^2: ... slowing at this rate until it stands (0: never)
     command_threshold: float = 2.0                    # metres of lateral offset at command_seconds: left / right
     command_seconds: float = 3.0
     reference_speed: float = 0.0                      # m/s the progress term asks for; 0 = the cruise speed:
@@ -660,7 +663,7 @@ def check_config(cfg: Any, source: str = "<config>") -> None:
             _require(getattr(cfg, key) > 0, source, key, getattr(cfg, key), "must be positive")
         _at_least(cfg, "", source, 0, "collision_margin", "reference_speed", "min_reference_speed", "eval_windows",
                   "headway_seconds", "reference_seconds", "headway_static_steps", "headway_static_seconds",
-                  "resume_accel")
+                  "resume_accel", "headway_static_brake")
         _require(0 <= cfg.accel_decay <= 1, source, "accel_decay", cfg.accel_decay, "must be in [0, 1]")
         _at_least(cfg, "", source, 1, "headway_static_frames")
         _require(cfg.headway_min_gap > 0, source, "headway_min_gap", cfg.headway_min_gap, "must be positive")

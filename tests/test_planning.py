@@ -498,6 +498,36 @@ def test_headway_floor_counts_a_standing_car_and_not_one_that_drove_on():
     assert floor["standing"] > 0.5 and floor["moving"] < 1e-3
 
 
+def test_the_lane_floor_moves_a_car_ahead_on_at_the_speed_it_drove():
+    """``headway_static_motion: lane``: the lane's occupancy moved 4 m in the last half second, so the floor moves the
+    car on at 8 m/s and a plan at 8 m/s keeps its gap; a leader that may brake (``headway_static_brake``) asks for
+    more room, never more than a standing car; a standing car reads 0 m/s and is the floor it was."""
+    class FadingModel(CopyLastModel):
+        def rollout(self, context, actions, past_actions=None):
+            return torch.zeros_like(super().rollout(context, actions, past_actions))
+
+    from drivejepa.planning.costs import LatentSceneCost, Situation
+
+    heads, standing = _car_ahead_heads_and_state()
+    moving = standing.clone()
+    moving[:, 0] = 0.0
+    moving[:, 0, [9 * 16 + 7, 9 * 16 + 8], 0] = 1.0   # half a second earlier: x in [4, 8) m
+    actions = controls_to_actions(torch.tensor([[[8.0, 0.0]] * 6]), 0.5)[None]
+    past = torch.zeros(1, 1, 5)
+    headway = {}
+    for motion, brake in (("still", 0.0), ("lane", 0.0), ("lane", 4.0)):
+        cfg = PlanConfig(device="cpu", headway_static_motion=motion, headway_static_brake=brake)
+        cost = LatentSceneCost(FadingModel(), heads, cfg)
+        for name, state in (("standing", standing), ("moving", moving)):
+            situation = Situation(torch.tensor([8.0]), torch.tensor([0]), state, past)
+            headway[motion, brake, name] = float(cost(situation, actions, integrate(actions))["headway"][0, 0])
+            assert float(cost.lane_speed(state, past)[0]) == (8.0 if name == "moving" else 0.0)
+    assert headway["lane", 0.0, "standing"] == headway["lane", 4.0, "standing"] == headway["still", 0.0, "standing"]
+    assert headway["still", 0.0, "standing"] > 0.9
+    assert headway["lane", 0.0, "moving"] < 0.5 < headway["still", 0.0, "moving"]
+    assert headway["lane", 0.0, "moving"] < headway["lane", 4.0, "moving"] <= headway["still", 0.0, "moving"]
+
+
 def test_cost_heads_map_tokens_to_their_cells():
     """Token i * G + j holds the s x s cells of x bin i and y bin j; reading a few cells gives the full map's values."""
     from drivejepa.planning.heads import CostHeads, HeadSpec

@@ -26,6 +26,10 @@
   over the first step alone (the IDM's own rule: keep the gap to what is there now) the calibrated heads' 0.2-0.3 on
   a car did not outweigh braking's comfort cost, and the planner rear-ended as often as without the floor (README,
   closed loop).
+  With ``headway_static_motion: lane`` the floor's lane moves on at the speed its occupancy moved over the last
+  interval (:meth:`LatentSceneCost.lane_speed`), slowing at ``headway_static_brake`` until it stands: a car driving
+  ahead is not a standing one. The largest open-loop errors of the default are plans that stop behind such a car
+  while the log drove on; moved on without braking, the planner rear-ended leaders that braked (README).
 - ``progress``: the share of the reference distance (``reference_speed`` times the horizon; by default the ego's
   cruise speed: its highest speed over the last ``reference_seconds``, at least ``min_reference_speed``) that the
   plan falls short of. The cruise speed, not the current one: an ego that slowed behind a car wants its speed back
@@ -50,6 +54,7 @@ from drivejepa.models.bev import BevGrid
 from drivejepa.planning.route import COMMAND_SIGN
 
 ACCEL_UNIT, JERK_UNIT, YAW_ACCEL_UNIT = 2.0, 4.0, 0.5
+LANE_BACKGROUND = 0.1          # lane occupancy below this is the heads' prior, not a car (lane_speed)
 
 
 @dataclasses.dataclass
@@ -190,6 +195,12 @@ class LatentSceneCost:
         static_gaps = cfg.headway_min_gap + cfg.headway_static_seconds * speeds
         occ, free = TASKS.index("occupancy"), TASKS.index("drivable")
         p = actions.shape[1]
+        lane_speed = None
+        if cfg.headway_static_motion == "lane" and situation.past_actions is not None:
+            # no faster than the ego's cruise speed: a leader faster than that opens the gap anyway, and a
+            # profile lined up one token too far would move a car away that is not leaving
+            lane_speed = torch.minimum(self.lane_speed(situation.context, situation.past_actions),
+                                       situation.cruise.to(situation.context.device).float())
 
         def reduce(pred, rows):
             prob = torch.sigmoid(self.heads.rollouts.logits_at(pred, cells).float())   # [n, H, 2, cells]
@@ -201,7 +212,15 @@ class LatentSceneCost:
             if k > 0:
                 problem = torch.arange(rows.start, rows.stop, device=pred.device) // p
                 past = None if situation.past_actions is None else situation.past_actions[problem]
-                floor = self.static_lane(situation.context[problem], past, planned[rows, 1:k + 1])
+                seen_from = planned[rows, 1:k + 1]
+                if lane_speed is not None:              # the lane ahead moves on at its occupant's speed,
+                    t = cfg.frame_seconds * torch.arange(1, k + 1, device=seen_from.device, dtype=seen_from.dtype)
+                    v = lane_speed[problem][:, None]       # braking at headway_static_brake until it stands
+                    brake = cfg.headway_static_brake
+                    t = torch.minimum(t, v / brake) if brake > 0 else t[None]
+                    travel = v * t - 0.5 * brake * t * t
+                    seen_from = torch.cat([seen_from[..., :1] - travel[..., None], seen_from[..., 1:]], dim=-1)
+                floor = self.static_lane(situation.context[problem], past, seen_from)
                 inside = (1.0 - ahead / static_gaps[rows, :k, None]).clamp(min=0.0)
                 headway = torch.maximum(headway, (floor * inside).amax(-1).amax(-1))
             return torch.stack([collision, off_road, headway], dim=-1)
@@ -209,6 +228,42 @@ class LatentSceneCost:
         terms = rollout_candidates(self.model, situation.context, situation.past_actions, actions, reduce,
                                    self.chunk)
         return {"collision": terms[..., 0], "drivable": terms[..., 1], "headway": terms[..., 2]}
+
+    def lane_profiles(self, context: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Occupancy of the lane ahead by distance (``[n, bins]`` of 1 m from the ego's front, the highest over the
+        lane's width) in the last context state and in the one before held still in the world and seen from now."""
+        from drivejepa import latent_space
+        from drivejepa.models.bev import motion_matrix, warp
+        from drivejepa.planning.heads import TASKS
+
+        lane = self.lane.to(context.device)
+        bins = self.ahead.to(context.device).floor().long()
+        now = latent_space.targets(context[:, -1].float(), self.model.space)
+        before = latent_space.targets(context[:, -2].float(), self.model.space)
+        before, seen = warp(before, motion_matrix(past[:, -1, :3].float()), self.grid)
+        profiles = []
+        for state, visible in ((now, None), (before, seen)):
+            prob = torch.sigmoid(self.heads.states.logits_at(state, lane)[:, TASKS.index("occupancy")].float())
+            if visible is not None:
+                prob = prob * visible[:, self.heads.states.token_of(lane)]
+            profiles.append(prob.new_zeros(len(prob), int(bins.max()) + 1).scatter_reduce(
+                1, bins.expand_as(prob), prob, "amax"))
+        return profiles[0], profiles[1]
+
+    def lane_speed(self, context: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """``[n]`` m/s, at least 0: how fast the occupancy of the lane ahead moved over the last interval (the
+        shift of the lane's occupancy profile from the frame before, held still, to now that best lines its
+        occupied metres up; 0 for an empty or standing lane). The static floor moves its lane on at this speed
+        (``headway_static_motion: lane``): a car driving ahead is not a standing one."""
+        if context.shape[1] < 2:
+            return context.new_zeros(len(context))
+        now, before = self.lane_profiles(context, past)
+        now = (now - LANE_BACKGROUND).clamp(min=0.0)
+        before = (before - LANE_BACKGROUND).clamp(min=0.0)
+        most = min(now.shape[1] - 1, int(np.ceil(self.cfg.limits.max_speed * self.cfg.frame_seconds)))
+        scores = torch.stack([(now[:, k:] * before[:, :now.shape[1] - k]).sum(-1) for k in range(most + 1)], -1)
+        shift = scores.argmax(-1).float()
+        return torch.where(scores.amax(-1) > 0, shift, torch.zeros_like(shift)) / self.cfg.frame_seconds
 
     def static_lane(self, context: torch.Tensor, past: Optional[torch.Tensor], poses: torch.Tensor) -> torch.Tensor:
         """Occupancy ``[n, H, lane cells]`` of what stood still over the last ``headway_static_frames`` context
