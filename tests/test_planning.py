@@ -382,6 +382,21 @@ class CopyLastModel(torch.nn.Module):
         return context[:, -1:].expand(-1, actions.shape[1], *context.shape[2:])
 
 
+class FadingModel(CopyLastModel):
+    """A rollout that loses everything: only the static floor can see a car."""
+
+    def rollout(self, context, actions, past_actions=None):
+        return torch.zeros_like(super().rollout(context, actions, past_actions))
+
+
+def _drove_on(standing):
+    """The context of :func:`_car_ahead_heads_and_state` with the car 4 m further back half a second earlier."""
+    moving = standing.clone()
+    moving[:, 0] = 0.0
+    moving[:, 0, [9 * 16 + 7, 9 * 16 + 8], 0] = 1.0   # x in [4, 8) m
+    return moving
+
+
 def _car_ahead_heads_and_state():
     """Cost heads (both sets) that read channel 0 as the occupancy of a token's 4 x 4 cells, and a context whose last
     state has a car 8-12 m ahead of the ego's centre in its lane."""
@@ -432,10 +447,6 @@ def test_headway_reads_the_observed_car_held_still_where_the_rollout_loses_it():
     """A rollout that fades the car out predicts an empty lane; with ``headway_static_steps`` the last observed
     state, held still and seen from the first planned pose, still puts the car in the way of the faster plans."""
 
-    class FadingModel(CopyLastModel):
-        def rollout(self, context, actions, past_actions=None):
-            return torch.zeros_like(super().rollout(context, actions, past_actions))
-
     heads, state = _car_ahead_heads_and_state()
     speeds = torch.tensor([0.0, 5.0, 10.0])
     model = FadingModel()
@@ -448,10 +459,6 @@ def test_headway_reads_the_observed_car_held_still_where_the_rollout_loses_it():
 def test_the_floor_wants_the_gap_of_its_own_time():
     """``headway_static_seconds`` is the floor's gap time: a shorter one asks less room from the car held still (a
     plan may brake later), never more; the rollout's gap is left as it was."""
-    class FadingModel(CopyLastModel):
-        def rollout(self, context, actions, past_actions=None):
-            return torch.zeros_like(super().rollout(context, actions, past_actions))
-
     heads, state = _car_ahead_heads_and_state()
     speeds = torch.tensor([0.5, 1.0, 2.0, 4.0])
     terms = {t: _headway_terms(FadingModel(), heads, state, PlanConfig(device="cpu", headway_static_seconds=t),
@@ -478,16 +485,10 @@ def test_rollout_heads_read_the_predictions_and_state_heads_the_observed_floor()
 def test_headway_floor_counts_a_standing_car_and_not_one_that_drove_on():
     """The floor is what stood still over the two context frames: a car in the same place in both is in the way of
     a faster plan; a car that was 4 m further back half a second ago (driving on ahead of the ego) is not."""
-    class FadingModel(CopyLastModel):
-        def rollout(self, context, actions, past_actions=None):
-            return torch.zeros_like(super().rollout(context, actions, past_actions))
-
     from drivejepa.planning.costs import LatentSceneCost, Situation
 
     heads, standing = _car_ahead_heads_and_state()
-    moving = standing.clone()
-    moving[:, 0] = 0.0
-    moving[:, 0, [9 * 16 + 7, 9 * 16 + 8], 0] = 1.0   # half a second earlier: x in [4, 8) m
+    moving = _drove_on(standing)
     cfg = PlanConfig(device="cpu", headway_static_steps=6, headway_static_frames=2)
     actions = controls_to_actions(torch.tensor([[[8.0, 0.0]] * 6]), 0.5)[None]
     past = torch.zeros(1, 1, 5)                        # the ego stood still between the two frames
@@ -502,16 +503,10 @@ def test_the_lane_floor_moves_a_car_ahead_on_at_the_speed_it_drove():
     """``headway_static_motion: lane``: the lane's occupancy moved 4 m in the last half second, so the floor moves the
     car on at 8 m/s and a plan at 8 m/s keeps its gap; a leader that may brake (``headway_static_brake``) asks for
     more room, never more than a standing car; a standing car reads 0 m/s and is the floor it was."""
-    class FadingModel(CopyLastModel):
-        def rollout(self, context, actions, past_actions=None):
-            return torch.zeros_like(super().rollout(context, actions, past_actions))
-
     from drivejepa.planning.costs import LatentSceneCost, Situation
 
     heads, standing = _car_ahead_heads_and_state()
-    moving = standing.clone()
-    moving[:, 0] = 0.0
-    moving[:, 0, [9 * 16 + 7, 9 * 16 + 8], 0] = 1.0   # half a second earlier: x in [4, 8) m
+    moving = _drove_on(standing)
     actions = controls_to_actions(torch.tensor([[[8.0, 0.0]] * 6]), 0.5)[None]
     past = torch.zeros(1, 1, 5)
     headway = {}
