@@ -195,12 +195,9 @@ class LatentSceneCost:
         static_gaps = cfg.headway_min_gap + cfg.headway_static_seconds * speeds
         occ, free = TASKS.index("occupancy"), TASKS.index("drivable")
         p = actions.shape[1]
-        lane_speed = None
-        if cfg.headway_static_motion == "lane" and situation.past_actions is not None:
-            # no faster than the ego's cruise speed: a leader faster than that opens the gap anyway, and a
-            # profile lined up one token too far would move a car away that is not leaving
-            lane_speed = torch.minimum(self.lane_speed(situation.context, situation.past_actions),
-                                       situation.cruise.to(situation.context.device).float())
+        k = min(int(cfg.headway_static_steps), actions.shape[2])
+        travel = self.lane_travel(situation, k) if k > 0 else None
+
 
         def reduce(pred, rows):
             prob = torch.sigmoid(self.heads.rollouts.logits_at(pred, cells).float())   # [n, H, 2, cells]
@@ -208,18 +205,13 @@ class LatentSceneCost:
             off_road = (1.0 - prob[:, :, free, :under]).mean(-1).mean(-1)
             inside = (1.0 - ahead / gaps[rows, :, None]).clamp(min=0.0)         # [n, H, lane cells]
             headway = (prob[:, :, occ, under:] * inside).amax(-1).amax(-1)
-            k = min(int(cfg.headway_static_steps), inside.shape[1])
             if k > 0:
                 problem = torch.arange(rows.start, rows.stop, device=pred.device) // p
                 past = None if situation.past_actions is None else situation.past_actions[problem]
                 seen_from = planned[rows, 1:k + 1]
-                if lane_speed is not None:              # the lane ahead moves on at its occupant's speed,
-                    t = cfg.frame_seconds * torch.arange(1, k + 1, device=seen_from.device, dtype=seen_from.dtype)
-                    v = lane_speed[problem][:, None]       # braking at headway_static_brake until it stands
-                    brake = cfg.headway_static_brake
-                    t = torch.minimum(t, v / brake) if brake > 0 else t[None]
-                    travel = v * t - 0.5 * brake * t * t
-                    seen_from = torch.cat([seen_from[..., :1] - travel[..., None], seen_from[..., 1:]], dim=-1)
+                if travel is not None:                  # the lane seen from as far back as it moved on
+                    seen_from = torch.cat([seen_from[..., :1] - travel[problem][..., None], seen_from[..., 1:]],
+                                          dim=-1)
                 floor = self.static_lane(situation.context[problem], past, seen_from)
                 inside = (1.0 - ahead / static_gaps[rows, :k, None]).clamp(min=0.0)
                 headway = torch.maximum(headway, (floor * inside).amax(-1).amax(-1))
@@ -228,6 +220,23 @@ class LatentSceneCost:
         terms = rollout_candidates(self.model, situation.context, situation.past_actions, actions, reduce,
                                    self.chunk)
         return {"collision": terms[..., 0], "drivable": terms[..., 1], "headway": terms[..., 2]}
+
+    def lane_travel(self, situation: Situation, steps: int) -> Optional[torch.Tensor]:
+        """``[B, steps]`` metres the floor's lane moves on by each of the first ``steps`` planned steps with
+        ``headway_static_motion: lane`` (None otherwise, or without the context's past actions): at
+        :meth:`lane_speed`, but no faster than the ego's cruise speed (a leader faster than that opens the gap
+        anyway, and a profile lined up one token too far would move away a car that is not leaving), slowing at
+        ``headway_static_brake`` until it stands."""
+        cfg = self.cfg
+        if cfg.headway_static_motion != "lane" or situation.past_actions is None:
+            return None
+        context = situation.context
+        v = torch.minimum(self.lane_speed(context, situation.past_actions),
+                          situation.cruise.to(context.device).float())[:, None]
+        t = cfg.frame_seconds * torch.arange(1, steps + 1, device=context.device, dtype=v.dtype)
+        brake = cfg.headway_static_brake
+        t = torch.minimum(t, v / brake) if brake > 0 else t[None]
+        return v * t - 0.5 * brake * t * t
 
     def lane_profiles(self, context: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Occupancy of the lane ahead by distance (``[n, bins]`` of 1 m from the ego's front, the highest over the
