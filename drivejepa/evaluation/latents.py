@@ -56,7 +56,7 @@ def frames_as_obs(arrays, index: np.ndarray, camera_index: list[int] | None = No
         if key in PER_CAMERA:                   # one calibration per camera: the same for every frame
             value = np.asarray(arrays[key])
             value = value if camera_index is None else value[camera_index]
-            obs[key] = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(value, (len(index), *value.shape))))
+            obs[key] = torch.from_numpy(np.array(np.broadcast_to(value, (len(index), *value.shape))))  # writable copy
             continue
         value = arrays[key][index]  # fancy indexing copies out of the read-only memory map
         if camera_index is not None and key in ("images", "image_mask", "cam_to_key_ego"):
