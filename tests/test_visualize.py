@@ -102,7 +102,7 @@ def test_render_real_frame_puts_ego_boxes_and_points_in_view(visualized, shard_d
     out, summary, _ = visualized
     shard = read_shard(shard_path(shard_dir, SCENE))
     t = summary["frame"]
-    layers = frame_layers(shard.arrays, t + 1, relative_poses(shard.arrays["ego_pose"], t), "real frame")
+    layers = frame_layers(shard.arrays, t + 1, relative_poses(shard.arrays["ego_pose"], t)[t + 1], "real frame")
     pred = np.asarray(o3d.io.read_point_cloud(str(out / "pred_recorded_k1.ply")).points)
     assert len(pred) > 0
     layers.pred_points = pred

@@ -126,8 +126,8 @@ def visualize_branch_point(checkpoint: str | Path, shard_dir: str | Path, branch
                                true_path=f["true_path"], action_path=f["action_path"][:, :2],
                                title=f"{f['behaviour']}: predicted b+{h} ({h * dt:.1f} s), nearest true future: "
                                      f"{verdict}")
-            true = frame_layers(f["arrays"], int(f["positions"][b + h]), f["rel"],
-                                f"{f['behaviour']}: true b+{h} ({f['scene']})")
+            frame = int(f["positions"][b + h])
+            true = frame_layers(f["arrays"], frame, f["rel"][frame], f"{f['behaviour']}: true b+{h} ({f['scene']})")
             true.true_path = f["true_path"]
             rows[h].append((pred, true))
             files["ply"].append(str(write_ply(out / f"branch_pred_{j}_k{h}.ply", pred.pred_points)))

@@ -26,11 +26,11 @@ from drivejepa.visualization.scene import TRUE_COLOR, SceneLayers
 log = logging.getLogger(__name__)
 
 
-def frame_layers(arrays, j: int, rel: np.ndarray, title: str) -> SceneLayers:
-    """The real key frame ``j`` (lidar, boxes, ego) moved into the view frame by ``rel[j]``."""
+def frame_layers(arrays, j: int, m: np.ndarray, title: str) -> SceneLayers:
+    """The real key frame ``j`` (lidar, boxes, ego) moved from its ego frame into the view frame by ``m`` [4, 4]
+    (``relative_poses(...)[j]`` puts it where it was)."""
     pts = np.asarray(arrays["lidar"][j])[np.asarray(arrays["lidar_mask"][j], dtype=bool)]
     keep = np.asarray(arrays["box_mask"][j], dtype=bool)
-    m = rel[j]
     return SceneLayers(true_points=transform_points(m, pts[:, :3]),
                        boxes=transform_boxes(m, np.asarray(arrays["boxes"][j])[keep]),
                        labels=np.asarray(arrays["box_labels"][j])[keep],
@@ -138,7 +138,7 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
         pose = paths[names[n]][k]
         m = pose2d_matrix(*pose)
         g = grids[n, k - 1]
-        base = frame_layers(a, t + k, rel, title)
+        base = frame_layers(a, t + k, rel[t + k], title)
         return SceneLayers(true_points=base.true_points if with_truth else None,
                            pred_points=transform_points(m, lift_points(g, spec, seed=k)),
                            boxes=base.boxes, labels=base.labels,
@@ -152,9 +152,11 @@ def visualize(checkpoint: str | Path, shard_dir: str | Path, scene: str, out: st
         k = s["k"]
         main_layers.append(predicted(0, k, True, f"{scene}  t={t} -> t+{k} ({s['seconds']:.1f} s)  "
                                                  f"actions: {names[0]}"))
-        near_layers.append(frame_layers(a, s["nearest_frame"], rel,
-                                         f"nearest real frame: {s['nearest_frame']} (true t+{k} = {t + k}, "
-                                         f"rank {s['true_frame_rank']})"))
+        # The latent is ego-centric: the nearest frame is drawn in its own ego frame at the predicted ego pose, so
+        # a frame from far along the scene lands beside the prediction, not off the shared camera's view.
+        near_layers.append(frame_layers(a, s["nearest_frame"], pose2d_matrix(*paths[names[0]][k]),
+                                        f"nearest real frame: {s['nearest_frame']} (true t+{k} = {t + k}, "
+                                        f"rank {s['true_frame_rank']}), at the predicted ego pose"))
         files["ply"].append(str(write_ply(out / f"true_k{k}.ply", main_layers[-1].true_points, TRUE_COLOR)))
         for n, name in enumerate(names):
             pts = main_layers[-1].pred_points if n == 0 else predicted(n, k, False, "").pred_points
