@@ -416,7 +416,8 @@ def test_guidance_mixes_the_rollouts_with_and_without_the_action():
 
 def test_short_sequence_attention_matches_the_fused_kernel(monkeypatch):
     """The attention over a handful of keys (the predictor's over time) is computed per key instead of by
-    ``F.scaled_dot_product_attention``; it must be the same attention: masks, the last queries only, gradients."""
+    ``F.scaled_dot_product_attention``, and over one key as that key's value; it must be the same attention: masks,
+    the last queries only, gradients."""
     from drivejepa.models import fusion
 
     torch.manual_seed(0)
@@ -432,6 +433,12 @@ def test_short_sequence_attention_matches_the_fused_kernel(monkeypatch):
         g_short = torch.autograd.grad(short.square().sum(), x)[0]
         g_fused = torch.autograd.grad(fused.square().sum(), x)[0]
         torch.testing.assert_close(g_short, g_fused)
+    one = torch.randn(6, 1, 16, requires_grad=True)            # one key (a Markov predictor's time attention): its value
+    value_only = attn(one)
+    torch.testing.assert_close(value_only, attn(one, attn_mask=torch.ones(6, 1, 1, 1, dtype=torch.bool)))
+    torch.testing.assert_close(torch.autograd.grad(value_only.sum(), one)[0],
+                               torch.autograd.grad(attn(one, attn_mask=torch.ones(6, 1, 1, 1, dtype=torch.bool)).sum(),
+                                                   one)[0])
 
 
 def test_the_demo_grid_holds_the_ego_lane_in_one_token_column():

@@ -66,7 +66,7 @@ class SpaceTimeBlock(nn.Module):
         b, t, n, d = x.shape
         mods = self.modulation(cond).view(b, 9, 1, 1, d).unbind(1)
         h = _modulate(self.norms[0](x), mods[0], mods[1]).transpose(1, 2).reshape(b * n, t, d)
-        mask = frame_valid.repeat_interleave(n, dim=0)[:, None, None, :]
+        mask = frame_valid.repeat_interleave(n, dim=0)[:, None, None, :] if t > 1 else None   # the last is valid
         out = 1 if last_only else t
         h = self.time_attn(h, mask, last=out).view(b, n, out, d).transpose(1, 2)
         x = x[:, t - out :] + self.drop_path(mods[2] * h)
