@@ -85,6 +85,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, resume: Optional[str | Path]
     info = init_distributed(cfg.device)
     try:
         summary = _Run(cfg, Path(run_dir), info, progress, allow_other_shards).fit(resume)
+        if info.world_size > 1:
+            # Every rank leaves the joint run together: a rank that tore its gloo group down while another still
+            # wrote the last checkpoint aborted now and then ('terminate called without an active exception').
+            torch.distributed.barrier()
         if cfg.predictor_stage.steps > 0 and info.is_main:
             from drivejepa.training.predictor_stage import fit_predictor_stage
 
