@@ -198,7 +198,6 @@ class LatentSceneCost:
         k = min(int(cfg.headway_static_steps), actions.shape[2])
         travel = self.lane_travel(situation, k) if k > 0 else None
 
-
         def reduce(pred, rows):
             prob = torch.sigmoid(self.heads.rollouts.logits_at(pred, cells).float())   # [n, H, 2, cells]
             collision = prob[:, :, occ, :under].amax(-1).mean(-1)
