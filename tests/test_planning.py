@@ -339,13 +339,16 @@ def test_a_narrow_search_regains_its_cruise_speed_through_the_resume_anchor(resu
 @pytest.mark.parametrize("native", [True, False])
 def test_planner_rolls_out_in_the_precision_the_hardware_calls_for(monkeypatch, caplog, native):
     """``amp: auto`` plans under bf16 autocast on a CPU with native bf16 and in fp32 where bf16 would be emulated,
-    says which and why, and hands the optimiser float32 costs either way (bf16 costs tie the candidates)."""
+    says which and why once a process (not once per planner of an evaluation's variants), and hands the optimiser
+    float32 costs either way (bf16 costs tie the candidates)."""
     import logging
 
     from drivejepa import precision
+    from drivejepa.planning import planner as planner_module
     from drivejepa.planning.planner import Planner
 
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: (native, "test CPU"))
+    monkeypatch.setattr(planner_module, "_LOGGED_PRECISIONS", set())
     seen = []
 
     class LinearModel(CopyLastModel):
@@ -363,6 +366,10 @@ def test_planner_rolls_out_in_the_precision_the_hardware_calls_for(monkeypatch, 
         planner = Planner(LinearModel(), heads, PlanConfig(device="cpu"))
     assert planner.precision.dtype == ("bfloat16" if native else None)
     assert any("planning precision" in r.getMessage() and "test CPU" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="drivejepa.planning.planner"):
+        Planner(LinearModel(), heads, PlanConfig(device="cpu"))
+    assert not any("planning precision" in r.getMessage() for r in caplog.records)
     history = controls_to_actions(np.array([[5.0, 0.0]] * 3), 0.5)
     from drivejepa.planning.costs import Situation
 

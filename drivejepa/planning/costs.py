@@ -24,12 +24,12 @@
   drives on, so without the floor the planner reads a clear road into a car it sees now. Over the whole horizon (the
   default) the floor takes every car ahead for a standing one, and the ego keeps long gaps behind moving traffic;
   over the first step alone (the IDM's own rule: keep the gap to what is there now) the calibrated heads' 0.2-0.3 on
-  a car did not outweigh braking's comfort cost, and the planner rear-ended as often as without the floor (README,
-  closed loop).
+  a car did not outweigh braking's comfort cost, and the planner rear-ended as often as without the floor
+  (eval/experiments.md, closed loop).
   With ``headway_static_motion: lane`` the floor's lane moves on at the speed its occupancy moved over the last
   interval (:meth:`LatentSceneCost.lane_speed`), slowing at ``headway_static_brake`` until it stands: a car driving
   ahead is not a standing one. The largest open-loop errors of the default are plans that stop behind such a car
-  while the log drove on; moved on without braking, the planner rear-ended leaders that braked (README).
+  while the log drove on; moved on without braking, the planner rear-ended leaders that braked (eval/experiments.md).
 - ``progress``: the share of the reference distance (``reference_speed`` times the horizon; by default the ego's
   cruise speed: its highest speed over the last ``reference_seconds``, at least ``min_reference_speed``) that the
   plan falls short of. The cruise speed, not the current one: an ego that slowed behind a car wants its speed back

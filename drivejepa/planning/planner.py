@@ -37,6 +37,7 @@ from drivejepa.planning.recovery import control_bounds
 from drivejepa.planning.route import COMMANDS, command_index
 
 log = logging.getLogger(__name__)
+_LOGGED_PRECISIONS: set = set()     # (name, reason) of the precision decisions this process has logged
 
 
 @dataclasses.dataclass
@@ -105,8 +106,10 @@ class Planner:
             scene_cost = LatentSceneCost(self.model, heads.to(self.device).eval(), self.cfg)
         self.scene_cost = scene_cost
         self.precision = choose_precision(self.device, self.cfg.amp, setting="amp")
-        if self.model is not None:
-            log.info("planning precision: %s (%s)", self.precision.name, self.precision.reason)
+        decision = (self.precision.name, self.precision.reason)
+        if self.model is not None and decision not in _LOGGED_PRECISIONS:     # once, not once per --plan-variant
+            _LOGGED_PRECISIONS.add(decision)
+            log.info("planning precision: %s (%s)", *decision)
         lower, upper = control_bounds(self.cfg.limits)
         self.optimizer = SamplingOptimizer(self.cfg.optimizer, lower, upper)
         self._previous: Optional[torch.Tensor] = None

@@ -4,7 +4,7 @@ Why: a joint step is mostly the encoders (ResNet18 and the point branches on eve
 target), and the predictor learns from one batch of windows a step; in the demo's 250 steps it sees fewer windows
 than the train split holds. With the encoders frozen and their latents cached, a predictor step costs the
 predictor alone, so it sees many more windows in the same time (V-JEPA 2-AC trains its action-conditioned predictor
-on a frozen encoder the same way). Measured on the larger branch set (README, counterfactual futures).
+on a frozen encoder the same way). Measured on the larger branch set (eval/experiments.md, counterfactual futures).
 
 How: every key frame of the train and val windows is encoded once by the target encoder, the latents that rollouts
 start from and are scored against outside training (``WorldModel.context_states``), and held in memory
