@@ -321,3 +321,49 @@ def test_a_standing_plan_renders(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     image = np.asarray(Image.open(out).convert("RGB"))
     assert _mask(image, EGO_COLOR).sum() > 20
+
+
+def test_the_nearest_real_frame_is_drawn_at_the_predicted_ego_pose_however_far_along_it_lies(
+        visualized, checkpoint, shard_dir, tmp_path, monkeypatch):
+    """The latent is ego-centric, so the nearest real frame's panel shows that frame in its own ego frame at the
+    predicted ego pose: with the scene's last key frame made the nearest (past the predicted horizon), its ego is the
+    prediction's, its lidar sits around that ego as it did around its own, and the panel is not blank."""
+    from drivejepa import latent_space
+    from drivejepa.data.shards import read_shard, shard_path
+    from drivejepa.visualization import pipeline
+    from drivejepa.visualization.geometry import pose2d_matrix, transform_points
+
+    arrays = read_shard(shard_path(shard_dir, SCENE)).arrays
+    last = len(arrays["ego_pose"]) - 1
+    real = latent_space.distance
+
+    def last_frame_nearest(pred, target):
+        d = real(pred, target)
+        if d.ndim == 2 and d.shape[1] == last + 1:                      # each prediction against the scene's frames
+            d = d * 0 + 1
+            d[:, last] = 0
+        return d
+
+    drawn = {}
+    render = pipeline._render_views
+
+    def keep_layers(main_layers, near_layers, *args, **kwargs):
+        drawn.update(main=main_layers, near=near_layers)
+        return render(main_layers, near_layers, *args, **kwargs)
+
+    monkeypatch.setattr(latent_space, "distance", last_frame_nearest)
+    monkeypatch.setattr(pipeline, "_render_views", keep_layers)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    out = tmp_path / "vis"
+    assert main(["visualize", "--checkpoint", str(checkpoint), "--shards", str(shard_dir), "--scene", SCENE,
+                 "--out", str(out), "--size", "320x240", "--decoder-steps", "80", "--no-progress"]) == 0
+    summary = json.loads((out / "visualize.json").read_text())
+    assert [s["nearest_frame"] for s in summary["steps"]] == [last] * summary["horizon"]
+    lidar = np.asarray(arrays["lidar"][last])[np.asarray(arrays["lidar_mask"][last], dtype=bool), :3]
+    for predicted, near in zip(drawn["main"], drawn["near"]):
+        assert np.allclose(near.ego, predicted.ego)
+        back = transform_points(np.linalg.inv(pose2d_matrix(*near.ego)), near.true_points)
+        assert np.allclose(back, lidar, atol=1e-4)
+    img = np.asarray(Image.open(out / f"scene_k{summary['horizon']}.png").convert("RGB"))
+    assert _mask(img[:, img.shape[1] // 2:], TRUE_COLOR).sum() > 30
