@@ -418,6 +418,9 @@ class OptimizerConfig:
                                                       # independent per step (see planning/optimizer.py)
     init_std: tuple[float, float] = (1.5, 0.05)       # sampling spread of speed (m/s) and yaw rate (rad/s)
     min_std: tuple[float, float] = (0.05, 0.005)      # CEM: the spread never shrinks below this
+    score_mean: bool = True                           # the refitted mean after the last iteration is one more
+                                                      # candidate (a rollout of its own); false: it is not scored, and
+                                                      # the planner starts its next decision from it instead
     seed: int = 0
 
 

@@ -116,9 +116,11 @@ class SamplingOptimizer:
                 weights = torch.softmax(-(costs - costs.min(dim=1, keepdim=True).values) / cfg.temperature, dim=1)
                 mean = (weights[:, :, None, None] * samples).sum(dim=1)
         final = self._feasible(mean[:, None], project)
-        best, best_cost = keep_best(best, best_cost, {"sequence": final},
-                                    torch.nan_to_num(cost(final), nan=float("inf")))
-        return SearchResult(best["sequence"], best_cost, final[:, 0], samples, costs, evaluations + 1)
+        if cfg.score_mean:
+            best, best_cost = keep_best(best, best_cost, {"sequence": final},
+                                        torch.nan_to_num(cost(final), nan=float("inf")))
+            evaluations += 1
+        return SearchResult(best["sequence"], best_cost, final[:, 0], samples, costs, evaluations)
 
 
 def keep_best(kept: Optional[dict], kept_cost: Optional[torch.Tensor], candidates: dict, costs: torch.Tensor):

@@ -66,6 +66,7 @@ class Decisions:
     candidates: torch.Tensor           # [B, P, H + 1, 3]
     candidate_costs: torch.Tensor      # [B, P]
     evaluations: int                   # control sequences the search scored per problem
+    mean: torch.Tensor                 # [B, H, 2] the search's final sampling mean
 
 
 def observation_history(arrays: Mapping, frames, camera_index=None) -> dict:
@@ -170,7 +171,7 @@ class Planner:
         decision = self.decide(situation, warm)
         self._sync()
         optimise = 1e3 * (time.perf_counter() - start)
-        self._previous = decision.controls
+        self._previous = decision.controls if self.cfg.optimizer.score_mean else decision.mean
         return Plan(controls=decision.controls[0].cpu().numpy(), actions=decision.actions[0].cpu().numpy(),
                     trajectory=decision.poses[0].cpu().numpy(), candidates=decision.candidates[0].cpu().numpy(),
                     candidate_costs=decision.candidate_costs[0].cpu().numpy(), cost=float(decision.cost[0]),
@@ -229,4 +230,4 @@ class Planner:
         actions = controls_to_actions(result.best, dt)
         return Decisions(controls=result.best, actions=actions, poses=integrate(actions), cost=result.best_cost,
                          terms=best["terms"], candidates=integrate(controls_to_actions(result.samples, dt)),
-                         candidate_costs=result.costs, evaluations=result.evaluations)
+                         candidate_costs=result.costs, evaluations=result.evaluations, mean=result.mean)

@@ -67,7 +67,8 @@ def recover(model, context: torch.Tensor, past_actions: Optional[torch.Tensor], 
     dt = float(cfg.frame_seconds)
     opt_cfg = dataclasses.replace(cfg.optimizer, candidates=int(cfg.recovery.candidates),
                                   iterations=int(cfg.recovery.iterations),
-                                  elites=min(int(cfg.optimizer.elites), int(cfg.recovery.candidates)))
+                                  elites=min(int(cfg.optimizer.elites), int(cfg.recovery.candidates)),
+                                  score_mean=True)
     lower, upper = control_bounds(cfg.limits)
     speed_now = speed_now.to(context.device, torch.float32)
 
