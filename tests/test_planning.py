@@ -226,6 +226,45 @@ def test_a_decision_reports_the_cost_and_terms_of_its_own_plan():
         torch.testing.assert_close(decision.terms[name], value[:, 0])
 
 
+@pytest.mark.parametrize("score_mean", [True, False])
+def test_a_decision_without_its_mean_scored_is_one_rollout_and_the_next_starts_from_that_mean(score_mean):
+    """``optimizer.score_mean: false`` (the faster planner): a decision calls the cost once (its candidates; the
+    refitted mean gets no rollout of its own), its plan is the best candidate, and the next decision's first candidate
+    is that mean shifted by the step driven, the warm start of sampling MPC. Scored, the mean costs a second call and
+    the next decision starts from the plan."""
+    from drivejepa.planning.costs import OracleCost
+    from drivejepa.planning.optimizer import shift
+    from drivejepa.planning.planner import Planner
+
+    cfg = PlanConfig(device="cpu", optimizer=OptimizerConfig(score_mean=score_mean))
+    stopped = torch.tensor([25.0, 0.0, 0.0, 4.5, 1.9]).expand(1, cfg.horizon, 1, 5)
+    planner = Planner(cfg=cfg, scene_cost=OracleCost(stopped, torch.ones(1, cfg.horizon, 1, dtype=torch.bool), cfg))
+    seen, means = [], []
+    evaluate, decide = planner.evaluate, planner.decide
+
+    def record_candidates(situation, controls):
+        seen.append(controls.clone())
+        return evaluate(situation, controls)
+
+    def record_mean(situation, warm_start=None):
+        decision = decide(situation, warm_start)
+        means.append(decision.mean)
+        return decision
+
+    planner.evaluate, planner.decide = record_candidates, record_mean
+    history = controls_to_actions(np.array([[10.0, 0.0]] * 3), 0.5)
+    first = planner.plan(None, history, "straight")
+    calls = 2 if score_mean else 1
+    assert len(seen) == calls and first.evaluations == cfg.optimizer.candidates + calls - 1
+    if not score_mean:
+        assert min(float((torch.from_numpy(first.controls) - c).abs().max()) for c in seen[0][0]) == 0.0
+    second = planner.plan(None, np.concatenate([history, first.actions[:1]]), "straight")
+    start = means[0] if not score_mean else torch.from_numpy(first.controls)[None]
+    expected = feasible(shift(start)[:, None], torch.tensor([float(first.actions[0, 3])]), cfg.limits, 0.5)[:, 0]
+    torch.testing.assert_close(seen[calls][0, 0], expected[0])
+    assert second.evaluations == first.evaluations
+
+
 def test_jerk_counts_the_first_step_against_the_acceleration_now():
     """An ego braking at 2 m/s^2: a plan that keeps braking has no jerk, with or without the acceleration now, and
     pays its deceleration in comfort (1, in units of 2 m/s^2); constant speed pays no comfort and, without the
