@@ -5,7 +5,8 @@ search 3 s of controls (6 key-frame steps of speed and yaw rate, ``motion.py``) 
 (``optimizer.py``: CEM or MPPI). Every candidate is turned into the model's actions and rolled out from the context;
 the cost heads read collision and drivable area off the predicted states, and the route command, progress, comfort
 and jerk are read off the plan itself (``costs.py``). Only the route command comes from the future, as in the nuScenes
-planning protocol. Receding horizon: the next decision starts from this plan shifted by the steps executed since
+planning protocol. Receding horizon: the next decision starts from this plan (with ``optimizer.score_mean: false``,
+from the search's final mean, which was not scored) shifted by the steps executed since
 (and the first iteration also tries constant velocity, a full stop and, with ``resume_accel``, speeding up toward
 the cruise speed at the IDM's pace: a search of a few candidates around a slow plan rarely draws that on its own;
 with ``accel_decay``, keeping the ego's acceleration now, fading, whose jerk is then counted from it).
