@@ -7,8 +7,9 @@ always one of them, so a warm start is never lost), clips them to the box bounds
 the ``elites`` best candidates (with ``momentum``); MPPI moves the mean to the average of the candidates weighted by
 ``exp(-(cost - min) / temperature)`` and keeps its sampling spread. The answer is the best sequence the cost was
 evaluated on, the final mean included when ``score_mean`` (its cost is one more rollout, a batch of one after the last
-iteration, about a fifth of the planner's decision on a 2-core CPU); the final mean is returned either way. Sampling uses its own seeded ``torch.Generator`` on the device of the mean,
-so a run is reproducible on CPU and on CUDA, and nothing else's random state is touched.
+iteration, about a fifth of the planner's decision on a 2-core CPU); the final mean is returned either way. Sampling
+uses its own seeded ``torch.Generator`` on the device of the mean, so a run is reproducible on CPU and on CUDA, and
+nothing else's random state is touched.
 
 A candidate's deviation from the mean is, by default (``noise: walk``), a random walk over the steps scaled back to
 the spread at each step (time-correlated noise, as iCEM samples it): a candidate speeds up, slows down or turns

@@ -68,7 +68,7 @@ def recover(model, context: torch.Tensor, past_actions: Optional[torch.Tensor], 
     opt_cfg = dataclasses.replace(cfg.optimizer, candidates=int(cfg.recovery.candidates),
                                   iterations=int(cfg.recovery.iterations),
                                   elites=min(int(cfg.optimizer.elites), int(cfg.recovery.candidates)),
-                                  score_mean=True)
+                                  score_mean=True)          # an evaluation, not a latency budget
     lower, upper = control_bounds(cfg.limits)
     speed_now = speed_now.to(context.device, torch.float32)
 
