@@ -569,6 +569,28 @@ def test_the_lane_floor_moves_a_car_ahead_on_at_the_speed_it_drove():
     assert headway["lane", 0.0, "moving"] < headway["lane", 4.0, "moving"] <= headway["still", 0.0, "moving"]
 
 
+def test_the_lane_floor_says_it_stays_still_with_one_context_frame(caplog):
+    """A Markov model's decisions have one context frame, so there is no earlier frame to see the lane's occupancy
+    move from: ``headway_static_motion: lane`` then reads what ``still`` reads, and says so once, not silently."""
+    import logging
+
+    from drivejepa.planning.costs import LatentSceneCost, Situation
+
+    heads, standing = _car_ahead_heads_and_state()
+    moving = _drove_on(standing)[:, -1:]                                   # the newest frame alone
+    actions = controls_to_actions(torch.tensor([[[8.0, 0.0]] * 6]), 0.5)[None]
+    situation = Situation(torch.tensor([8.0]), torch.tensor([0]), moving, None)
+    headway = {}
+    with caplog.at_level(logging.WARNING, logger="drivejepa.planning.costs"):
+        for motion in ("still", "lane", "lane"):
+            cost = LatentSceneCost(FadingModel(), heads, PlanConfig(device="cpu", headway_static_motion=motion))
+            for _ in range(2):
+                headway[motion] = cost(situation, actions, integrate(actions))["headway"]
+    assert torch.equal(headway["lane"], headway["still"])
+    said = [r for r in caplog.records if "headway_static_motion = lane" in r.getMessage()]
+    assert len(said) == 2                                                  # once a cost, not once a decision
+
+
 def test_cost_heads_map_tokens_to_their_cells():
     """Token i * G + j holds the s x s cells of x bin i and y bin j; reading a few cells gives the full map's values."""
     from drivejepa.planning.heads import CostHeads, HeadSpec

@@ -44,6 +44,7 @@ The planner's total is the ``config.CostWeights``-weighted sum.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Optional
 
 import numpy as np
@@ -55,6 +56,8 @@ from drivejepa.planning.route import COMMAND_SIGN
 
 ACCEL_UNIT, JERK_UNIT, YAW_ACCEL_UNIT = 2.0, 4.0, 0.5
 LANE_BACKGROUND = 0.1          # lane occupancy below this is the heads' prior, not a car (lane_speed)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -179,6 +182,7 @@ class LatentSceneCost:
         self.cells = torch.nonzero(footprint(heads.spec.grid, heads.spec.bev_range, cfg).flatten())[:, 0]
         self.lane, self.ahead = corridor(heads.spec.grid, heads.spec.bev_range, cfg)
         self.grid = BevGrid(heads.spec.bev_size, heads.spec.bev_range)       # the states' grid
+        self._said_lane_is_still = False
 
     def __call__(self, situation: Situation, actions: torch.Tensor, poses: torch.Tensor) -> dict:
         from drivejepa.planning.heads import TASKS
@@ -222,12 +226,19 @@ class LatentSceneCost:
 
     def lane_travel(self, situation: Situation, steps: int) -> Optional[torch.Tensor]:
         """``[B, steps]`` metres the floor's lane moves on by each of the first ``steps`` planned steps with
-        ``headway_static_motion: lane`` (None otherwise, or without the context's past actions): at
+        ``headway_static_motion: lane`` (None otherwise, or without the context's past actions, said once): at
         :meth:`lane_speed`, but no faster than the ego's cruise speed (a leader faster than that opens the gap
         anyway, and a profile lined up one token too far would move away a car that is not leaving), slowing at
         ``headway_static_brake`` until it stands."""
         cfg = self.cfg
-        if cfg.headway_static_motion != "lane" or situation.past_actions is None:
+        if cfg.headway_static_motion != "lane":
+            return None
+        if situation.past_actions is None:
+            if not self._said_lane_is_still:
+                self._said_lane_is_still = True
+                log.warning("headway_static_motion = lane reads how far the lane's occupancy moved between the last "
+                            "two context frames, and these decisions have one (a Markov model, or no past actions): "
+                            "the floor stays still")
             return None
         context = situation.context
         v = torch.minimum(self.lane_speed(context, situation.past_actions),
